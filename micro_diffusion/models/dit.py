@@ -1,0 +1,162 @@
+"""MicroDiT: a patch-mixer on all patches, deferred masking, then a layer-wise scaled backbone with MoE FFNs."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .blocks import DiTBlock, FinalLayer
+from .embeddings import CaptionEmbed, NoiseEmbed, PatchEmbed, sincos_2d
+from .ffn import ExpertChoiceMoE
+from .masking import draw_keep, gather_tokens, scatter_tokens
+
+
+@dataclass
+class DiTConfig:
+    """Every size and switch of the network; presets fill it, overrides change any field."""
+
+    width: int = 1024  # backbone width D
+    depth: int = 28  # backbone blocks
+    head_dim: int = 64
+    patch_size: int = 2
+    in_channels: int = 4
+    latent_size: int | tuple[int, int] = 32  # (H, W) of the latent the positions are built for
+    caption_dim: int = 1024
+    attn_mult: tuple[float, float] = (0.5, 1.0)  # layer-wise scaling: first and last block
+    ffn_mult: tuple[float, float] = (0.5, 4.0)
+    moe_every: int = 2  # MoE in blocks with index % moe_every == moe_every - 1, never the last; 0 disables
+    num_experts: int = 8
+    capacity_factor: float = 2.0
+    patch_mixer_depth: int = 6  # 0 gives naive masking: patches dropped right after the embedding
+    patch_mixer_width: int = 768
+    mixer_ffn_mult: float = 4.0
+    pos_base_grid: int = 16  # patch grid at which positions are uninterpolated (16 = 256 px with an 8x VAE, p=2)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patch grid (H/p, W/p) of the configured latent size."""
+        h, w = (self.latent_size, self.latent_size) if isinstance(self.latent_size, int) else self.latent_size
+        return h // self.patch_size, w // self.patch_size
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-ready copy."""
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+
+@dataclass
+class DiTOutput:
+    sample: torch.Tensor  # (N, C, H, W)
+    mask: torch.Tensor | None  # (N, T) bool, True where a patch was dropped; None without masking
+
+
+def _width_map(d_in: int, d_out: int) -> nn.Module:
+    """LayerNorm then a bias-free linear between widths; nothing when the widths agree."""
+    if d_in == d_out:
+        return nn.Identity()
+    return nn.Sequential(nn.LayerNorm(d_in, eps=1e-6, bias=False), nn.Linear(d_in, d_out, bias=False))
+
+
+class MicroDiT(nn.Module):
+    """The sparse text-to-image DiT of 'Stretching Each Dollar'; see shared design notes for each part."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg, D, p = cfg, cfg.width, cfg.patch_size
+        self.patch_size, self.in_channels = p, cfg.in_channels
+        self.patch_embed = PatchEmbed(cfg.in_channels, D, p)
+        self.noise_embed = NoiseEmbed(D)
+        self.caption_embed = CaptionEmbed(cfg.caption_dim, D, cfg.head_dim)
+        self.mixer = nn.ModuleList()
+        if cfg.patch_mixer_depth > 0:
+            Dm = cfg.patch_mixer_width
+            self.mixer_in, self.mixer_caption, self.mixer_out = _width_map(D, Dm), _width_map(D, Dm), _width_map(Dm, D)
+            for i in range(cfg.patch_mixer_depth):  # MoE at odd indices, all but the first (block 0)
+                moe = cfg.moe_every > 0 and i % cfg.moe_every == cfg.moe_every - 1 and i > 0
+                self.mixer.append(self._block(Dm, 1.0, cfg.mixer_ffn_mult, moe))
+        attn_mults = np.linspace(*cfg.attn_mult, cfg.depth)
+        ffn_mults = np.linspace(*cfg.ffn_mult, cfg.depth)
+        self.blocks = nn.ModuleList(
+            self._block(D, float(attn_mults[i]), float(ffn_mults[i]), self._backbone_moe(i)) for i in range(cfg.depth)
+        )
+        self.mask_token = nn.Parameter(torch.zeros(D))  # learned, fills dropped positions after the backbone
+        self.final = FinalLayer(D, p, cfg.in_channels)
+        self.initialize_weights()
+
+    def _backbone_moe(self, i: int) -> bool:
+        every = self.cfg.moe_every
+        return every > 0 and i % every == every - 1 and i != self.cfg.depth - 1
+
+    def _block(self, dim: int, attn_mult: float, ffn_mult: float, moe: bool) -> DiTBlock:
+        c = self.cfg
+        return DiTBlock(dim, c.width, c.head_dim, attn_mult, ffn_mult, moe, c.num_experts, c.capacity_factor)
+
+    def initialize_weights(self) -> None:
+        """Xavier linears; zero adaLN and output layer; depth-scaled std for block output projections."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, ExpertChoiceMoE):
+                for w in (m.w_in, m.w_out):
+                    bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
+                    nn.init.uniform_(w, -bound, bound)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for layer, block in enumerate([*self.mixer, *self.blocks]):
+            std = 0.02 / math.sqrt(2 * (layer + 1))
+            ffn_out = block.ffn.w_out if isinstance(block.ffn, ExpertChoiceMoE) else block.ffn.w_out.weight
+            for weight in (block.attn.proj.weight, block.cross.proj.weight, ffn_out):
+                nn.init.normal_(weight, std=std)
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
+        for lin in (self.final.adaLN[-1], self.final.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def pos_embed(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+        """Computed 2D sin-cos positions (T, D); interpolated so a grid larger than the base spans the same range."""
+        scale = max(grid_h, grid_w) / self.cfg.pos_base_grid
+        return sincos_2d(self.cfg.width, grid_h, grid_w, max(scale, 1.0)).to(device)
+
+    def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(N, T, p*p*C) tokens -> (N, C, H, W) latent."""
+        N, p, C = x.shape[0], self.patch_size, self.in_channels
+        x = x.view(N, grid_h, grid_w, p, p, C)  # (N, h, w, p, p, C)
+        return x.permute(0, 5, 1, 3, 2, 4).reshape(N, C, grid_h * p, grid_w * p)  # (N, C, H, W)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        caption_tokens: torch.Tensor,
+        mask_ratio: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> DiTOutput:
+        N, _, H, W = x.shape
+        gh, gw = H // self.patch_size, W // self.patch_size
+        x = self.patch_embed(x) + self.pos_embed(gh, gw, x.device).to(x.dtype)  # (N, T, D)
+        y, pooled = self.caption_embed(caption_tokens)  # (N, L, D), (N, D)
+        c = self.noise_embed(c_noise).to(pooled.dtype) + pooled  # (N, D)
+        if len(self.mixer):
+            x, ym = self.mixer_in(x), self.mixer_caption(y)  # (N, T, Dm), (N, L, Dm)
+            for block in self.mixer:
+                x = block(x, c, ym)  # (N, T, Dm): the mixer sees every patch
+        keep = mask = None
+        if mask_ratio > 0:
+            keep, mask = draw_keep(N, gh * gw, mask_ratio, x.device, generator)  # (N, K), (N, T)
+            x = gather_tokens(x, keep)  # (N, K, Dm)
+        if len(self.mixer):
+            x = self.mixer_out(x)  # (N, K, D): back to backbone width after masking
+        for block in self.blocks:
+            x = block(x, c, y)  # (N, K, D)
+        if keep is not None:
+            x = scatter_tokens(x, keep, gh * gw, self.mask_token)  # (N, T, D)
+        x = self.final(x, c)  # (N, T, p*p*C)
+        return DiTOutput(sample=self.unpatchify(x, gh, gw), mask=mask)

@@ -1,0 +1,60 @@
+"""Feed-forward layers: a SwiGLU dense FFN and an expert-choice mixture of experts."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def round_up(x: int, multiple: int) -> int:
+    """Smallest multiple of `multiple` that is >= x."""
+    return int(math.ceil(x / multiple) * multiple)
+
+
+class SwiGLU(nn.Module):
+    """Gated FFN: w_out(silu(x W_gate) * (x W_up)); gate and up projections fused in one matrix."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)  # 2 x (N, T, hidden)
+        return self.w_out(F.silu(gate) * up)  # (N, T, D)
+
+
+class ExpertChoiceMoE(nn.Module):
+    """Expert-choice routing (Zhou et al. 2022): each expert picks its top-`capacity` tokens of each sample.
+
+    Dispatch gathers token indices and combines with scatter_add, so memory is O(N x E x C x D);
+    no one-hot (N, E, C, T) dispatch tensors are built.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int = 8, capacity_factor: float = 2.0):
+        super().__init__()
+        self.num_experts, self.capacity_factor = num_experts, capacity_factor
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def capacity(self, tokens: int) -> int:
+        """Tokens each expert takes from a sample of `tokens` tokens."""
+        return max(1, min(tokens, int(round(self.capacity_factor * tokens / self.num_experts))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N, T, D = x.shape
+        E, C = self.num_experts, self.capacity(T)
+        probs = self.router(x).float().softmax(dim=-1)  # (N, T, E): softmax over experts
+        gates, idx = probs.transpose(1, 2).topk(C, dim=-1)  # (N, E, C): each expert's top tokens
+        flat_idx = idx.reshape(N, E * C, 1).expand(-1, -1, D)  # (N, E*C, D)
+        tokens = x.gather(1, flat_idx)  # (N, E*C, D)
+        h = tokens.view(N, E, C, D).transpose(0, 1).reshape(E, N * C, D)  # (E, N*C, D)
+        h = F.gelu(torch.bmm(h, self.w_in.to(h.dtype)), approximate="tanh")  # (E, N*C, hidden)
+        h = torch.bmm(h, self.w_out.to(h.dtype))  # (E, N*C, D)
+        h = h.view(E, N, C, D).transpose(0, 1) * gates.unsqueeze(-1).to(h.dtype)  # (N, E, C, D)
+        out = torch.zeros_like(x, dtype=h.dtype)
+        return out.scatter_add_(1, flat_idx, h.reshape(N, E * C, D))  # (N, T, D)

@@ -1,0 +1,32 @@
+"""Random patch masking: which tokens of each sample the backbone keeps."""
+from __future__ import annotations
+
+import torch
+
+
+def num_kept(tokens: int, mask_ratio: float) -> int:
+    """Tokens kept per sample at a mask ratio: round((1 - r) * T), at least one."""
+    return max(1, int(round((1.0 - mask_ratio) * tokens)))
+
+
+def draw_keep(
+    batch: int, tokens: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, a uniformly random subset of kept tokens: indices (N, K) ascending, and mask (N, T), True = dropped."""
+    gen_device = generator.device if generator is not None else device
+    scores = torch.rand(batch, tokens, generator=generator, device=gen_device).to(device)  # (N, T)
+    keep = scores.argsort(dim=1)[:, : num_kept(tokens, mask_ratio)].sort(dim=1).values  # (N, K)
+    mask = torch.ones(batch, tokens, dtype=torch.bool, device=device).scatter_(1, keep, False)  # (N, T)
+    return keep, mask
+
+
+def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Kept tokens: (N, T, D), (N, K) -> (N, K, D)."""
+    return x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x: torch.Tensor, keep: torch.Tensor, tokens: int, fill: torch.Tensor) -> torch.Tensor:
+    """Kept tokens back at their positions, `fill` (D,) elsewhere: (N, K, D) -> (N, T, D)."""
+    N, _, D = x.shape
+    out = fill.to(x.dtype).expand(N, tokens, D).clone()  # (N, T, D)
+    return out.scatter(1, keep.unsqueeze(-1).expand(-1, -1, D), x)
