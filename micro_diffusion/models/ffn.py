@@ -45,11 +45,15 @@ class ExpertChoiceMoE(nn.Module):
         """Tokens each expert takes from a sample of `tokens` tokens."""
         return max(1, min(tokens, int(round(self.capacity_factor * tokens / self.num_experts))))
 
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router probabilities and, per expert, its top-capacity tokens: gates and indices, each (N, E, C)."""
+        probs = self.router(x).float().softmax(dim=-1)  # (N, T, E): softmax over experts
+        return probs.transpose(1, 2).topk(self.capacity(x.shape[1]), dim=-1)  # (N, E, C) each
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, T, D = x.shape
         E, C = self.num_experts, self.capacity(T)
-        probs = self.router(x).float().softmax(dim=-1)  # (N, T, E): softmax over experts
-        gates, idx = probs.transpose(1, 2).topk(C, dim=-1)  # (N, E, C): each expert's top tokens
+        gates, idx = self.route(x)  # (N, E, C): each expert's chosen tokens and their router weights
         flat_idx = idx.reshape(N, E * C, 1).expand(-1, -1, D)  # (N, E*C, D)
         tokens = x.gather(1, flat_idx)  # (N, E*C, D)
         h = tokens.view(N, E, C, D).transpose(0, 1).reshape(E, N * C, D)  # (E, N*C, D)

@@ -12,7 +12,7 @@ def num_kept(tokens: int, mask_ratio: float) -> int:
 def draw_keep(
     batch: int, tokens: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample, a uniformly random subset of kept tokens: indices (N, K) ascending, and mask (N, T), True = dropped."""
+    """Per sample, a uniform random subset of kept tokens: indices (N, K) ascending, mask (N, T) True = dropped."""
     gen_device = generator.device if generator is not None else device
     scores = torch.rand(batch, tokens, generator=generator, device=gen_device).to(device)  # (N, T)
     keep = scores.argsort(dim=1)[:, : num_kept(tokens, mask_ratio)].sort(dim=1).values  # (N, K)
