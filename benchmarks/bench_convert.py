@@ -1,0 +1,65 @@
+"""Benchmark: data_prep.convert throughput (images/s) on generated JPEGs; writes benchmarks/results/convert.json.
+
+    .venv/bin/python benchmarks/bench_convert.py --images 400 --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_prep import convert
+
+
+def make_folder(root: Path, n: int, size: tuple[int, int]) -> None:
+    """n random-noise JPEGs of `size` (w, h), each with a caption .txt."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.roll(base, i, axis=1)).save(buf, format="JPEG", quality=90)
+        (root / f"{i:06d}.jpg").write_bytes(buf.getvalue())
+        (root / f"{i:06d}.txt").write_text(f"generated image {i}")
+
+
+def main() -> None:
+    """Time convert on generated images for each worker count; write the JSON results."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=768)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "convert.json")
+    args = p.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        make_folder(src, args.images, (args.width, args.height))
+        convert.main(["--format", "folder", "--input", str(src), "--output", str(Path(tmp) / "warm"),
+                      "--workers", "0", "--no-progress"])  # imports streaming once, outside the timing
+        for workers in args.workers:
+            out = Path(tmp) / f"out{workers}"
+            t0 = time.perf_counter()
+            convert.main(["--format", "folder", "--input", str(src), "--output", str(out), "--workers",
+                          str(workers), "--no-progress"])
+            dt = time.perf_counter() - t0
+            runs.append({"workers": workers, "seconds": round(dt, 3), "images_per_s": round(args.images / dt, 1)})
+    result = {"benchmark": "convert", "images": args.images, "input_size": [args.width, args.height],
+              "max_side": 512, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+              "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Training-step benchmark: forward+backward time, images/s, achieved GFLOP/s and share of the bf16 matmul peak.
+
+Runs Tiny and XL (batch 8, 32x32 latents, 77x1024 caption tokens, bf16 autocast) at mask ratios 0, 0.5 and 0.75,
+deferred against naive masking, and the MoE layer against a dense FFN of the same active FLOPs.
+    python benchmarks/bench_train.py                 # the full suite (about 10 minutes on 2 CPU cores)
+    python benchmarks/bench_train.py --quick         # tiny sizes, seconds: checks the harness runs
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+
+import torch
+from torch import nn
+
+from benchmarks.common import device_name, matmul_peak_gflops, peak_memory_mb, time_fn, write_result
+from micro_diffusion.cost.flops import train_flops_per_sample
+from micro_diffusion.diffusion.edm import edm_loss
+from micro_diffusion.models import create_dit
+from micro_diffusion.models.ffn import ExpertChoiceMoE
+
+QUICK = dict(width=64, depth=2, head_dim=16, patch_mixer_depth=1, patch_mixer_width=64)
+
+
+def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask: float, device: torch.device):
+    """One forward+backward of the EDM loss under bf16 autocast, as training runs it."""
+    x0 = torch.randn(batch, 4, latent, latent, device=device)
+    y = torch.randn(batch, *caption, device=device)
+    gen = torch.Generator(device).manual_seed(0)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = edm_loss(net, x0, y, mask_ratio=mask, generator=gen)
+        loss.backward()
+        net.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_preset(args: tuple) -> list[dict]:
+    """All mask ratios of one preset in one process, least memory first, so peak RSS readings stay per config."""
+    name, batch, latent, caption, repeats, overrides, device, peak = args
+    device = torch.device(device)
+    torch.manual_seed(0)
+    net = create_dit(name, latent_size=latent, caption_dim=caption[1], **overrides).to(device)
+    rows = []
+    for label, mask, extra in (("deferred", 0.75, {}), ("deferred", 0.5, {}), ("deferred", 0.0, {}),
+                               ("naive", 0.75, {"patch_mixer_depth": 0})):
+        model = net if not extra else create_dit(name, latent_size=latent, caption_dim=caption[1],
+                                                 **{**overrides, **extra}).to(device)
+        seconds = time_fn(step_fn(model, batch, latent, caption, mask, device), device, repeats=repeats)
+        flops = train_flops_per_sample(model, latent_size=latent, caption_len=caption[0], mask_ratio=mask)
+        gflops = flops * batch / seconds / 1e9
+        rows.append(dict(preset=name, masking=label, mask_ratio=mask, batch=batch, seconds=seconds,
+                         images_per_s=batch / seconds, gflop_per_image=flops / 1e9, gflop_per_s=gflops,
+                         share_of_peak=gflops / peak, peak_memory_mb=peak_memory_mb(device)))
+        print(f"{name:16s} {label:8s} mask {mask:4.2f}: {seconds:7.2f} s  {gflops:8.1f} GFLOP/s  "
+              f"{100 * gflops / peak:5.1f}% of peak", flush=True)
+    return rows
+
+
+def bench_moe(dim: int, hidden: int, tokens: int, batch: int, device: torch.device, repeats: int) -> dict:
+    """MoE layer against a dense GELU FFN whose hidden size gives the same FLOPs per token (capacity x hidden)."""
+    moe = ExpertChoiceMoE(dim, hidden, num_experts=8, capacity_factor=2.0).to(device)
+    nn.init.normal_(moe.w_in, std=0.02)
+    nn.init.normal_(moe.w_out, std=0.02)
+    dense_hidden = int(moe.capacity(tokens) * moe.num_experts * hidden / tokens)
+    dense = nn.Sequential(nn.Linear(dim, dense_hidden, bias=False), nn.GELU(approximate="tanh"),
+                          nn.Linear(dense_hidden, dim, bias=False)).to(device)
+    x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
+
+    def run(layer: nn.Module):
+        def step() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                out = layer(x)
+            out.float().sum().backward()
+        return step
+
+    t_moe, t_dense = time_fn(run(moe), device, repeats=repeats), time_fn(run(dense), device, repeats=repeats)
+    return dict(dim=dim, hidden=hidden, dense_hidden=dense_hidden, tokens=tokens, batch=batch,
+                moe_seconds=t_moe, dense_seconds=t_dense, moe_over_dense=t_moe / t_dense)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the suite and write benchmarks/results/train.json."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the speed")
+    parser.add_argument("--presets", nargs="+", default=["MicroDiT_Tiny_2", "MicroDiT_XL_2"])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    latent, caption, overrides = (8, (7, 32), QUICK) if args.quick else (32, (77, 1024), {})
+    peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
+    print(f"bf16 matmul peak on {device_name(device)}: {peak:.1f} GFLOP/s", flush=True)
+    jobs = [(name, args.batch, latent, caption, 1 if args.quick else args.repeats, overrides, args.device, peak)
+            for name in args.presets]
+    # each preset in a fresh process: the peak-memory reading of one preset must not include another's
+    ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        rows = [row for result in pool.map(bench_preset, jobs, chunksize=1) for row in result]
+    moe = bench_moe(64, 128, 64, 2, device, 1) if args.quick else bench_moe(1024, 768, 256, args.batch, device, 3)
+    print(f"MoE layer / dense FFN of equal FLOPs: {moe['moe_over_dense']:.2f}x", flush=True)
+    result = dict(device=device_name(device), dtype="bfloat16 autocast", matmul_peak_gflops=peak, quick=args.quick,
+                  latent=latent, caption=list(caption), runs=rows, moe=moe, speedups=speedups(rows))
+    write_result("train_quick" if args.quick else "train", result)
+    return result
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Masking speed-up (0.75 against 0) per preset next to its FLOP ratio, and deferred against naive cost."""
+    out = []
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        by = {(r["masking"], r["mask_ratio"]): r for r in rows if r["preset"] == preset}
+        full, masked, naive = by[("deferred", 0.0)], by[("deferred", 0.75)], by[("naive", 0.75)]
+        time_ratio = full["seconds"] / masked["seconds"]
+        flop_ratio = full["gflop_per_image"] / masked["gflop_per_image"]
+        out.append(dict(preset=preset, time_speedup=time_ratio, flop_ratio=flop_ratio,
+                        speedup_over_flop_ratio=time_ratio / flop_ratio,
+                        deferred_over_naive_seconds=masked["seconds"] / naive["seconds"]))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Shared pieces of the benchmarks: timing, the matmul peak, device names and result files."""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name of the device the benchmark runs on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times are the work's times."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], None], device: torch.device, warmup: int = 1, repeats: int = 3) -> float:
+    """Median seconds of one call of fn after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 2048) -> float:
+    """Achieved GFLOP/s of an n x n x n matmul in dtype: the practical peak the model shares are measured against."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = time_fn(lambda: torch.mm(a, b), device, warmup=2, repeats=5)
+    return 2 * n**3 / seconds / 1e9
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the CUDA allocator's peak, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+
+
+def write_result(name: str, payload: dict) -> Path:
+    """Write one benchmark's results to benchmarks/results/NAME.json."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path

@@ -1,0 +1,233 @@
+"""Convert image-caption sources (folder, COCO, webdataset tars, parquet) into MDS image shards, resumably.
+
+    python -m data_prep.convert --format folder --input photos/ --output data/photos_mds
+
+Every input is either normalised and written (fixes counted by reason) or listed once in OUTPUT/rejected.jsonl.
+Resumption: see data_prep/chunks.py. Inputs are cut in input order into --chunk-size chunks, each written to its own
+MDS sub-directory and committed by an atomic done marker that also holds its rejected lines and counts, so a re-run
+of the same command (also after kill -9) skips committed chunks, redoes the unfinished one and loses or repeats
+nothing. Duplicate ids are decided in input order before any chunk is skipped, so they come out the same on a re-run.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from data_prep import chunks
+from data_prep.adapters import FORMATS, Record, SourceError
+from data_prep.images import Rejected, Settings, normalise
+
+COLUMNS = {"image": "bytes", "caption": "str", "width": "int", "height": "int", "id": "str"}
+OPTIONS_FILE = "convert_options.json"
+# Options that change what is written: a resumed run must use the same values.
+_RESUME_KEYS = ("format", "input", "annotations", "all_captions", "max_side", "min_size", "max_pixels",
+                "center_crop_resize", "max_caption_chars", "chunk_size", "shard_size")
+
+
+class ConvertError(Exception):
+    """A problem with the command itself (paths, options): stop before touching anything."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options of the convert step."""
+    p = argparse.ArgumentParser(prog="python -m data_prep.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="source format")
+    p.add_argument("--input", required=True, help="images folder, tar / folder of tars / brace pattern, or parquet")
+    p.add_argument("--output", required=True, type=Path, help="output folder of MDS shards")
+    p.add_argument("--annotations", type=Path, help="coco: captions_*.json annotation file")
+    p.add_argument("--all-captions", action="store_true", help="coco: one sample per caption (id imageid_annid)")
+    p.add_argument("--max-side", type=int, default=512, help="shrink so the short side is at most this (px)")
+    p.add_argument("--min-size", type=int, default=0, help="reject images whose short side is below this (px)")
+    p.add_argument("--max-pixels", type=int, default=Settings.max_pixels,
+                   help="reject images with more pixels than this (decompression bombs)")
+    p.add_argument("--center-crop-resize", type=int, metavar="RES",
+                   help="store a centre square crop resized to RES x RES instead of the aspect-kept image")
+    p.add_argument("--max-caption-chars", type=int, default=1000, help="truncate longer captions (counted)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="decode processes (0: in this process)")
+    p.add_argument("--chunk-size", type=int, default=5000, help="inputs per resumable chunk (part-NNNNN/)")
+    p.add_argument("--shard-size", type=int, default=1 << 26, help="MDS shard size limit in bytes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    for name in ("max_side", "chunk_size", "shard_size", "max_caption_chars", "max_pixels"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.center_crop_resize is not None and args.center_crop_resize < 1:
+        p.error(f"--center-crop-resize must be at least 1, got {args.center_crop_resize}")
+    if args.min_size < 0 or args.workers < 0:
+        p.error("--min-size and --workers must not be negative")
+    if args.format != "coco" and (args.annotations is not None or args.all_captions):
+        p.error(f"--annotations and --all-captions apply to --format coco only, not {args.format}")
+    return args
+
+
+def open_records(args: argparse.Namespace) -> Iterator[Record]:
+    """The adapter's record iterator for the chosen format (raises SourceError for a wrong input)."""
+    if args.format == "coco":
+        return FORMATS["coco"](Path(args.input), args.annotations, args.all_captions)
+    if args.format == "folder":
+        return FORMATS["folder"](Path(args.input))
+    return FORMATS[args.format](args.input)
+
+
+def prepare_output(args: argparse.Namespace) -> None:
+    """Create/check the output folder and the options a resumed run must repeat; clear unfinished chunks."""
+    out: Path = args.output
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConvertError(f"--output {out}: cannot write there ({type(e).__name__}: {e})") from e
+    options = {k: getattr(args, k) for k in _RESUME_KEYS}
+    options.update(input=str(Path(args.input).resolve()) if "{" not in args.input else args.input,
+                   annotations=str(args.annotations.resolve()) if args.annotations else None)
+    opt_file = out / OPTIONS_FILE
+    if opt_file.is_file():
+        before = json.loads(opt_file.read_text(encoding="utf-8"))
+        changed = {k: (before.get(k), v) for k, v in options.items() if before.get(k) != v}
+        if changed:
+            raise ConvertError(f"--output {out} holds a conversion with other options {changed} (was, now); "
+                               "use the same command to resume or a new output folder")
+    elif any(out.iterdir()):
+        raise ConvertError(f"--output {out}: folder is not empty and holds no {OPTIONS_FILE}; use a new folder")
+    else:
+        chunks.write_atomic(opt_file, json.dumps(options, indent=1))
+    chunks.remove_unfinished(out)
+
+
+def _work(settings: Settings, item: tuple[str | None, bytes | Path | None, Any]) -> dict[str, Any]:
+    """Worker: normalise one input; return the sample fields or the rejection reason."""
+    _id, image, caption = item
+    try:
+        if image is None:
+            raise Rejected("missing_image")
+        s = normalise(image, caption, settings)
+    except Rejected as r:
+        return {"reason": r.reason, "detail": r.detail}
+    return {"image": s.image, "width": s.width, "height": s.height, "caption": s.caption, "notes": s.notes}
+
+
+def _reject_line(rec: Record, reason: str, detail: str = "") -> dict[str, Any]:
+    """The rejected.jsonl entry of one dropped input."""
+    line = {"source": rec.source, "id": rec.id, "reason": reason}
+    if detail:
+        line["detail"] = detail[:300]
+    return line
+
+
+def write_chunk(out: Path, index: int, batch: list[tuple[Record, str | None]], mapper, shard_size: int) -> None:
+    """Normalise and write one chunk (records with a pre-decided rejection or None) and commit it with its marker."""
+    from streaming import MDSWriter
+
+    todo = [(rec.id, rec.image, rec.caption) for rec, pre in batch if pre is None]
+    results = iter(mapper(todo))
+    rejected, notes, written = [], Counter(), 0
+    part = chunks.start_chunk(out, index)
+    with MDSWriter(out=str(part), columns=COLUMNS, size_limit=shard_size) as writer:
+        for rec, pre in batch:
+            if pre is not None:
+                rejected.append(_reject_line(rec, *pre.split(": ", 1)))
+                continue
+            res = next(results)
+            if "reason" in res:
+                rejected.append(_reject_line(rec, res["reason"], res["detail"]))
+                continue
+            writer.write({"image": res["image"], "caption": res["caption"], "width": res["width"],
+                          "height": res["height"], "id": rec.id})
+            notes.update(res["notes"] or ["unchanged"])
+            written += 1
+    chunks.mark_done(out, index, {"inputs": len(batch), "written": written, "notes": dict(notes),
+                                  "rejected": rejected})
+
+
+def _precheck(batch: list[Record], seen: set[str]) -> list[tuple[Record, str | None]]:
+    """Rejections known before decoding: adapter-level ones and duplicate ids (the first in input order wins)."""
+    out = []
+    for rec in batch:
+        if rec.reject is not None:
+            out.append((rec, rec.reject))
+        elif rec.id in seen:
+            out.append((rec, "duplicate_id"))
+        else:
+            seen.add(rec.id)
+            out.append((rec, None))
+    return out
+
+
+def finish(out: Path) -> dict[str, Any]:
+    """Merge chunk indexes, write rejected.jsonl and convert_summary.json from the committed markers."""
+    chunks.merge_chunks(out)
+    summary: dict[str, Any] = {"inputs": 0, "written": 0, "rejected": 0, "chunks": 0}
+    notes, reasons, lines = Counter(), Counter(), []
+    for k in chunks.done_chunks(out):
+        done = chunks.read_done(out, k)
+        summary["inputs"] += done["inputs"]
+        summary["written"] += done["written"]
+        summary["chunks"] += 1
+        notes.update(done["notes"])
+        for line in done["rejected"]:
+            reasons[line["reason"]] += 1
+            lines.append(json.dumps(line, ensure_ascii=False) + "\n")
+    summary["rejected"] = len(lines)
+    summary["written_by_fix"] = dict(sorted(notes.items()))
+    summary["rejected_by_reason"] = dict(sorted(reasons.items()))
+    chunks.write_atomic(out / "rejected.jsonl", "".join(lines))
+    chunks.write_atomic(out / "convert_summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Convert per the parsed options; return the summary."""
+    records = open_records(args)
+    prepare_output(args)
+    settings = Settings(max_side=args.max_side, min_size=args.min_size, max_pixels=args.max_pixels,
+                        center_crop=args.center_crop_resize, max_caption_chars=args.max_caption_chars)
+    work = functools.partial(_work, settings)
+    # fork, not spawn: a spawned worker would re-import this module and with it streaming and torch (seconds each).
+    pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 0 else None
+    mapper = (lambda items: pool.imap(work, items, chunksize=4)) if pool else (lambda items: map(work, items))
+    seen: set[str] = set()
+    bar = tqdm(unit="img", desc="convert", disable=args.no_progress, smoothing=0.1)
+    try:
+        for k, batch in chunks.enumerate_chunks(records, args.chunk_size):
+            checked = _precheck(batch, seen)
+            if not chunks.is_done(args.output, k):
+                write_chunk(args.output, k, checked, mapper, args.shard_size)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    return finish(args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run, print the summary, exit 0; exit 1 with a message naming the problem for bad commands."""
+    args = parse_args(argv)
+    try:
+        summary = run(args)
+    except (SourceError, ConvertError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"convert: {summary['written']} written, {summary['rejected']} rejected of {summary['inputs']} inputs "
+          f"-> {args.output}")
+    for title, key in (("fixes", "written_by_fix"), ("rejections", "rejected_by_reason")):
+        for reason, n in summary[key].items():
+            print(f"  {title}: {reason}: {n}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
