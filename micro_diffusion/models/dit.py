@@ -86,6 +86,7 @@ class MicroDiT(nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(D))  # learned, fills dropped positions after the backbone
         self.final = FinalLayer(D, p, cfg.in_channels)
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
 
     def _backbone_moe(self, i: int) -> bool:
@@ -120,10 +121,13 @@ class MicroDiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def pos_embed(self, grid_h: int, grid_w: int, device: torch.device) -> torch.Tensor:
+    def pos_embed(self, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Computed 2D sin-cos positions (T, D); interpolated so a grid larger than the base spans the same range."""
-        scale = max(grid_h, grid_w) / self.cfg.pos_base_grid
-        return sincos_2d(self.cfg.width, grid_h, grid_w, max(scale, 1.0)).to(device)
+        key = (grid_h, grid_w, device, dtype)
+        if key not in self._pos_cache:  # a plain dict, not a buffer: positions stay out of the state dict
+            scale = max(max(grid_h, grid_w) / self.cfg.pos_base_grid, 1.0)
+            self._pos_cache[key] = sincos_2d(self.cfg.width, grid_h, grid_w, scale).to(device, dtype)
+        return self._pos_cache[key]
 
     def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """(N, T, p*p*C) tokens -> (N, C, H, W) latent."""
@@ -141,7 +145,7 @@ class MicroDiT(nn.Module):
     ) -> DiTOutput:
         N, _, H, W = x.shape
         gh, gw = H // self.patch_size, W // self.patch_size
-        x = self.patch_embed(x) + self.pos_embed(gh, gw, x.device).to(x.dtype)  # (N, T, D)
+        x = self.patch_embed(x) + self.pos_embed(gh, gw, x.device, x.dtype)  # (N, T, D)
         y, pooled = self.caption_embed(caption_tokens)  # (N, L, D), (N, D)
         c = self.noise_embed(c_noise).to(pooled.dtype) + pooled  # (N, D)
         if len(self.mixer):
