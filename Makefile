@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export MPLCONFIGDIR ?= $(CURDIR)/.venv/.mplconfig
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint demo
+.PHONY: install test lint demo report bench
 
 install: $(STAMP)
 
@@ -24,8 +24,71 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 lint: install
-	$(PY) -m ruff check micro_diffusion data_prep tests benchmarks
+	$(PY) -m ruff check micro_diffusion data_prep tests benchmarks scripts
 
-demo:
-	@echo "make demo: the end-to-end CPU demo is not built yet (see the open demo issue); nothing was run." >&2
-	@exit 2
+# make report RUN="runs/stage1 runs/stage2" [OUT=report.html]: the cost dashboard of one or more run folders.
+report: install
+	@test -n "$(RUN)" || { echo 'make report: give the run folder(s), e.g. make report RUN=runs/s1_256_masked' >&2; exit 2; }
+	$(VENV)/bin/micro-diffusion report $(RUN) $(if $(OUT),--out $(OUT))
+
+# Training stages through Composer's launcher: NGPUS processes on this node; NNODES > 1 adds the multi-node flags
+# (every node runs the same command with its own NODE_RANK and the same MASTER_ADDR/MASTER_PORT).
+# DRY_RUN=1 prints each stage's resolved recipe and run plan instead of training (CI runs them so).
+NGPUS ?= 8
+NNODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?=
+MASTER_PORT ?=
+DATA_ROOT ?= data/latents
+RUNS_ROOT ?= runs
+TRAIN_ARGS ?=
+DRY_RUN ?=
+LAUNCH = $(VENV)/bin/composer -n $(NGPUS) --world_size $$(( $(NGPUS) * $(NNODES) )) --node_rank $(NODE_RANK) \
+	$(if $(MASTER_ADDR),--master_addr $(MASTER_ADDR)) $(if $(MASTER_PORT),--master_port $(MASTER_PORT))
+train_stage = $(LAUNCH) -m micro_diffusion.cli train recipes/$(1).yaml data.root=$(DATA_ROOT) runs_root=$(RUNS_ROOT) \
+	$(TRAIN_ARGS) $(if $(DRY_RUN),--dry-run)
+
+.PHONY: train-256-masked train-256-finetune train-512-masked train-512-finetune train-all
+train-256-masked: install
+	$(call train_stage,res256_masked)
+train-256-finetune: install
+	$(call train_stage,res256_finetune)
+train-512-masked: install
+	$(call train_stage,res512_masked)
+train-512-finetune: install
+	$(call train_stage,res512_finetune)
+# The four stages in order, each starting from the previous one's latest checkpoint (install is done once, here).
+train-all: install
+	$(MAKE) -o install train-256-masked
+	$(MAKE) -o install train-256-finetune
+	$(MAKE) -o install train-512-masked
+	$(MAKE) -o install train-512-finetune
+
+# make eval-coco CKPT=runs/res512_finetune: zero-shot FID/KID/CLIP score on 30k COCO-2014 val captions. CKPT is a run
+# folder, a checkpoint or an exported model; a run or checkpoint is exported first (into EVAL_OUT/model). Generation
+# is sharded over NGPUS processes and resumes where it stopped. DRY_RUN=1 prints the resolved settings (CI runs it so).
+COCO ?= data/coco
+EVAL_OUT ?= eval/coco
+EVAL_ARGS ?=
+.PHONY: eval-coco
+eval-coco: install
+	@test -n "$(CKPT)" || { echo 'make eval-coco: give CKPT=<run folder, checkpoint or exported model>' >&2; exit 2; }
+	m="$(CKPT)"; if [ -z "$(DRY_RUN)" ] && [ ! -f "$(CKPT)/model.safetensors" ]; then \
+	  $(PY) -m micro_diffusion.cli export "$(CKPT)" --out "$(EVAL_OUT)/model" && m="$(EVAL_OUT)/model"; fi; \
+	$(if $(DRY_RUN),$(PY),$(LAUNCH)) -m micro_diffusion.cli eval coco --model "$$m" --out "$(EVAL_OUT)" \
+	  --annotations $(COCO)/annotations/captions_val2014.json --images $(COCO)/val2014 $(EVAL_ARGS) \
+	  $(if $(DRY_RUN),--dry-run)
+
+# Benchmarks (not tests): JSON in benchmarks/results/ and a markdown table (summary.md). QUICK=1 runs every
+# benchmark at tiny size into *_quick.json files: it checks the harness, not the speed (CI runs it so).
+QUICK ?=
+bench: install
+	$(PY) -m benchmarks.bench_train $(if $(QUICK),--quick)
+	$(PY) -m benchmarks.bench_sample $(if $(QUICK),--quick)
+	$(PY) -m benchmarks.bench_data $(if $(QUICK),--samples 64 --images 8 --out benchmarks/results/data_quick.json)
+	$(PY) -m benchmarks.bench_convert $(if $(QUICK),--images 8 --out benchmarks/results/convert_quick.json)
+	$(if $(QUICK),,$(PY) -m benchmarks.report)
+
+# The whole pipeline on CPU on the embedded shapes dataset, under runs/demo/; FRESH=1 starts over.
+demo: install
+	$(VENV)/bin/micro-diffusion demo $(if $(FRESH),--fresh)

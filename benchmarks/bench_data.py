@@ -92,6 +92,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=2000, help="latent samples for the loader benchmark")
     p.add_argument("--images", type=int, default=128, help="images for the precompute benchmark")
+    p.add_argument("--out", type=Path, default=RESULTS, help="result file")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +107,7 @@ def main() -> None:
                           "python": platform.python_version(), "torch": torch.__version__},
               "loader": loader, "loader_target_samples_per_s_per_worker": 600, "precompute": precompute}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 
 

@@ -3,3 +3,4 @@ from .edm import SIGMA_DATA, c_in, c_noise, c_out, c_skip, denoise, edm_loss, lo
 
 __all__ = ["SIGMA_DATA", "c_in", "c_noise", "c_out", "c_skip", "denoise", "edm_loss", "loss_weight", "masked_mse",
            "training_sigmas"]
+from .sampling import cfg_denoiser, sample  # noqa: E402,F401

@@ -1,0 +1,57 @@
+"""Collect benchmarks/results/*.json into one markdown table file: benchmarks/results/summary.md."""
+from __future__ import annotations
+
+import json
+import sys
+
+from benchmarks.common import RESULTS
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def train_table(t: dict) -> list[str]:
+    """The training-step rows, the masking speed-ups and the MoE comparison."""
+    lines = [f"### Training step ({t['device']}, {t['dtype']}, latents {t['latent']}x{t['latent']}, "
+             f"captions {t['caption'][0]}x{t['caption'][1]}; bf16 matmul peak {t['matmul_peak_gflops']:.0f} GFLOP/s)",
+             "", "| preset | masking | mask | s / step | images/s | GFLOP/image | GFLOP/s | share of peak | peak MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in t["runs"]:
+        lines.append(f"| {r['preset']} | {r['masking']} | {r['mask_ratio']:.2f} | {r['seconds']:.2f} | "
+                     f"{r['images_per_s']:.2f} | {r['gflop_per_image']:.1f} | {r['gflop_per_s']:.0f} | "
+                     f"{100 * r['share_of_peak']:.0f}% | {r['peak_memory_mb']:.0f} |")
+    lines += ["", "| preset | speed-up 0.75 vs 0 | FLOP ratio | speed-up / FLOP ratio | deferred / naive time |",
+              "| --- | --- | --- | --- | --- |"]
+    for s in t["speedups"]:
+        lines.append(f"| {s['preset']} | {s['time_speedup']:.2f}x | {s['flop_ratio']:.2f}x | "
+                     f"{100 * s['speedup_over_flop_ratio']:.0f}% | {s['deferred_over_naive_seconds']:.2f} |")
+    m = t["moe"]
+    lines += ["", f"MoE layer (width {m['dim']}, expert hidden {m['hidden']}, {m['tokens']} tokens, batch {m['batch']})"
+              f" against a dense FFN of equal FLOPs (hidden {m['dense_hidden']}): {m['moe_over_dense']:.2f}x the time.",
+              ""]
+    return lines
+
+
+def main() -> int:
+    """Write summary.md from whichever result files exist."""
+    lines = ["# Benchmark results", "",
+             "Written by `make bench` (benchmarks/report.py); raw figures in the JSON files.",
+             ""]
+    if (t := _load("train")) is not None:
+        lines += train_table(t)
+    if (s := _load("sample")) is not None:
+        lines += [f"### Sampling ({s['device']}): {s['preset']}, batch {s['batch']}, {s['steps']} Heun steps, "
+                  f"guidance {s['guidance']}: {s['images_per_s']:.2f} images/s ({s['gflop_per_s']:.0f} GFLOP/s)", ""]
+    if (d := _load("data")) is not None:
+        lines += ["### Data", "", "```", json.dumps(d, indent=1), "```", ""]
+    if (c := _load("convert")) is not None:
+        lines += ["### Convert", "", "```", json.dumps(c, indent=1), "```", ""]
+    (RESULTS / "summary.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

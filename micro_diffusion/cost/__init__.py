@@ -1,0 +1,1 @@
+"""Cost accounting: analytic FLOPs, the device-hour and dollar ledger, estimates and the dashboard."""

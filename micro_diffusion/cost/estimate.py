@@ -1,0 +1,120 @@
+"""Cost of training stages before running them: FLOPs from the network, then device-hours, days and dollars.
+
+device-hours = FLOPs / (MFU x peak per device) / 3600; days = device-hours / devices / 24; dollars = device-hours x
+price. MFU (model FLOP utilisation) is the share of the device's dense bf16 peak the run achieves.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from ..models import create_dit
+from .flops import train_flops_per_sample
+from .prices import device_spec, usd_per_device_hour
+
+
+@dataclass
+class StageEstimate:
+    """Compute and cost of one stage (or of the sum of stages)."""
+
+    name: str
+    steps: int
+    global_batch: int | None  # None for a total over stages
+    resolution: int | None  # pixels, when read from a recipe
+    mask_ratio: float | None
+    flops_per_sample: float | None
+    flops: float
+    device_hours: float
+    days: float
+    usd: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready copy."""
+        return asdict(self)
+
+
+def stage_flops(
+    preset: str,
+    overrides: dict[str, Any],
+    latent_size: int | tuple[int, int],
+    caption_len: int,
+    mask_ratio: float,
+    steps: int,
+    global_batch: int,
+    in_channels: int = 4,
+    caption_dim: int = 1024,
+) -> tuple[float, float]:
+    """(FLOPs per sample, total training FLOPs) of `steps` optimizer steps at `global_batch` samples each."""
+    if steps < 1 or global_batch < 1:
+        raise ValueError(f"steps and global_batch must be positive, got {steps} and {global_batch}")
+    with torch.device("meta"):  # shapes only: XL costs no memory and no time to build
+        net = create_dit(preset, latent_size=latent_size, in_channels=in_channels, caption_dim=caption_dim, **overrides)
+    per_sample = float(train_flops_per_sample(net, latent_size, caption_len, mask_ratio))
+    return per_sample, per_sample * steps * global_batch
+
+
+def cost_of(flops: float, devices: int, device_type: str, mfu: float, usd_per_hour: float | None = None) -> dict:
+    """Device-hours, days on `devices` devices and dollars of `flops` at utilisation `mfu`."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must lie in (0, 1], got {mfu}")
+    if devices < 1:
+        raise ValueError(f"devices must be positive, got {devices}")
+    spec = device_spec(device_type)
+    if spec.peak_tflops is None:
+        raise ValueError(f"device type {device_type!r} has no tabled peak; estimates need a GPU type")
+    device_hours = flops / (mfu * spec.peak_tflops * 1e12) / 3600
+    price = usd_per_device_hour(device_type, usd_per_hour)
+    return {"device_hours": device_hours, "days": device_hours / devices / 24, "usd": device_hours * price}
+
+
+def steps_of(max_duration: str | int, global_batch: int, where: str) -> int:
+    """Optimizer steps of a Composer duration: '250000ba' or a sample count '512000000sp'."""
+    text = str(max_duration).strip()
+    if text.endswith("ba") and text[:-2].isdigit():
+        return int(text[:-2])
+    if text.endswith("sp") and text[:-2].isdigit():
+        return -(-int(text[:-2]) // global_batch)
+    raise ValueError(f"{where}: cannot count steps of max_duration {max_duration!r}; give it in batches ('250000ba')")
+
+
+def estimate_recipe(path: str | os.PathLike, overrides: list[str], devices: int, device_type: str, mfu: float,
+                    usd_per_hour: float | None = None) -> StageEstimate:
+    """Estimate one stage from its recipe file (the training package's loader, with `key.sub=value` overrides)."""
+    from ..training.recipe import latent_size, load_recipe
+
+    cfg = load_recipe(path, overrides)
+    model, train = cfg["model"], cfg["train"]
+    batch = int(train["global_batch"])
+    steps = steps_of(train["max_duration"], batch, f"{path}: train.max_duration")
+    mask = float(cfg["diffusion"]["mask_ratio"])
+    per_sample, flops = stage_flops(model["preset"], dict(model["overrides"]), latent_size(cfg), model["caption_len"],
+                                    mask, steps, batch, model["latent_channels"], model["caption_dim"])
+    cost = cost_of(flops, devices, device_type, mfu, usd_per_hour)
+    return StageEstimate(cfg["stage"], steps, batch, cfg["data"]["resolution"], mask, per_sample, flops, **cost)
+
+
+def total_of(stages: list[StageEstimate], devices: int) -> StageEstimate:
+    """The sum of several stages run one after the other on the same `devices`."""
+    hours = sum(s.device_hours for s in stages)
+    return StageEstimate("total", sum(s.steps for s in stages), None, None, None, None,
+                         sum(s.flops for s in stages), hours, hours / devices / 24, sum(s.usd for s in stages))
+
+
+def format_table(stages: list[StageEstimate], total: StageEstimate, devices: int, device_type: str, mfu: float) -> str:
+    """A plain-text table, one row per stage and a total row."""
+    head = f"{'stage':<22} {'res':>5} {'mask':>5} {'steps':>8} {'batch':>6} {'GFLOP/img':>10} {'FLOPs':>9} " \
+           f"{'GPU-hours':>10} {'days':>6} {'USD':>9}"
+    lines = [f"{devices} x {device_type} at {mfu:.0%} utilisation", head, "-" * len(head)]
+    for s in [*stages, total]:
+        if s is total:
+            lines.append("-" * len(head))
+        res = f"{s.resolution}" if s.resolution else ""
+        mask = f"{s.mask_ratio:.2f}" if s.mask_ratio is not None else ""
+        gflop = f"{s.flops_per_sample / 1e9:.1f}" if s.flops_per_sample else ""
+        batch = f"{s.global_batch}" if s.global_batch else ""
+        lines.append(f"{s.name:<22} {res:>5} {mask:>5} {s.steps:>8} {batch:>6} {gflop:>10} "
+                     f"{s.flops:>9.3g} {s.device_hours:>10,.1f} {s.days:>6.2f} {s.usd:>9,.0f}")
+    return "\n".join(lines)

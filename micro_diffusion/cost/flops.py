@@ -1,0 +1,159 @@
+"""Analytic FLOPs of a MicroDiT: forward, forward+backward per training sample, and per sampled image.
+
+Counted as torch's FlopCounterMode counts them: 2*m*n*k per matrix product (the attention products QK^T and AV
+included), the backward pass twice the forward, element-wise work (norms, activations, softmax, gathers) not counted.
+The walk reads every width from the built modules, so any preset or override is counted as built.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..models.attention import CrossAttention, SelfAttention
+from ..models.blocks import DiTBlock, FinalLayer
+from ..models.dit import MicroDiT
+from ..models.embeddings import CaptionBlock, CaptionEmbed, NoiseEmbed, PatchEmbed
+from ..models.ffn import ExpertChoiceMoE, SwiGLU
+from ..models.masking import num_kept
+
+# Network evaluations per image for `steps` noise levels (the samplers of micro_diffusion.diffusion.sampling).
+SAMPLER_EVALS = {
+    "heun": lambda steps: 2 * steps - 1,
+    "euler": lambda steps: steps,
+    "ddim": lambda steps: steps,
+    "stochastic": lambda steps: 2 * steps - 1,
+    "dpmpp_2m": lambda steps: steps,
+}
+
+
+def _linear(lin: nn.Module, tokens: int) -> int:
+    """A Linear applied to `tokens` rows; an Identity or LayerNorm+Linear map counts its linear only."""
+    if isinstance(lin, nn.Identity):
+        return 0
+    if isinstance(lin, nn.Sequential):
+        return sum(_linear(m, tokens) for m in lin if isinstance(m, nn.Linear))
+    if not isinstance(lin, nn.Linear):
+        raise TypeError(f"cannot count FLOPs of {type(lin).__name__}: expected Linear, Identity or Sequential")
+    return 2 * tokens * lin.in_features * lin.out_features
+
+
+def self_attention_flops(attn: SelfAttention, tokens: int) -> int:
+    """qkv projection, QK^T, AV and the output projection over `tokens` tokens."""
+    width = attn.heads * attn.head_dim
+    products = 2 * (2 * tokens * tokens * width)  # QK^T (T x d x T per head) and AV (T x T x d per head)
+    return _linear(attn.qkv, tokens) + products + _linear(attn.proj, tokens)
+
+
+def cross_attention_flops(attn: CrossAttention, tokens: int, caption_len: int) -> int:
+    """q on image tokens, kv on caption tokens, QK^T and AV of T x L, and the output projection."""
+    width = attn.heads * attn.head_dim
+    products = 2 * (2 * tokens * caption_len * width)
+    return _linear(attn.q, tokens) + _linear(attn.kv, caption_len) + products + _linear(attn.proj, tokens)
+
+
+def ffn_flops(ffn: nn.Module, tokens: int) -> int:
+    """Dense SwiGLU on every token, or MoE: the router on every token and each expert on its `capacity` tokens."""
+    if isinstance(ffn, SwiGLU):
+        return _linear(ffn.w_in, tokens) + _linear(ffn.w_out, tokens)
+    if isinstance(ffn, ExpertChoiceMoE):
+        experts, dim, hidden = ffn.w_in.shape
+        routed = experts * ffn.capacity(tokens)  # E x C token slots per sample
+        return _linear(ffn.router, tokens) + 2 * routed * (dim * hidden + hidden * dim)
+    raise TypeError(f"cannot count FLOPs of FFN {type(ffn).__name__}")
+
+
+def block_flops(block: DiTBlock, tokens: int, caption_len: int) -> int:
+    """One DiT block on `tokens` image tokens; its adaLN runs once per sample, not per token."""
+    return (
+        _linear(block.adaLN[-1], 1)
+        + self_attention_flops(block.attn, tokens)
+        + cross_attention_flops(block.cross, tokens, caption_len)
+        + ffn_flops(block.ffn, tokens)
+    )
+
+
+def _caption_flops(embed: CaptionEmbed, caption_len: int) -> int:
+    block: CaptionBlock = embed.block
+    proj = sum(_linear(m, caption_len) for m in embed.proj if isinstance(m, nn.Linear))
+    attn = self_attention_flops(block.attn, caption_len) + ffn_flops(block.ffn, caption_len)
+    pool = sum(_linear(m, 1) for m in embed.pool if isinstance(m, nn.Linear))  # on the mean-pooled vector
+    return proj + attn + pool
+
+
+def _embed_flops(patch: PatchEmbed, noise: NoiseEmbed, tokens: int) -> int:
+    conv = patch.proj
+    patch_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+    noise_mlp = sum(_linear(m, 1) for m in noise.mlp if isinstance(m, nn.Linear))
+    return 2 * tokens * patch_in * conv.out_channels + noise_mlp
+
+
+def _final_flops(final: FinalLayer, tokens: int) -> int:
+    return _linear(final.adaLN[-1], 1) + _linear(final.linear, tokens)
+
+
+def _grid_tokens(net: MicroDiT, latent_size: int | tuple[int, int]) -> int:
+    h, w = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
+    p = net.patch_size
+    if h % p or w % p:
+        raise ValueError(f"latent size {(h, w)} is not a multiple of the patch size {p}")
+    return (h // p) * (w // p)
+
+
+def forward_flops_breakdown(
+    net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77, mask_ratio: float = 0.0
+) -> dict[str, int]:
+    """Forward FLOPs of one sample, by part: embed, caption, mixer, backbone, final."""
+    if not isinstance(net, MicroDiT):
+        raise TypeError(f"expected a MicroDiT from create_dit, got {type(net).__name__}")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie in [0, 1), got {mask_ratio}")
+    if caption_len < 1:
+        raise ValueError(f"caption_len must be positive, got {caption_len}")
+    T = _grid_tokens(net, latent_size)
+    K = num_kept(T, mask_ratio) if mask_ratio > 0 else T  # the network draws no mask at ratio 0
+    mixer = 0
+    if len(net.mixer):
+        mixer = _linear(net.mixer_in, T) + _linear(net.mixer_caption, caption_len) + _linear(net.mixer_out, K)
+        mixer += sum(block_flops(b, T, caption_len) for b in net.mixer)  # the mixer sees every patch
+    return {
+        "embed": _embed_flops(net.patch_embed, net.noise_embed, T),
+        "caption": _caption_flops(net.caption_embed, caption_len),
+        "mixer": mixer,
+        "backbone": sum(block_flops(b, K, caption_len) for b in net.blocks),
+        "final": _final_flops(net.final, T),  # after the mask tokens are scattered back: all T tokens
+    }
+
+
+def forward_flops(
+    net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77, mask_ratio: float = 0.0
+) -> int:
+    """Forward FLOPs of one sample."""
+    return sum(forward_flops_breakdown(net, latent_size, caption_len, mask_ratio).values())
+
+
+def train_flops_per_sample(
+    net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77, mask_ratio: float = 0.75
+) -> int:
+    """Forward plus backward FLOPs of one training sample (backward counted as twice the forward)."""
+    return 3 * forward_flops(net, latent_size, caption_len, mask_ratio)
+
+
+def network_evals(steps: int, sampler: str = "heun") -> int:
+    """Network evaluations one image costs with `sampler` over `steps` noise levels, without guidance."""
+    if sampler not in SAMPLER_EVALS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLER_EVALS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    return SAMPLER_EVALS[sampler](steps)
+
+
+def sample_flops_per_image(
+    net: MicroDiT,
+    latent_size: int | tuple[int, int] = 32,
+    caption_len: int = 77,
+    steps: int = 30,
+    sampler: str = "heun",
+    guidance: bool = True,
+) -> int:
+    """Forward FLOPs of sampling one image: evaluations x unmasked forward, doubled by classifier-free guidance."""
+    evals = network_evals(steps, sampler) * (2 if guidance else 1)
+    return evals * forward_flops(net, latent_size, caption_len, mask_ratio=0.0)

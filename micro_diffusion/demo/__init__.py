@@ -1,0 +1,9 @@
+"""The CPU demo's offline pieces: a captioned shape-scene generator, its caption reader and a small trained VAE."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def demo_vae_path() -> Path:
+    """Folder of the small demo AutoencoderKL (diffusers `save_pretrained` layout), shipped as package data."""
+    return Path(__file__).resolve().parent / "assets" / "vae"

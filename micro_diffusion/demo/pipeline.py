@@ -1,0 +1,234 @@
+"""The CPU demo: the whole pipeline end to end on the embedded shapes dataset, everything under one folder.
+
+    micro-diffusion demo [--root runs/demo] [--fresh]        (what `make demo` runs)
+
+Steps: generate captioned shape scenes -> convert to MDS -> precompute latents (the committed demo VAE) and caption
+embeddings (the packaged MiniLM) -> train demo_masked (75% deferred masking) then demo_finetune (unmasked) -> export ->
+sample a grid for held-out captions with guidance -> evaluate (caption match read back by a fixed reader, its chance
+level and its score on real images; FID against held-out real images) -> cost dashboard -> summary.json.
+A finished step leaves a marker and is skipped on the next run, unless --fresh starts over.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import demo_vae_path
+from .shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
+
+MARKER = ".micro_diffusion_demo"  # identifies a folder this demo made: --fresh deletes nothing else
+LOSS_WINDOW = 10  # loss_first / loss_last average this many logged batches
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and settings of one demo run (defaults: the full demo; tests shrink them)."""
+
+    root: Path = Path("runs/demo")
+    train_images: int = 6000
+    heldout_images: int = 384  # real images for FID and the reader's trust check; captions for generation
+    grid_images: int = 24
+    sample_steps: int = 20
+    guidance: float = 4.0
+    sampler: str = "heun"
+    seed: int = 0
+    masked_recipe: str = "recipes/demo_masked.yaml"
+    finetune_recipe: str = "recipes/demo_finetune.yaml"
+    train_overrides: list[str] = field(default_factory=list)  # key=value applied to both stages
+    fresh: bool = False
+
+
+def _step(root: Path, name: str, fn: Callable[[], Any], log: list[str]) -> Any:
+    """Run a step once: its result is saved as a done marker and reused by the next run."""
+    done = root / "steps" / f"{name}.json"
+    if done.is_file():
+        log.append(f"{name}: reused")
+        print(f"[demo] {name}: already done, reusing ({done})", flush=True)
+        return json.loads(done.read_text())
+    print(f"[demo] {name} ...", flush=True)
+    start = time.perf_counter()
+    result = fn()
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    log.append(f"{name}: {time.perf_counter() - start:.1f} s")
+    print(f"[demo] {name}: done in {time.perf_counter() - start:.1f} s", flush=True)
+    return result
+
+
+def make_data(cfg: DemoConfig) -> dict:
+    """Scenes as a captioned folder, converted to MDS, then encoded to latents and caption embeddings."""
+    from data_prep import convert, precompute
+
+    data = cfg.root / "data"
+    write_folder(data / "images", cfg.train_images, seed=TRAIN_SEED)
+    write_folder(data / "heldout", cfg.heldout_images, seed=HELDOUT_SEED)
+    if convert.main(["--format", "folder", "--input", str(data / "images"), "--output", str(data / "mds"),
+                     "--workers", "0"]) != 0:
+        raise RuntimeError(f"convert failed on {data / 'images'}")
+    if precompute.main(["--input", str(data / "mds"), "--output", str(data / "latents"),
+                        "--resolution", str(IMAGE_SIZE), "--vae", str(demo_vae_path()), "--text-encoder", "minilm",
+                        "--batch-size", "256"]) != 0:
+        raise RuntimeError(f"precompute failed on {data / 'mds'}")
+    return {"images": cfg.train_images, "heldout": cfg.heldout_images, "latents": str(data / "latents")}
+
+
+def train_stage(cfg: DemoConfig, recipe: str) -> dict:
+    """Train one demo stage with `micro-diffusion train` and read back its loss and cost."""
+    from micro_diffusion.cli import main as cli
+
+    overrides = [f"runs_root={cfg.root}", f"data.root={cfg.root / 'data'}", *cfg.train_overrides]
+    if cli(["train", recipe, *overrides]) != 0:
+        raise RuntimeError(f"training {recipe} failed")
+    from micro_diffusion.training.recipe import load_recipe
+
+    stage = load_recipe(recipe, overrides)
+    return stage_summary(cfg.root / stage["stage"], stage)
+
+
+def stage_summary(run_dir: Path, stage: dict) -> dict:
+    """Name, steps, mask ratio, first and last training loss, device-hours and dollars of a finished run."""
+    losses = [row["loss/train/total"] for row in _jsonl(run_dir / "metrics.jsonl") if "loss/train/total" in row]
+    if not losses:
+        raise RuntimeError(f"{run_dir / 'metrics.jsonl'} has no training loss")
+    window = max(1, min(LOSS_WINDOW, len(losses) // 2))  # EDM losses vary with the drawn sigma: average a few
+    cost = _jsonl(run_dir / "cost.jsonl")[-1]["stage_totals"]
+    return {"name": stage["stage"], "steps": len(losses), "mask_ratio": float(stage["diffusion"]["mask_ratio"]),
+            "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
+            "loss_window": window, "device_hours": float(cost["device_hours"]), "usd": float(cost["usd"]),
+            "run_dir": str(run_dir)}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def heldout_captions(cfg: DemoConfig) -> tuple[list[Path], list[str]]:
+    """The held-out real images and their captions, in index order."""
+    images = sorted((cfg.root / "data" / "heldout").glob("*.png"))
+    return images, [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in images]
+
+
+def generate(cfg: DemoConfig, model_dir: Path) -> dict:
+    """Images for every held-out caption (evaluation) and a grid of the first few (the README's picture)."""
+    from micro_diffusion.eval.generate import Generator, SampleSettings, grid, save_atomic
+
+    settings = SampleSettings(steps=cfg.sample_steps, guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed)
+    gen = Generator(model_dir, settings)
+    _, captions = heldout_captions(cfg)
+    out = cfg.root / "eval" / "generated"
+    out.mkdir(parents=True, exist_ok=True)
+    batch = 64
+    for start in range(0, len(captions), batch):
+        indices = list(range(start, min(start + batch, len(captions))))
+        for i, image in zip(indices, gen([captions[i] for i in indices], indices), strict=True):
+            save_atomic(image, out / f"{i:06d}.png")
+    from PIL import Image
+
+    tiles = [Image.open(out / f"{i:06d}.png").convert("RGB").resize((96, 96), Image.Resampling.NEAREST)
+             for i in range(min(cfg.grid_images, len(captions)))]
+    samples = cfg.root / "samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    grid(tiles, cols=8).save(samples / "grid.png")
+    (samples / "grid_captions.txt").write_text("\n".join(captions[: len(tiles)]) + "\n", encoding="utf-8")
+    return {"generated": str(out), "grid": "samples/grid.png", "settings": settings.to_dict()}
+
+
+def evaluate(cfg: DemoConfig, generated: Path) -> dict:
+    """Caption match of generated images (with chance and the reader's score on real images) and FID."""
+    import numpy as np
+    from PIL import Image
+
+    from micro_diffusion.eval.fid import fid_kid
+
+    from .reader import caption_match, shuffled_match
+
+    real_paths, captions = heldout_captions(cfg)
+    labels = [parse_caption(c) for c in captions]
+    gen_paths = sorted(generated.glob("*.png"))
+    if len(gen_paths) != len(labels):
+        raise RuntimeError(f"{generated} holds {len(gen_paths)} images for {len(labels)} held-out captions")
+    real = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in real_paths])
+    fake = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in gen_paths])
+    ref = cfg.root / "eval" / "real"  # PNGs alone: the held-out folder also holds caption files
+    ref.mkdir(parents=True, exist_ok=True)
+    for p in real_paths:
+        shutil.copyfile(p, ref / p.name)
+    fid = fid_kid(generated, ref, kid_subsets=10)
+    return {
+        "fid": {"value": fid["fid"], "images": len(gen_paths), "reference_images": len(real_paths),
+                "kid_mean": fid["kid_mean"], "settings": fid["settings"]},
+        "caption_match": {"value": caption_match(fake, labels), "chance": shuffled_match(fake, labels, seed=cfg.seed),
+                          "images": len(gen_paths)},
+        "caption_match_real": {"value": caption_match(real, labels), "images": len(real_paths)},
+    }
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run (or finish) the demo and write summary.json; returns the summary."""
+    start = time.perf_counter()
+    root = cfg.root
+    if cfg.fresh and root.exists():
+        if not (root / MARKER).is_file():
+            raise FileExistsError(f"{root} exists but was not made by the demo (no {MARKER}); not deleting it")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).write_text("made by micro-diffusion demo\n")
+    log: list[str] = []
+    data = _step(root, "data", lambda: make_data(cfg), log)
+    stages = [_step(root, name, lambda r=recipe: train_stage(cfg, r), log)
+              for name, recipe in (("train_masked", cfg.masked_recipe), ("train_finetune", cfg.finetune_recipe))]
+
+    def export() -> dict:
+        from micro_diffusion.export import export_run
+
+        return {"model": str(export_run(stages[-1]["run_dir"], root / "model"))}
+
+    model = _step(root, "export", export, log)
+    samples = _step(root, "sample", lambda: generate(cfg, Path(model["model"])), log)
+    metrics = _step(root, "evaluate", lambda: evaluate(cfg, Path(samples["generated"])), log)
+    (Path(stages[-1]["run_dir"]) / "eval.json").write_text(json.dumps(
+        {"fid": metrics["fid"]["value"], "caption_match": metrics["caption_match"]["value"]}) + "\n")
+
+    from micro_diffusion.cost.report import write_report
+
+    report = write_report([s["run_dir"] for s in stages], out=root / "report.html")
+    summary = {"wall_clock_s": time.perf_counter() - start, "steps_log": log, "data": data,
+               "stages": stages, "samples": samples["grid"], "model": model["model"], "eval": metrics,
+               "report": str(report.relative_to(root)), "config": {k: str(v) for k, v in asdict(cfg).items()}}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _print_summary(summary, root)
+    return summary
+
+
+def _print_summary(summary: dict, root: Path) -> None:
+    ev = summary["eval"]
+    print("\n[demo] finished in {:.0f} s".format(summary["wall_clock_s"]))
+    for s in summary["stages"]:
+        print(f"[demo] {s['name']}: {s['steps']} steps, mask {s['mask_ratio']}, loss {s['loss_first']:.3f} -> "
+              f"{s['loss_last']:.3f}, {s['device_hours']:.4f} device-hours, ${s['usd']:.4f}")
+    print(f"[demo] caption match {ev['caption_match']['value']:.3f} (chance {ev['caption_match']['chance']:.3f}; "
+          f"reader on real images {ev['caption_match_real']['value']:.3f}); "
+          f"FID {ev['fid']['value']:.1f} over {ev['fid']['images']} images")
+    print(f"[demo] sample grid  {root / summary['samples']}")
+    print(f"[demo] dashboard    {root / summary['report']}")
+    print(f"[demo] model        {summary['model']}")
+    print(f"[demo] summary      {root / 'summary.json'}")
+
+
+def register(subparsers) -> None:
+    """Add the `demo` subcommand."""
+    p = subparsers.add_parser("demo", help="the whole pipeline end to end on CPU on the embedded shapes dataset")
+    p.add_argument("--root", type=Path, default=DemoConfig.root, help="output folder (default runs/demo)")
+    p.add_argument("--fresh", action="store_true", help="delete the demo folder first and start over")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    run_demo(DemoConfig(root=args.root, fresh=args.fresh))
+    return 0

@@ -1,0 +1,189 @@
+"""Samplers for the EDM probability-flow ODE/SDE, as plain functions sharing one signature, plus guidance.
+
+Every sampler is called as `fn(denoiser, x, sigmas, generator, **options)`: `x` is the starting point already scaled to
+sigmas[0], `sigmas` the decreasing noise levels with a trailing 0 (steps+1 values). The denoiser is called as
+`denoiser(x, sigma)` with x (N, C, H, W) float32 and sigma a float32 tensor of shape (N,) (one level per sample, all
+equal here), and returns D(x; sigma), the EDM denoised estimate, of the shape of x.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .edm import SIGMA_DATA, denoise
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """EDM (Karras et al. 2022, eq. 5) noise levels: `steps` levels from sigma_max to sigma_min, then 0: (steps+1,)."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).float().to(device)
+
+
+def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Evaluate D at one noise level, broadcast to the (N,) sigma tensor the denoiser contract promises."""
+    return denoiser(x, sigma.expand(x.shape[0])).float()
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise of x's shape, drawn on the generator's device so seeds agree across devices."""
+    gen_device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=gen_device).to(x.device, x.dtype)
+
+
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Euler's method on the EDM probability-flow ODE (= DDIM in sigma space); one evaluation per noise level."""
+    for i in range(len(sigmas) - 1):
+        d = (x - _call(denoiser, x, sigmas[i])) / sigmas[i]  # dx/dsigma = (x - D(x; sigma)) / sigma (EDM eq. 3)
+        x = x + (sigmas[i + 1] - sigmas[i]) * d
+    return x
+
+
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """EDM Algorithm 1: Heun's 2nd-order method on the probability-flow ODE; 2*steps-1 evaluations."""
+    for i in range(len(sigmas) - 1):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        x = _heun_step(denoiser, x, t_cur, t_next)
+    return x
+
+
+def _heun_step(denoiser: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """Lines 4-8 of EDM Algorithm 1 (lines 7-10 of Algorithm 2): an Euler step, then the trapezoidal correction."""
+    d_cur = (x - _call(denoiser, x, t_cur)) / t_cur  # line 4: evaluate dx/dt at t_i
+    x_next = x + (t_next - t_cur) * d_cur  # line 5: Euler step from t_i to t_{i+1}
+    if t_next > 0:  # line 6: the correction is skipped on the last step, where sigma reaches 0
+        d_next = (x_next - _call(denoiser, x_next, t_next)) / t_next  # line 7
+        x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_next)  # line 8: trapezoidal rule
+    return x_next
+
+
+def sample_stochastic(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                      generator: torch.Generator | None = None, S_churn: float = 40.0, S_min: float = 0.05,
+                      S_max: float = 50.0, S_noise: float = 1.003) -> torch.Tensor:
+    """EDM Algorithm 2: stochastic sampling (noise churn, then a Heun step); defaults are EDM's ImageNet-64 settings."""
+    steps = len(sigmas) - 1
+    for i in range(steps):
+        t_cur, t_next = sigmas[i], sigmas[i + 1]
+        # line 5: gamma_i, the amount of noise to add back, only inside [S_min, S_max]
+        gamma = min(S_churn / steps, math.sqrt(2) - 1) if S_min <= float(t_cur) <= S_max else 0.0
+        t_hat = t_cur + gamma * t_cur  # line 6: raise the noise level
+        eps = _randn_like(x, generator) * S_noise  # line 6: eps ~ N(0, S_noise^2 I)
+        x_hat = x + (t_hat**2 - t_cur**2).clamp(min=0).sqrt() * eps  # line 7
+        x = _heun_step(denoiser, x_hat, t_hat, t_next)  # lines 8-11: Heun step from t_hat to t_{i+1}
+    return x
+
+
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in sigma space; one evaluation per noise level."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        denoised = _call(denoiser, x, sigmas[i])
+        if sigmas[i + 1] == 0:  # the data-prediction update with sigma_{i+1} = 0 lands exactly on D
+            return denoised
+        lam, lam_next = -sigmas[i].log(), -sigmas[i + 1].log()  # lambda = log(alpha/sigma) = -log sigma here
+        h = lam_next - lam
+        if old_denoised is None:  # first step: the 1st-order update (DPM-Solver++(1S) = DDIM)
+            d = denoised
+        else:  # multistep: extrapolate D linearly in lambda from the previous step (r = h_{i-1} / h_i)
+            r = h_last / h
+            d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        x = (sigmas[i + 1] / sigmas[i]) * x - torch.expm1(-h) * d  # exact integration of the linear part
+        old_denoised, h_last = denoised, h
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "heun": sample_heun,
+    "euler": sample_euler,
+    "ddim": sample_euler,  # DDIM's update in sigma space is Euler's (Karras et al. 2022, sec. 3): one implementation
+    "stochastic": sample_stochastic,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+def sampler_options(sampler: str) -> dict[str, object]:
+    """The extra options a sampler accepts, with their defaults."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
+    params = list(inspect.signature(SAMPLERS[sampler]).parameters.values())[4:]  # after denoiser, x, sigmas, generator
+    return {p.name: p.default for p in params}
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 30, sampler: str = "heun", sigma_min: float = 0.002,
+           sigma_max: float = 80.0, rho: float = 7.0, generator: torch.Generator | None = None,
+           **options) -> torch.Tensor:
+    """Integrate from standard-normal `noise` (N, C, H, W) to a sample x0 (float32) over `steps` noise levels.
+
+    steps counts noise levels (Karras schedule), not network evaluations: Heun and the stochastic sampler spend
+    2*steps-1 evaluations, Euler/DDIM and DPM-Solver++(2M) spend `steps`. `generator` seeds the stochastic sampler's
+    churn noise (the deterministic samplers draw nothing). `options` go to the sampler (e.g. S_churn for "stochastic").
+    """
+    known = sampler_options(sampler)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"sampler {sampler!r} has no option(s) {unknown}; it accepts {sorted(known) or 'none'}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device=noise.device)  # (steps+1,)
+    x = noise.float() * sigmas[0]  # x_0 ~ N(0, sigma_max^2 I)
+    return SAMPLERS[sampler](denoiser, x, sigmas, generator, **options)
+
+
+def cfg_denoiser(denoiser_cond: Denoiser, denoiser_uncond: Denoiser, scale: float,
+                 interval: tuple[float, float] | None = None) -> Denoiser:
+    """Classifier-free guidance: D = D_u + scale (D_c - D_u), applied only where interval[0] <= sigma <= interval[1].
+
+    Outside the interval the conditional denoiser alone is used (and the unconditional branch is not evaluated).
+    """
+    if interval is not None and not (len(interval) == 2 and interval[0] <= interval[1]):
+        raise ValueError(f"guidance interval must be (sigma_lo, sigma_hi) with lo <= hi, got {interval}")
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        d_cond = denoiser_cond(x, sigma)
+        inside = torch.ones_like(sigma, dtype=torch.bool) if interval is None else \
+            (sigma >= interval[0]) & (sigma <= interval[1])  # (N,)
+        if not bool(inside.any()):
+            return d_cond
+        d_uncond = denoiser_uncond(x, sigma)
+        d_guided = d_uncond + scale * (d_cond - d_uncond)
+        return torch.where(inside.reshape(-1, *([1] * (x.dim() - 1))), d_guided, d_cond)
+
+    return guided
+
+
+def net_denoiser(net: torch.nn.Module, caption_tokens: torch.Tensor, sigma_data: float = SIGMA_DATA) -> Denoiser:
+    """D(x; sigma) of a MicroDiT through the EDM preconditioning, conditioned on caption tokens (N, L, D)."""
+    def d(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return denoise(net, x, sigma, caption_tokens, sigma_data)[0]
+
+    return d
+
+
+def guided_net_denoiser(net: torch.nn.Module, caption_tokens: torch.Tensor, null_caption: torch.Tensor | np.ndarray,
+                        scale: float, interval: tuple[float, float] | None = None,
+                        sigma_data: float = SIGMA_DATA) -> Denoiser:
+    """CFG over a MicroDiT: the unconditional branch uses the null caption (L, D) that caption dropout trains on."""
+    null = torch.as_tensor(np.asarray(null_caption, dtype=np.float32) if isinstance(null_caption, np.ndarray)
+                           else null_caption).to(caption_tokens.device, caption_tokens.dtype)
+    if null.shape != caption_tokens.shape[1:]:
+        raise ValueError(f"null caption shape {tuple(null.shape)} does not match caption tokens "
+                         f"{tuple(caption_tokens.shape[1:])}")
+    uncond = null.unsqueeze(0).expand_as(caption_tokens)  # (N, L, D)
+    if scale == 1.0:  # D_u + 1 (D_c - D_u) = D_c: skip the unconditional evaluations
+        return net_denoiser(net, caption_tokens, sigma_data)
+    return cfg_denoiser(net_denoiser(net, caption_tokens, sigma_data), net_denoiser(net, uncond, sigma_data),
+                        scale, interval)

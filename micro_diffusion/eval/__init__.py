@@ -1,0 +1,1 @@
+"""Evaluation: FID/KID with an offline Inception, CLIP score, the COCO zero-shot protocol, sampling sweeps."""

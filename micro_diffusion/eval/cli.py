@@ -1,0 +1,173 @@
+"""Subcommands `export`, `sample` and `eval {fid, coco, sweep}` of the micro-diffusion console script."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _settings(args: argparse.Namespace):
+    from .generate import SampleSettings
+
+    interval = tuple(args.guidance_interval) if args.guidance_interval else None
+    return SampleSettings(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
+                          guidance_interval=interval, use_ema=False if args.raw else None)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=30, help="noise levels (Heun spends 2*steps-1 evaluations)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="apply guidance only for sigma in [lo, hi]")
+    p.add_argument("--sampler", default="heun", help="heun, euler, ddim, stochastic or dpmpp_2m")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--raw", action="store_true", help="use the raw weights even when the export has EMA weights")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+def _device(args: argparse.Namespace) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ..export import export_run
+
+    out = export_run(args.run_or_checkpoint, args.out, args.config)
+    print(f"exported {args.run_or_checkpoint} -> {out}")
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (one per line)")
+    return prompts
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .generate import Generator, grid, save_atomic
+
+    prompts, settings = _read_prompts(args), _settings(args)
+    gen = Generator(args.model, settings, _device(args))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in tqdm(range(0, len(prompts), args.batch_size), desc="sample"):
+        idx = list(range(i, min(i + args.batch_size, len(prompts))))
+        images += gen([prompts[j] for j in idx], idx)
+    for j, im in enumerate(images):
+        save_atomic(im, out / f"{j:05d}.png")
+    grid(images).save(out / "grid.png")
+    (out / "prompts.json").write_text(json.dumps({"model": str(args.model), "weights": gen.config["weights_file"],
+                                                  "prompts": prompts, "settings": settings.to_dict()}, indent=2))
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return 0
+
+
+def _eval_fid(args: argparse.Namespace) -> int:
+    from .fid import fid_kid
+
+    result = fid_kid(args.gen, args.ref, device=args.device, batch_size=args.batch_size)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def _eval_coco(args: argparse.Namespace) -> int:
+    from .coco import evaluate_coco
+
+    model = Path(args.model)
+    out = Path(args.out)
+    plan = {"model": str(model), "annotations": args.annotations, "images": args.images, "out": str(out),
+            "num": args.num, "draw_seed": args.draw_seed, "clip_model": args.clip_model,
+            "clip_pretrained": args.clip_pretrained, "sampling": _settings(args).to_dict(),
+            "inputs_present": {k: Path(v).exists() for k, v in
+                               [("model", model), ("annotations", args.annotations), ("images", args.images)]}}
+    if args.dry_run:
+        print(json.dumps(plan, indent=2))
+        return 0
+    if not (model / "model.safetensors").is_file():  # a run folder or checkpoint: export it first, beside the results
+        from ..export import export_run
+        from .coco import rank_world
+
+        if rank_world()[1] > 1:  # ranks exporting at once would race on one folder
+            raise ValueError(f"{model} is not an exported model: with several processes, run "
+                             f"`micro-diffusion export {model} --out DIR` first and pass --model DIR")
+        model = export_run(model, out / "model")
+    result = evaluate_coco(model, args.annotations, args.images, out, _settings(args), args.num, args.draw_seed,
+                           args.resolution, args.clip_model, args.clip_pretrained or None, args.batch_size,
+                           args.device)
+    if result is not None:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _eval_sweep(args: argparse.Namespace) -> int:
+    from .sweep import run_sweep
+
+    result = run_sweep(args.model, args.annotations, args.images, args.out, num=args.num,
+                       guidances=args.guidances, presets=args.presets, seed=args.seed, device=_device(args),
+                       batch_size=args.batch_size, base=_settings(args), draw_seed=args.draw_seed)
+    print(json.dumps(result["settings"], indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add export, sample and eval to the top-level parser."""
+    p = subparsers.add_parser("export", help="write a run's network as safetensors + config.json")
+    p.add_argument("run_or_checkpoint", help="runs/<stage> folder or a Composer checkpoint file")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=None, help="config.yaml of the run (default: found beside the checkpoint)")
+    p.set_defaults(func=_export)
+
+    p = subparsers.add_parser("sample", help="generate images from an exported model")
+    p.add_argument("--model", required=True, help="folder written by micro-diffusion export")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--out", required=True)
+    _add_sampling(p)
+    p.set_defaults(func=_sample)
+
+    ev = subparsers.add_parser("eval", help="FID/KID, the COCO zero-shot protocol, sampling sweeps")
+    sub = ev.add_subparsers(dest="eval_command", required=True)
+    p = sub.add_parser("fid", help="FID and KID between two image folders")
+    p.add_argument("--gen", required=True)
+    p.add_argument("--ref", required=True)
+    p.add_argument("--out", default=None, help="JSON file for the result")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_eval_fid)
+
+    for name, fn, helptext in [("coco", _eval_coco, "zero-shot FID/KID/CLIP score on COCO-2014 val captions"),
+                               ("sweep", _eval_sweep, "FID against guidance scale and against sampling cost")]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, help="exported model folder (coco also takes a run or checkpoint)")
+        p.add_argument("--annotations", default="data/coco/annotations/captions_val2014.json")
+        p.add_argument("--images", default="data/coco/val2014", help="folder of the COCO val2014 images")
+        p.add_argument("--out", required=True)
+        p.add_argument("--num", type=int, default=30000 if name == "coco" else 5000, help="captions to draw")
+        p.add_argument("--draw-seed", type=int, default=2014)
+        _add_sampling(p)
+        p.set_defaults(func=fn)
+    coco = sub.choices["coco"]
+    coco.add_argument("--resolution", type=int, default=None, help="default: the model's (latent size x VAE factor)")
+    coco.add_argument("--clip-model", default="ViT-L-14")
+    coco.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag; '' for random weights")
+    coco.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
+    sweep = sub.choices["sweep"]
+    sweep.add_argument("--guidances", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
+    sweep.add_argument("--presets", nargs="+", default=["heun:10", "heun:20", "heun:30", "euler:30", "euler:60",
+                                                        "dpmpp_2m:15", "dpmpp_2m:30"],
+                       help="SAMPLER:STEPS pairs for the cost sweep")

@@ -1,0 +1,63 @@
+"""FID and KID between two image folders through torch-fidelity, with the offline Inception of eval.inception."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .inception import local_inception_weights, torch_fidelity_inception
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files (png/jpg) directly inside a folder, sorted; an error when there are fewer than two."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if len(files) < 2:
+        raise ValueError(f"{folder} holds {len(files)} png/jpg images; FID and KID need at least 2")
+    return files
+
+
+def fid_kid(gen_dir: str | Path, ref_dir: str | Path, weights: str | Path | None = None, batch_size: int = 64,
+            device: str | None = None, kid_subset_size: int = 1000, kid_subsets: int = 100,
+            workers: bool = True, seed: int = 2020) -> dict:
+    """FID and KID (mean, std) of gen_dir against ref_dir, with the settings used, as a JSON-ready dict."""
+    import torch_fidelity
+
+    n_gen, n_ref = len(list_images(gen_dir)), len(list_images(ref_dir))
+    weights = Path(weights) if weights is not None else local_inception_weights()
+    cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    subset = min(kid_subset_size, n_gen, n_ref)  # KID draws subsets without replacement from each set
+    metrics = torch_fidelity.calculate_metrics(
+        input1=str(gen_dir), input2=str(ref_dir), fid=True, kid=True, cuda=cuda, batch_size=batch_size,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
+        kid_subset_size=subset, kid_subsets=kid_subsets, cache=False, save_cpu_ram=not workers, rng_seed=seed,
+        verbose=False, samples_find_deep=False)
+    return {
+        "fid": float(metrics["frechet_inception_distance"]),
+        "kid_mean": float(metrics["kernel_inception_distance_mean"]),
+        "kid_std": float(metrics["kernel_inception_distance_std"]),
+        "settings": {"gen_dir": str(gen_dir), "ref_dir": str(ref_dir), "num_gen": n_gen, "num_ref": n_ref,
+                     "feature_extractor": "inception-v3-compat (TF inception-2015-12-05), 2048-d pool features",
+                     "weights": str(weights), "kid_subset_size": subset, "kid_subsets": kid_subsets,
+                     "kid_seed": seed, "library": f"torch-fidelity {torch_fidelity.__version__}"},
+    }
+
+
+@torch.no_grad()
+def inception_features(folder: str | Path, weights: str | Path | None = None, batch_size: int = 32,
+                       device: str = "cpu") -> np.ndarray:
+    """2048-d Inception pool features of every image of a folder, in sorted file order: (N, 2048) float64."""
+    net = torch_fidelity_inception(weights or local_inception_weights(), device)
+    files, feats = list_images(folder), []
+    for i in tqdm(range(0, len(files), batch_size), desc=f"inception {Path(folder).name}", leave=False):
+        batch = [np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + batch_size]]  # (H, W, 3) uint8 each
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).to(device)  # (B, 3, H, W) uint8
+        feats.append(net(x)[0].double().cpu().numpy())
+    return np.concatenate(feats)

@@ -1,0 +1,203 @@
+"""Build a Composer Trainer from a validated recipe and its run plan."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from composer import Trainer
+from composer.algorithms import EMA, GradientClipping, LowPrecisionLayerNorm
+from composer.core import Algorithm, Callback
+from composer.loggers import LoggerDestination
+from composer.optim import ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler
+from composer.utils import dist, reproducibility
+
+from micro_diffusion.cost.callback import CostCallback
+from micro_diffusion.cost.flops import train_flops_per_sample
+from micro_diffusion.data import build_dataloader
+from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
+from micro_diffusion.models import MicroDiT, create_dit
+from micro_diffusion.models.ffn import ExpertChoiceMoE
+from micro_diffusion.training.callbacks import JSONLLogger, NaNGuard, Preemption, StepSeed
+from micro_diffusion.training.model import DiffusionModel
+from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
+from micro_diffusion.training.recipe import RecipeError, latent_size, resolve_streams
+from micro_diffusion.training.run import RunPlan
+
+
+def build_network(cfg: dict) -> MicroDiT:
+    """The recipe's MicroDiT preset with its overrides, sized for the recipe's latents and captions."""
+    m = cfg["model"]
+    try:
+        return create_dit(m["preset"], latent_size=latent_size(cfg), in_channels=m["latent_channels"],
+                          caption_dim=m["caption_dim"], **m["overrides"])
+    except (KeyError, TypeError) as err:
+        raise RecipeError(f"model: {err}") from err
+
+
+def build_model(cfg: dict) -> DiffusionModel:
+    """The ComposerModel: network plus the stage's masking and EDM noise settings."""
+    d = cfg["diffusion"]
+    return DiffusionModel(build_network(cfg), mask_ratio=d["mask_ratio"], p_mean=d["p_mean"], p_std=d["p_std"],
+                          sigma_data=d["sigma_data"], eval_seed=cfg["eval"]["seed"])
+
+
+def moe_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters of every ExpertChoiceMoE (experts and router), selected by module type."""
+    return [p for m in module.modules() if isinstance(m, ExpertChoiceMoE) for p in m.parameters()]
+
+
+def build_optimizer(model: torch.nn.Module, opt: dict) -> torch.optim.AdamW:
+    """AdamW with two groups: dense parameters at lr, MoE parameters at lr x moe_lr_scale."""
+    moe = moe_parameters(model)
+    moe_ids = {id(p) for p in moe}
+    dense = [p for p in model.parameters() if id(p) not in moe_ids]
+    groups = [{"params": dense, "lr": opt["lr"], "name": "dense"}]
+    if moe:
+        groups.append({"params": moe, "lr": opt["lr"] * opt["moe_lr_scale"], "name": "moe"})
+    return torch.optim.AdamW(groups, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+                             weight_decay=opt["weight_decay"])
+
+
+def build_scheduler(sched: dict) -> Any:
+    """Composer's scheduler for the recipe's `scheduler` section (a multiplier of each group's lr)."""
+    name = sched["name"]
+    if name == "cosine_warmup":
+        return CosineAnnealingWithWarmupScheduler(t_warmup=sched["warmup"], alpha_f=sched["alpha_f"])
+    if name == "constant_warmup":
+        return ConstantWithWarmupScheduler(t_warmup=sched["warmup"])
+    if name == "constant":
+        return ConstantScheduler()
+    raise RecipeError(f"scheduler.name: unknown scheduler {name!r}")
+
+
+def build_algorithms(algos: dict, model: DiffusionModel) -> list[Algorithm]:
+    """Composer algorithms the recipe asks for; EMA is attached to the model so sampling can use it."""
+    out: list[Algorithm] = []
+    for name, opts in algos.items():
+        if name == "gradient_clipping":
+            out.append(GradientClipping(clipping_type=opts["type"], clipping_threshold=opts["threshold"]))
+        elif name == "ema":
+            ema = EMA(half_life=None, smoothing=opts["smoothing"], ema_start=str(opts["start"]), update_interval="1ba")
+            model.attach_ema(ema)
+            out.append(ema)
+        elif name == "low_precision_layernorm":
+            out.append(LowPrecisionLayerNorm())
+        else:
+            raise RecipeError(f"algorithms.{name}: unknown algorithm {name!r}")
+    return out
+
+
+def build_loader(cfg: dict, plan: RunPlan, key: str = "streams", batch_size: int | None = None) -> Any:
+    """The streaming loader of the training (or, with key="val_streams", validation) shards for this rank."""
+    d = cfg["data"]
+    train = key == "streams"
+    return build_dataloader(resolve_streams(cfg, key), batch_size=batch_size or plan.device_batch,
+                            resolution=d["resolution"], caption_drop_prob=d["caption_drop_prob"] if train else 0.0,
+                            shuffle=train, seed=d["seed"], num_workers=d["num_workers"])
+
+
+def parallelism_config(plan: RunPlan) -> dict | None:
+    """FSDP with SHARD_GRAD_OP (gradients and optimizer state sharded, weights kept whole between steps)."""
+    if plan.parallelism != "fsdp":
+        return None  # Composer wraps the model in DDP by itself when the world size is above one
+    return {"fsdp": {"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "DEFAULT", "state_dict_type": "full",
+                     "use_orig_params": True}}
+
+
+def _shard_dir(cfg: dict) -> Path:
+    first = resolve_streams(cfg)[0]
+    if first["local"] is None:
+        raise RecipeError("data.streams[0] needs a local folder (its encoders.json and null_caption.npy are read)")
+    return Path(first["local"])
+
+
+def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
+    """Prompt embeddings (encoded once now) and the dataset's VAE, per encoders.json beside the first stream."""
+    from micro_diffusion.encoders import load_text_encoder, load_vae
+
+    folder = _shard_dir(cfg)
+    path = folder / ENCODERS_FILE
+    if not path.is_file():
+        raise RecipeError(f"samples.interval is set but {path} is missing (precompute writes it)")
+    enc = json.loads(path.read_text())
+    text = load_text_encoder(enc["text_encoder"], device=device, caption_len=enc["caption_len"])
+    prompt_emb = text.encode(list(cfg["samples"]["prompts"])).cpu()  # (P, L, D)
+    del text
+    decode = load_vae(enc["vae"], device=device).decode if dist.get_global_rank() == 0 else None  # rank 0 writes
+    s = cfg["samples"]
+    return SampleGrid(prompt_emb, np.load(folder / NULL_CAPTION_FILE), decode, Path(plan.run_dir) / "samples",
+                      s["interval"], s["steps"], s["guidance"], s["sampler"], s["seed"])
+
+
+def build_callbacks(cfg: dict, plan: RunPlan, model: DiffusionModel) -> list[Callback]:
+    """Step seeds, NaN guard, preemption, validation loss and sample grids as the recipe asks, and the cost ledger."""
+    callbacks: list[Callback] = [StepSeed(cfg["train"]["seed"]), NaNGuard(plan.save_folder), Preemption()]
+    ev = cfg["eval"]
+    if ev["interval"]:
+        loader = build_loader(cfg, plan, "val_streams", batch_size=ev["batch_size"])
+        callbacks.append(ValidationLoss(loader, ev["interval"], ev["batches"], ev["seed"]))
+    if cfg["samples"]["interval"]:
+        device = torch.device(f"cuda:{dist.get_local_rank()}" if plan.device == "gpu" else "cpu")
+        callbacks.append(sample_grid(cfg, plan, device))
+    callbacks.append(cost_callback(cfg, plan, model))
+    return callbacks
+
+
+def cost_callback(cfg: dict, plan: RunPlan, model: DiffusionModel) -> CostCallback:
+    """The cost ledger (cost.jsonl), chained to the previous stage's run folder when the stage has one."""
+    c = cfg["cost"]
+    flops = train_flops_per_sample(model.net, latent_size(cfg), cfg["model"]["caption_len"],
+                                   cfg["diffusion"]["mask_ratio"])
+    carry = None
+    if cfg["init_from"] is not None and cfg["init_checkpoint"] is None:
+        carry = str(Path(cfg["runs_root"]) / cfg["init_from"])  # its cost.jsonl; a missing one is an error there
+    return CostCallback(plan.run_dir, flops, device_type=c["device_type"], usd_per_device_hour=c["usd_per_device_hour"],
+                        max_usd=c["max_usd"], max_device_hours=c["max_device_hours"], stage=cfg["stage"],
+                        carry_over=carry)
+
+
+def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = None,
+                  loggers: list[LoggerDestination] | None = None) -> Trainer:
+    """A Composer Trainer for one stage.
+
+    Args:
+        cfg: a recipe from load_recipe (validated, defaults filled).
+        plan: plan_run's resolution of folders, devices, precision, parallelism and batch split.
+        callbacks: extra callbacks (tests add probes here), run after the recipe's own.
+        loggers: extra logger destinations; the run folder's metrics.jsonl logger is always added.
+    """
+    t, ck = cfg["train"], cfg["checkpoint"]
+    reproducibility.seed_all(t["seed"])  # the same initial weights on every rank and in every rerun
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg["optimizer"])
+    return Trainer(
+        model=model,
+        train_dataloader=build_loader(cfg, plan),
+        max_duration=t["max_duration"],
+        optimizers=optimizer,
+        schedulers=build_scheduler(cfg["scheduler"]),
+        step_schedulers_every_batch=True,
+        algorithms=build_algorithms(cfg["algorithms"], model),
+        callbacks=[*build_callbacks(cfg, plan, model), *(callbacks or [])],
+        loggers=[JSONLLogger(Path(plan.run_dir) / "metrics.jsonl"), *(loggers or [])],
+        run_name=cfg["stage"],
+        progress_bar=t["progress_bar"],
+        log_to_console=not t["progress_bar"],
+        console_log_interval=t["log_interval"],
+        load_path=plan.init_checkpoint,
+        load_weights_only=True,  # the previous stage's weights, never its optimizer or schedule
+        load_strict_model_weights=True,
+        save_folder=plan.save_folder,
+        save_interval=ck["save_interval"],
+        save_num_checkpoints_to_keep=ck["keep"],
+        autoresume=True,
+        device=plan.device,
+        precision=plan.precision,
+        parallelism_config=parallelism_config(plan),
+        device_train_microbatch_size=plan.device_microbatch,
+        seed=t["seed"],
+        compile_config={} if t["compile"] else None,
+    )

@@ -1,0 +1,73 @@
+"""`micro-diffusion train RECIPE [key.sub=value ...] [--dry-run] [--run-dir DIR]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job was stopped, not finished; rerun the same command to resume
+NAN_EXIT = 3  # the loss went NaN/inf: the last checkpoint is the last good one
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train` subcommand."""
+    p = subparsers.add_parser("train", help="train one stage from a YAML recipe (Composer)",
+                              description="Train one stage. Launch on several devices with Composer's launcher: "
+                                          "composer -n 8 -m micro_diffusion.cli train RECIPE ...")
+    p.add_argument("recipe", help="recipe file, e.g. recipes/res256_masked.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="recipe overrides, values parsed as YAML (e.g. train.max_duration=100ba)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe, run plan, version and git revision, list missing inputs, exit")
+    p.add_argument("--run-dir", default=None, help="run folder (default: RUNS_ROOT/STAGE from the recipe)")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Resolve the recipe, then print it (dry run) or train the stage."""
+    from micro_diffusion.training.recipe import RecipeError, load_recipe, missing_inputs
+    from micro_diffusion.training.run import check_inputs, plan_run, run_info
+
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+        plan = plan_run(cfg, args.run_dir)
+        info = run_info(cfg, plan)
+        if args.dry_run:
+            print(yaml.safe_dump(info, sort_keys=False), end="")
+            problems = missing_inputs(cfg, plan.init_checkpoint)
+            print("# missing inputs (a real run stops on these):" if problems else "# all inputs found")
+            for line in problems:
+                print(f"#   {line}")
+            return 0
+        check_inputs(cfg, plan)
+    except RecipeError as err:
+        print(f"micro-diffusion train: {err}", file=sys.stderr)
+        return 2
+    return _fit(cfg, plan, info)
+
+
+def _fit(cfg: dict, plan, info: dict) -> int:
+    from composer.utils import dist
+
+    from micro_diffusion.training.builder import build_trainer
+    from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
+    from micro_diffusion.training.run import write_run_info
+
+    if dist.get_global_rank() == 0:
+        path = write_run_info(info, plan.run_dir)
+        print(f"run folder {plan.run_dir} (resolved recipe in {path})", flush=True)
+    trainer = build_trainer(cfg, plan)
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:
+        print(f"micro-diffusion train: {err}", file=sys.stderr, flush=True)
+        trainer.close()
+        return NAN_EXIT
+    preempt = next(cb for cb in trainer.state.callbacks if isinstance(cb, Preemption))
+    trainer.close()
+    if preempt.stopped_at is not None:
+        print(f"preempted: checkpoint saved at batch {preempt.stopped_at} in {plan.save_folder}; "
+              "rerun the same command to resume", flush=True)
+        return PREEMPTED_EXIT
+    return 0

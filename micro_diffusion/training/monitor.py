@@ -1,0 +1,135 @@
+"""Periodic monitoring callbacks: validation loss on held-out shards and sample grids for fixed prompts."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from composer.core import Callback, Event, State, get_precision_context
+from composer.loggers import Logger
+from composer.utils import dist
+from composer.utils.misc import create_interval_scheduler
+from PIL import Image
+
+from micro_diffusion.training.model import DiffusionModel
+
+
+def unwrap(model: torch.nn.Module) -> DiffusionModel:
+    """The DiffusionModel inside a DDP wrapper (FSDP wraps only its children)."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, DiffusionModel):
+        raise TypeError(f"expected a DiffusionModel in the trainer, got {type(inner).__name__}")
+    return inner
+
+
+class ValidationLoss(Callback):
+    """Logs `val/loss` (and `val/loss_ema` once EMA runs): unmasked EDM loss on `max_batches` held-out batches.
+
+    The batches are read once and kept, and every evaluation draws noise from a generator reset to the same seed,
+    so successive values differ only because the weights changed.
+    """
+
+    def __init__(self, loader: Iterable[dict[str, Any]], interval: str, max_batches: int, seed: int = 0):
+        self.loader, self.max_batches, self.seed = loader, max_batches, seed
+        self.due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
+        self._batches: list[dict[str, Any]] | None = None
+        self.history: list[tuple[int, float]] = []
+
+    def _held_out(self) -> list[dict[str, Any]]:
+        if self._batches is None:
+            self._batches = []
+            for i, batch in enumerate(self.loader):
+                if i >= self.max_batches:
+                    break
+                self._batches.append({"latents": batch["latents"], "caption_emb": batch["caption_emb"]})
+            if not self._batches:
+                raise RuntimeError("the validation loader yielded no batches (too few held-out samples per rank?)")
+        return self._batches
+
+    def loss(self, state: State, use_ema: bool) -> float:
+        """Mean validation loss over the held-out batches, summed over ranks."""
+        model = unwrap(state.model)
+        device = next(model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(self.seed + dist.get_global_rank())
+        total = torch.zeros(2, device=device)  # (sum of losses x samples, samples)
+        with model.weights(use_ema), get_precision_context(state.precision):
+            for batch in self._held_out():
+                batch = {k: v.to(device) for k, v in batch.items()}
+                n = batch["latents"].shape[0]
+                total += torch.stack([model.eval_forward(batch, generator=gen).float() * n,
+                                      torch.tensor(float(n), device=device)])
+        dist.all_reduce(total, reduce_operation="SUM")
+        return float(total[0] / total[1])
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not self.due(state, Event.BATCH_END):
+            return
+        metrics = {"val/loss": self.loss(state, use_ema=False)}
+        if unwrap(state.model).ema_active():
+            metrics["val/loss_ema"] = self.loss(state, use_ema=True)
+        self.history.append((int(state.timestamp.batch), metrics["val/loss"]))
+        logger.log_metrics(metrics)
+
+
+def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
+    """(N, 3, H, W) images in [-1, 1] -> one uint8 (rows*H, cols*W, 3) grid."""
+    n, _, h, w = images.shape
+    cols = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # (N, H, W, 3)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, img in enumerate(pixels.cpu().numpy()):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    return grid
+
+
+class SampleGrid(Callback):
+    """Every `interval`, samples the fixed prompts and writes a PNG grid to `out_dir` and to the loggers.
+
+    Args:
+        prompt_emb: (P, L, D) caption embeddings of the prompts, computed once before training.
+        null_caption: (L, D) embedding of the empty caption (the unconditional branch of guidance).
+        decode: maps latents (P, C, h, w) to images (P, 3, H, W) in [-1, 1] (the dataset's VAE); rank 0 only.
+        out_dir: folder of the PNGs (`ba{batch}.png`, and `ba{batch}_ema.png` once EMA runs).
+        interval: Composer time string, e.g. "5000ba".
+        steps, guidance, sampler, seed: sampling settings (the same seed each time, so grids are comparable).
+    """
+
+    def __init__(self, prompt_emb: torch.Tensor, null_caption: torch.Tensor | np.ndarray,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None, out_dir: str | Path, interval: str,
+                 steps: int = 30, guidance: float = 5.0, sampler: str = "heun", seed: int = 0):
+        self.prompt_emb, self.null_caption, self.decode = prompt_emb, null_caption, decode
+        self.out_dir = Path(out_dir)
+        self.steps, self.guidance, self.sampler, self.seed = steps, guidance, sampler, seed
+        self.due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
+        self.written: list[Path] = []
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not self.due(state, Event.BATCH_END):
+            return
+        model = unwrap(state.model)
+        kinds = [False, True] if model.ema_active() else [False]
+        for use_ema in kinds:
+            with get_precision_context(state.precision):
+                # Every rank samples: under FSDP each forward gathers weight shards from all ranks.
+                latents = model.generate(self.prompt_emb, self.null_caption, self.steps, self.guidance,
+                                         self.sampler, self.seed, use_ema=use_ema)
+            if dist.get_global_rank() == 0:
+                self._write(latents, int(state.timestamp.batch), use_ema, logger)
+
+    def _write(self, latents: torch.Tensor, batch: int, use_ema: bool, logger: Logger) -> None:
+        if self.decode is None:
+            raise RuntimeError("SampleGrid on rank 0 needs a decode function (the dataset's VAE)")
+        with torch.no_grad():
+            images = self.decode(latents.float())  # (P, 3, H, W) in [-1, 1]
+        grid = image_grid(images)
+        name = f"ba{batch}{'_ema' if use_ema else ''}"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"{name}.png"
+        Image.fromarray(grid).save(path)
+        self.written.append(path)
+        logger.log_images(grid, name=f"samples/{'ema' if use_ema else 'raw'}", channels_last=True)

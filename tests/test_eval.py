@@ -1,0 +1,245 @@
+"""Evaluation: offline Inception conversion, FID/KID against an independent computation, COCO protocol, CLI sampling."""
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import skimage.data
+import torch
+from PIL import Image
+
+from micro_diffusion.eval.coco import draw_captions, generate_missing, missing_images, prepare_reference
+from micro_diffusion.eval.fid import fid_kid, inception_features
+from micro_diffusion.eval.inception import fid_helper_weights_path, local_inception_weights, torch_fidelity_inception
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    return local_inception_weights(tmp_path_factory.mktemp("cache"))
+
+
+def write_images(folder, arrays):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def natural_crops(n, size=64, seed=0):
+    """Random crops of scikit-image's bundled photos."""
+    rng = np.random.default_rng(seed)
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    out = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        y, x = rng.integers(0, p.shape[0] - size), rng.integers(0, p.shape[1] - size)
+        out.append(np.ascontiguousarray(p[y:y + size, x:x + size]))
+    return out
+
+
+def noise_images(n, size=64, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_converted_inception_matches_torchscript(inception_weights):
+    net = torch_fidelity_inception(inception_weights)
+    script = torch.jit.load(str(fid_helper_weights_path()), map_location="cpu").eval()
+    imgs = torch.from_numpy(np.stack(natural_crops(1, size=299))).permute(0, 3, 1, 2)  # (1, 3, 299, 299) uint8
+    with torch.no_grad():
+        ours = net(imgs)[0]
+        ref = script((imgs.float() - 128) / 128)  # the TF graph's input scaling
+    assert ours.shape == (1, 2048)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    assert ours.abs().mean() > 0.05  # real features, not zeros
+
+
+def frechet_scipy(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance of Gaussians fitted to two feature sets, with scipy's matrix square root.
+
+    With n samples, cov = A A^T for A = centred features / sqrt(n-1) (2048 x n); the nonzero eigenvalues of
+    s1 s2 = A A^T B B^T are those of the n x n PSD matrix A^T B B^T A, so tr sqrt(s1 s2) = tr sqrtm(A^T B B^T A).
+    """
+    mu1, mu2 = a.mean(0), b.mean(0)
+    A, B = (a - mu1).T / np.sqrt(len(a) - 1), (b - mu2).T / np.sqrt(len(b) - 1)  # (2048, n)
+    tr_covmean = np.trace(scipy.linalg.sqrtm(A.T @ B @ B.T @ A)).real
+    return float(((mu1 - mu2) ** 2).sum() + (A * A).sum() + (B * B).sum() - 2 * tr_covmean)
+
+
+def test_fid_self_zero_different_positive_and_matches_scipy(tmp_path, inception_weights):
+    # Inception at 299 px costs about a second per image on 2 CPU cores: four images per set keep this test short.
+    real = write_images(tmp_path / "real", natural_crops(4))
+    noise = write_images(tmp_path / "noise", noise_images(4))
+    kw = dict(weights=inception_weights, workers=False, kid_subsets=10)
+    same, far = fid_kid(real, real, **kw), fid_kid(real, noise, **kw)
+    assert abs(same["fid"]) < 1e-2
+    assert far["fid"] > 100 and far["kid_mean"] > 0.1 and far["kid_mean"] > same["kid_mean"]  # KID of 4 is noisy
+    fa, fb = inception_features(real, inception_weights), inception_features(noise, inception_weights)
+    assert np.isclose(far["fid"], frechet_scipy(fa, fb), rtol=1e-3), (far["fid"], frechet_scipy(fa, fb))
+    assert far["settings"]["kid_subset_size"] == 4 and far["settings"]["num_gen"] == 4
+
+
+# ---------------------------------------------------------------- COCO protocol
+def fake_annotations(path, n_images=40, caps_per_image=5, shuffle_seed=None):
+    images = [{"id": 1000 + i, "file_name": f"COCO_val2014_{1000 + i:012d}.jpg"} for i in range(n_images)]
+    anns = [{"id": 10 * i + j, "image_id": 1000 + i, "caption": f"image {i} caption {j}"}
+            for i in range(n_images) for j in range(caps_per_image)]
+    if shuffle_seed is not None:  # the same content in another order must give the same draw
+        rng = np.random.default_rng(shuffle_seed)
+        images = [images[k] for k in rng.permutation(len(images))]
+        anns = [anns[k] for k in rng.permutation(len(anns))]
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    return path
+
+
+def test_caption_draw_is_fixed_across_runs_orders_and_ranks(tmp_path):
+    a = draw_captions(fake_annotations(tmp_path / "a.json"), num=25)
+    b = draw_captions(fake_annotations(tmp_path / "b.json", shuffle_seed=3), num=25)
+    assert a == b and len(a) == 25
+    assert len({d["image_id"] for d in a}) == 25  # one caption per image
+    assert [d["index"] for d in a] == list(range(25))
+    assert draw_captions(tmp_path / "a.json", num=25, seed=1) != a
+    shards = [a[r::3] for r in range(3)]  # simulated ranks see disjoint shares covering the draw
+    assert sorted(d["index"] for s in shards for d in s) == list(range(25))
+    with pytest.raises(ValueError, match="fewer than"):
+        draw_captions(tmp_path / "a.json", num=41)
+
+
+def test_generation_resumes_without_regenerating(tmp_path):
+    draw = draw_captions(fake_annotations(tmp_path / "ann.json"), num=20)
+    rendered: list[int] = []
+
+    def render(captions, indices, fail_after=None):
+        if fail_after is not None and len(rendered) >= fail_after:
+            raise KeyboardInterrupt  # a preempted job
+        rendered.extend(indices)
+        return [Image.new("RGB", (8, 8), (i % 256, 0, 0)) for i in indices]
+
+    out = tmp_path / "gen"
+    with pytest.raises(KeyboardInterrupt):  # rank 1 of 2 is interrupted after two batches
+        generate_missing(draw, out, lambda c, i: render(c, i, fail_after=4), rank=1, world=2, batch_size=2)
+    assert len(list(out.glob("*.png"))) == 4 and not list(out.glob(".*"))
+    for rank in range(2):  # every rank (re)runs to the end
+        generate_missing(draw, out, render, rank=rank, world=2, batch_size=3)
+    assert sorted(rendered) == list(range(20))  # each image rendered exactly once
+    assert missing_images(draw, out) == []
+    assert generate_missing(draw, out, render, rank=0, world=2) == []
+
+
+def test_reference_images_are_center_cropped(tmp_path):
+    draw = draw_captions(fake_annotations(tmp_path / "ann.json", n_images=3), num=2)
+    src = tmp_path / "val2014"
+    src.mkdir()
+    for d in draw:  # wide images: a red centre square between blue side bands
+        a = np.zeros((20, 40, 3), np.uint8)
+        a[:, :10, 2] = a[:, 30:, 2] = 255
+        a[:, 10:30, 0] = 255
+        Image.fromarray(a).save(src / d["file_name"])
+    assert prepare_reference(draw, src, tmp_path / "ref", 16) == 2
+    ref = np.asarray(Image.open(tmp_path / "ref" / "00000.png"))
+    assert ref.shape == (16, 16, 3) and ref[..., 0].min() > 180 and ref[..., 2].max() < 100  # JPEG blurs edges a bit
+    assert prepare_reference(draw, src, tmp_path / "ref", 16) == 0  # resumable
+
+
+# ---------------------------------------------------------------- export and the sample CLI
+def test_export_from_checkpoint_and_sample_cli(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from micro_diffusion.cli import main
+    from micro_diffusion.export import export_model, load_composer_checkpoint, load_exported
+    from micro_diffusion.models import create_dit
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  layers_per_block=1, norm_num_groups=4, sample_size=16).save_pretrained(tmp_path / "vae")
+    kw = dict(latent_size=8, caption_dim=384, width=64, depth=2, head_dim=16, patch_mixer_depth=1,
+              patch_mixer_width=64)
+    net = create_dit("MicroDiT_Tiny_2", **kw)
+    for p in net.parameters():  # move off the zero-initialised output layer so the network does something
+        p.data.add_(0.05 * torch.randn_like(p))
+    raw = {f"net.{k}": v for k, v in net.state_dict().items()}
+    ema = {f"net.{k}": v.detach() + 0.5 for k, v in net.named_parameters()}
+    ckpt = tmp_path / "ep0-ba4-rank0.pt"  # the layout Composer writes: state.model and state.algorithms
+    torch.save({"state": {"model": raw, "algorithms": [("EMA", {"ema_model": {"named_parameters_dict": ema,
+                "named_buffers_dict": {}}, "ema_weights_active": False, "ema_started": True})]}}, ckpt)
+    net_state, ema_state = load_composer_checkpoint(ckpt)
+    assert set(net_state) == set(net.state_dict()) and torch.allclose(ema_state["final.linear.weight"] - 0.5,
+                                                                       net_state["final.linear.weight"], atol=1e-6)
+    config = {"preset": "MicroDiT_Tiny_2", "network": net.cfg.to_dict(), "recipe": "test",
+              "encoders": {"vae": str(tmp_path / "vae"), "scaling_factor": 1.0, "latent_channels": 4, "downsample": 2,
+                           "text_encoder": "minilm", "caption_len": 8, "caption_dim": 384, "resolutions": [16]}}
+    null = np.random.default_rng(0).standard_normal((8, 384)).astype(np.float16)
+    model_dir = export_model(net_state, ema_state, config, null, tmp_path / "export")
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "ema.safetensors", "model.safetensors",
+                                                          "null_caption.npy"]
+    loaded, cfg, _ = load_exported(model_dir, use_ema=False)
+    assert torch.equal(loaded.state_dict()["final.linear.weight"], net.state_dict()["final.linear.weight"])
+
+    args = ["sample", "--model", str(model_dir), "--prompt", "a red square", "--prompt", "a blue circle",
+            "--steps", "2", "--guidance", "3", "--seed", "0"]
+    assert main(args + ["--out", str(tmp_path / "ema")]) == 0
+    assert main(args + ["--raw", "--out", str(tmp_path / "raw")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "ema").glob("*.png"))
+    assert pngs == ["00000.png", "00001.png", "grid.png"]
+    assert Image.open(tmp_path / "ema" / "00000.png").size == (16, 16)
+    assert Image.open(tmp_path / "ema" / "grid.png").size == (32, 16)
+    info = json.loads((tmp_path / "ema" / "prompts.json").read_text())
+    assert info["weights"] == "ema.safetensors" and info["settings"]["guidance"] == 3.0
+    a, b = (np.asarray(Image.open(tmp_path / d / "00000.png")) for d in ("ema", "raw"))
+    assert not np.array_equal(a, b)  # EMA and raw weights really give different images
+
+
+# ---------------------------------------------------------------- sweeps
+def test_sweep_scores_each_point_once_with_relative_cost(tmp_path):
+    from micro_diffusion.cost.flops import sample_flops_per_image
+    from micro_diffusion.eval.generate import SampleSettings
+    from micro_diffusion.eval.sweep import point_name, sweep, sweep_configs
+    from micro_diffusion.models import create_dit
+
+    net = create_dit("MicroDiT_Tiny_2", latent_size=8, caption_dim=32, width=64, depth=2, head_dim=16,
+                     patch_mixer_depth=1, patch_mixer_width=64)
+    draw = draw_captions(fake_annotations(tmp_path / "ann.json"), num=6)
+    configs = sweep_configs(SampleSettings(guidance=5.0), [1.0, 5.0], ["heun:30", "euler:30", "dpmpp_2m:10"])
+    rendered, scored = [], []
+
+    def make_render(s):
+        def render(captions, indices):  # brightness encodes the settings so the score can tell points apart
+            rendered.append((point_name(s), tuple(indices)))
+            return [Image.new("RGB", (8, 8), (int(s.guidance * 10 + s.steps), 0, 0)) for _ in indices]
+        return render
+
+    def score(gen, ref):
+        scored.append(gen.name)
+        return float(np.mean([np.asarray(Image.open(p))[..., 0].mean() for p in gen.glob("*.png")]))
+
+    def flops(s):
+        return sample_flops_per_image(net, latent_size=8, caption_len=4, steps=s.steps, sampler=s.sampler,
+                                      guidance=s.guidance != 1.0)
+
+    result = sweep(draw, tmp_path / "ref", tmp_path / "sweep", configs, make_render, score, flops, batch_size=4)
+    assert len(scored) == len(set(scored)) == 4  # heun_30_g5 belongs to both sweeps and is scored once
+    assert [p["guidance"] for p in result["guidance"]] == [1.0, 5.0]
+    assert result["guidance"][0]["fid"] != result["guidance"][1]["fid"]
+    cost = {p["sampler"]: p["relative_cost"] for p in result["cost"]}
+    assert cost["heun"] == 1.0 and np.isclose(cost["euler"], 30 / 59) and np.isclose(cost["dpmpp_2m"], 10 / 59)
+    from micro_diffusion.eval.sweep import plot
+
+    plot(result, tmp_path / "sweep.png")
+    assert Image.open(tmp_path / "sweep.png").size[0] > 100
+    assert sweep(draw, tmp_path / "ref", tmp_path / "sweep", configs, make_render, score, flops) and \
+        len(rendered) == 4 * 2  # resumed: nothing rendered again (4 points x 2 batches of 4 and 2)
+
+
+def test_clip_score_with_random_open_clip(tmp_path):
+    from micro_diffusion.eval.clip_score import clip_score
+
+    files = sorted(write_images(tmp_path / "imgs", natural_crops(3)).glob("*.png"))
+    torch.manual_seed(0)  # the same random weights for both calls: only the captions differ
+    a = clip_score(files, ["a photo", "a cat", "coffee"], model_name="ViT-S-32", pretrained=None)
+    torch.manual_seed(0)
+    b = clip_score(files, ["text", "other text", "more"], model_name="ViT-S-32", pretrained=None)
+    assert 0 <= a["clip_score"] <= 100 and a["clip_score"] != b["clip_score"]
+    assert a["settings"]["clip_model"] == "ViT-S-32" and a["settings"]["num_images"] == 3
+    with pytest.raises(ValueError, match="one caption per image"):
+        clip_score(files, ["only one"], model_name="ViT-S-32", pretrained=None)

@@ -1,0 +1,160 @@
+"""Recipes: base merging, overrides, schema errors naming keys, stage order, missing inputs, dry runs, make targets."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from test_training_helpers import REPO
+
+from micro_diffusion.training.recipe import RecipeError, load_recipe, merge
+from micro_diffusion.training.run import check_inputs, plan_run
+
+RECIPES = REPO / "recipes"
+STAGES = ["res256_masked", "res256_finetune", "res512_masked", "res512_finetune"]
+
+
+def recipe(name: str, *overrides: str) -> dict:
+    return load_recipe(RECIPES / f"{name}.yaml", list(overrides))
+
+
+def test_stage_recipes_hold_the_papers_hyperparameters():
+    s1, s2, s3, s4 = (recipe(s) for s in STAGES)
+    for cfg in (s1, s2, s3, s4):
+        assert cfg["train"]["global_batch"] == 2048
+        assert cfg["optimizer"]["weight_decay"] == 0.1 and cfg["optimizer"]["betas"] == [0.9, 0.999]
+        assert cfg["optimizer"]["moe_lr_scale"] == 0.5
+    assert [c["train"]["device_microbatch"] for c in (s1, s2, s3, s4)] == [256, 64, 32, 16]
+    assert [c["diffusion"]["mask_ratio"] for c in (s1, s2, s3, s4)] == [0.75, 0.0, 0.75, 0.0]
+    assert [c["train"]["max_duration"] for c in (s1, s2, s3, s4)] == ["250000ba", "30000ba", "50000ba", "5000ba"]
+    assert [c["optimizer"]["lr"] for c in (s1, s2, s3, s4)] == [2.4e-4, 8e-5, 8e-5, 8e-5]
+    assert s1["scheduler"] == {"name": "cosine_warmup", "warmup": "2500ba", "alpha_f": 0.33}
+    assert s2["scheduler"] == {"name": "constant"} and s4["scheduler"] == {"name": "constant"}
+    assert s3["scheduler"] == {"name": "constant_warmup", "warmup": "500ba"}
+    clips = [c["algorithms"]["gradient_clipping"]["threshold"] for c in (s1, s2, s3, s4)]
+    assert clips == [0.25, 0.25, 0.5, 0.5]
+    assert "ema" not in s1["algorithms"] and "ema" not in s2["algorithms"]
+    assert s3["algorithms"]["ema"] == {"smoothing": 0.99975, "start": "25000ba"}
+    assert s4["algorithms"]["ema"] == {"smoothing": 0.9975, "start": "1000ba"}
+    assert (s3["diffusion"]["p_mean"], s3["diffusion"]["p_std"]) == (0.0, 0.6)
+    assert (s1["diffusion"]["p_mean"], s1["diffusion"]["p_std"]) == (-0.6, 1.2)
+    streams = {s["local"] for s in s3["data"]["streams"]}
+    assert "diffusiondb" not in streams and "cc12m_512" in streams and "cc12m" not in streams
+    assert len(s1["data"]["streams"]) == 5 and s3["data"]["resolution"] == 512
+
+
+def test_demo_recipes():
+    masked, finetune = recipe("demo_masked"), recipe("demo_finetune")
+    assert masked["diffusion"]["mask_ratio"] == 0.75 and finetune["diffusion"]["mask_ratio"] == 0.0
+    assert finetune["init_from"] == "demo_masked"
+    plan = plan_run(finetune)
+    assert plan.latent_size == 8 and plan.device == "cpu" and plan.precision == "fp32"
+    assert plan.init_checkpoint.endswith("runs/demo/demo_masked/checkpoints/latest-rank0.pt")
+    assert masked["data"]["root"] == "runs/demo/data" and masked["data"]["streams"][0]["local"] == "latents"
+    assert (masked["model"]["caption_dim"], masked["model"]["caption_len"]) == (384, 77)
+
+
+def test_merge_and_overrides():
+    assert merge({"a": {"b": 1, "c": 2}, "l": [1]}, {"a": {"c": 3}, "l": [2]}) == {"a": {"b": 1, "c": 3}, "l": [2]}
+    cfg = recipe("res256_masked", "optimizer.lr=1e-3", "train.max_duration=10ba", "algorithms.ema={smoothing: 0.9}")
+    assert cfg["optimizer"]["lr"] == 1e-3 and cfg["train"]["max_duration"] == "10ba"
+    assert cfg["algorithms"]["ema"] == {"smoothing": 0.9, "start": "0ba"}
+    assert "gradient_clipping" not in recipe("res512_masked", "algorithms.gradient_clipping=null")["algorithms"]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("optimizer.learning_rate=1e-3", "optimizer.learning_rate"),
+    ("trian.max_duration=5ba", "trian"),
+    ("algorithms.gradient_clipping.treshold=1", "algorithms.gradient_clipping.treshold"),
+    ("scheduler.alpha=0.5", "scheduler.alpha"),
+    ("data.streams=[{local: x, weight: 2}]", "data.streams[0].weight"),
+])
+def test_misspelt_key_names_it(override, named):
+    with pytest.raises(RecipeError, match="unknown recipe key " + re.escape(named) + " "):
+        recipe("res256_masked", override)
+
+
+def test_misspelt_key_in_a_file_names_it(tmp_path):
+    (tmp_path / "base.yaml").write_text((RECIPES / "base.yaml").read_text())
+    (tmp_path / "stage.yaml").write_text("base: base.yaml\nstage: res256_masked\ndiffusion: {mask_ration: 0.5}\n")
+    with pytest.raises(RecipeError, match=r"diffusion\.mask_ration"):
+        load_recipe(tmp_path / "stage.yaml")
+
+
+def test_unknown_algorithm_and_scheduler_are_named():
+    with pytest.raises(RecipeError, match="unknown algorithm 'swa'"):
+        recipe("res256_masked", "algorithms.swa={}")
+    with pytest.raises(RecipeError, match="unknown scheduler 'linear_decay'"):
+        recipe("res256_masked", "scheduler={name: linear_decay}")
+
+
+def test_wrong_stage_order_is_named():
+    with pytest.raises(RecipeError, match=r"wrong stage order: stage 'res512_masked' .* needs init_from: "
+                                          r"res256_finetune"):
+        recipe("res512_masked", "init_from=res256_masked")
+    with pytest.raises(RecipeError, match="wrong stage order: stage 'res256_masked'"):
+        recipe("res256_masked", "init_from=res512_finetune")
+
+
+def test_missing_data_and_previous_checkpoint_are_named(tmp_path):
+    cfg = recipe("res256_finetune", f"data.root={tmp_path}", f"runs_root={tmp_path / 'runs'}")
+    with pytest.raises(RecipeError) as err:
+        check_inputs(cfg, plan_run(cfg))
+    msg = str(err.value)
+    assert f"{tmp_path}/sa1b/index.json" in msg and f"{tmp_path}/val/index.json" in msg
+    assert f"{tmp_path}/runs/res256_masked/checkpoints/latest-rank0.pt does not exist" in msg
+
+
+def test_batch_split_and_cpu_limits():
+    cfg = recipe("res256_masked")
+    plan = plan_run(cfg, world_size=8)
+    assert (plan.device_batch, plan.device_microbatch) == (256, 256)
+    with pytest.raises(RecipeError, match="does not divide the per-device batch 128"):
+        plan_run(cfg, world_size=16)
+    with pytest.raises(RecipeError, match="does not split over 3 devices"):
+        plan_run(cfg, world_size=3)
+    with pytest.raises(RecipeError, match="Composer supports only fp32 on CPU"):
+        plan_run(recipe("res256_masked", "train.precision=amp_bf16", "train.device=cpu"))
+    with pytest.raises(RecipeError, match="low_precision_layernorm runs on GPUs only"):
+        plan_run(recipe("res256_masked", "algorithms.low_precision_layernorm={}", "train.device=cpu"))
+    with pytest.raises(RecipeError, match="fsdp needs GPUs"):
+        plan_run(recipe("res256_masked", "train.parallelism=fsdp", "train.device=cpu"), world_size=2)
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "micro_diffusion.cli", *args], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_cli_dry_run_prints_resolved_config_and_writes_nothing(tmp_path):
+    out = _cli("train", "recipes/res512_masked.yaml", f"runs_root={tmp_path}", "train.max_duration=7ba", "--dry-run")
+    assert out.returncode == 0, out.stderr
+    info = yaml.safe_load(out.stdout)
+    assert info["recipe"]["train"]["max_duration"] == "7ba" and info["micro_diffusion_version"]
+    assert info["git_revision"]
+    assert info["plan"]["init_checkpoint"].endswith("res256_finetune/checkpoints/latest-rank0.pt")
+    assert "# missing inputs" in out.stdout and not any(tmp_path.iterdir())
+
+
+def test_cli_real_run_fails_at_once_naming_the_problem(tmp_path):
+    out = _cli("train", "recipes/res256_masked.yaml", f"data.root={tmp_path}", "optimizer.lr_scale=2")
+    assert out.returncode == 2 and "unknown recipe key optimizer.lr_scale" in out.stderr
+    out = _cli("train", "recipes/res256_masked.yaml", f"data.root={tmp_path}", f"runs_root={tmp_path}")
+    assert out.returncode == 2 and f"{tmp_path}/sa1b/index.json" in out.stderr
+
+
+def test_make_train_targets_dry_run(tmp_path):
+    """CI runs every train-* target (train-all runs the four stage targets) as a dry run through the launcher."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run(["make", "-o", "install", "train-all", "DRY_RUN=1", "NGPUS=1", f"RUNS_ROOT={tmp_path}/runs",
+                          f"DATA_ROOT={tmp_path}/data"], cwd=REPO, capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for stage in STAGES:
+        assert f"recipes/{stage}.yaml" in out.stdout and f"stage: {stage}" in out.stdout
+    assert out.stdout.count("composer -n 1 --world_size") == 4
+    assert out.stdout.count("micro_diffusion_version:") == 4
+    assert not (tmp_path / "runs").exists()
