@@ -89,6 +89,8 @@ bench: install
 	$(PY) -m benchmarks.bench_convert $(if $(QUICK),--images 8 --out benchmarks/results/convert_quick.json)
 	$(if $(QUICK),,$(PY) -m benchmarks.report)
 
-# The whole pipeline on CPU on the embedded shapes dataset, under runs/demo/; FRESH=1 starts over.
+# The whole pipeline on CPU on the embedded shapes dataset, under runs/demo/; FRESH=1 starts over;
+# QUICK=1 runs every step at a tiny size (CI runs it so); DEMO_ROOT=DIR writes elsewhere.
+DEMO_ROOT ?= runs/demo
 demo: install
-	$(VENV)/bin/micro-diffusion demo $(if $(FRESH),--fresh)
+	$(VENV)/bin/micro-diffusion demo --root $(DEMO_ROOT) $(if $(FRESH),--fresh) $(if $(QUICK),--quick)

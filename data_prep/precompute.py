@@ -43,7 +43,7 @@ from micro_diffusion.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, load_tex
 
 OPTIONS_FILE = "precompute_options.json"
 # Options that change what is written: a resumed run must use the same values.
-_RESUME_KEYS = ("input", "resolution", "vae", "text_encoder", "dtype", "chunk_size", "shard_size")
+_RESUME_KEYS = ("input", "resolution", "vae", "text_encoder", "caption_len", "dtype", "chunk_size", "shard_size")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder")
     p.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER, help="open_clip:<model>[:<pretrained>], "
                    "minilm, or a local transformers folder")
+    p.add_argument("--caption-len", type=int, default=77, help="caption tokens kept (padded or truncated)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: this rank's GPU (LOCAL_RANK)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="encoder weight/compute dtype")
@@ -170,7 +171,8 @@ def run_rank(args: argparse.Namespace, rank: int, world: int) -> tuple[Any, Any]
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
     dtype = DTYPES[args.dtype]
     vae = load_vae(args.vae, device=device, dtype=dtype, batch_size=args.batch_size)
-    text = load_text_encoder(args.text_encoder, device=device, dtype=dtype, batch_size=args.batch_size)
+    text = load_text_encoder(args.text_encoder, device=device, dtype=dtype, caption_len=args.caption_len,
+                             batch_size=args.batch_size)
     source = open_input(args.input)
     columns = columns_for(vae, text, args.resolution)
     mine = [k for k in range(math.ceil(len(source) / args.chunk_size)) if k % world == rank]
@@ -225,7 +227,7 @@ def run(args: argparse.Namespace) -> None:
             if p.exitcode != 0:
                 raise RuntimeError(f"precompute worker {r} failed with exit code {p.exitcode}")
         vae = load_vae(args.vae, dtype=DTYPES[args.dtype])
-        text = load_text_encoder(args.text_encoder, dtype=DTYPES[args.dtype])
+        text = load_text_encoder(args.text_encoder, dtype=DTYPES[args.dtype], caption_len=args.caption_len)
         finish(args, vae, text)
         return
     if world > 1 and not torch.distributed.is_initialized():

@@ -21,6 +21,7 @@ from . import demo_vae_path
 from .shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
 
 MARKER = ".micro_diffusion_demo"  # identifies a folder this demo made: --fresh deletes nothing else
+CAPTION_LEN = 16  # MiniLM tokens kept: shape captions are about 10 tokens, so 77 would be mostly padding
 LOSS_WINDOW = 10  # loss_first / loss_last average this many logged batches
 
 
@@ -29,8 +30,8 @@ class DemoConfig:
     """Sizes and settings of one demo run (defaults: the full demo; tests shrink them)."""
 
     root: Path = Path("runs/demo")
-    train_images: int = 6000
-    heldout_images: int = 384  # real images for FID and the reader's trust check; captions for generation
+    train_images: int = 4000
+    heldout_images: int = 256  # real images for FID and the reader's trust check; captions for generation
     grid_images: int = 24
     sample_steps: int = 20
     guidance: float = 4.0
@@ -40,6 +41,13 @@ class DemoConfig:
     finetune_recipe: str = "recipes/demo_finetune.yaml"
     train_overrides: list[str] = field(default_factory=list)  # key=value applied to both stages
     fresh: bool = False
+
+    @classmethod
+    def quick(cls, root: Path, fresh: bool = False) -> DemoConfig:
+        """Every step at a much smaller size (seconds of training): checks the pipeline, not the results."""
+        return cls(root=root, train_images=64, heldout_images=12, grid_images=8, sample_steps=2, fresh=fresh,
+                   train_overrides=["train.max_duration=3ba", "train.global_batch=16", "train.device_microbatch=16",
+                                    "train.log_interval=1ba", "checkpoint.save_interval=3ba"])
 
 
 def _step(root: Path, name: str, fn: Callable[[], Any], log: list[str]) -> Any:
@@ -71,7 +79,7 @@ def make_data(cfg: DemoConfig) -> dict:
         raise RuntimeError(f"convert failed on {data / 'images'}")
     if precompute.main(["--input", str(data / "mds"), "--output", str(data / "latents"),
                         "--resolution", str(IMAGE_SIZE), "--vae", str(demo_vae_path()), "--text-encoder", "minilm",
-                        "--batch-size", "256"]) != 0:
+                        "--caption-len", str(CAPTION_LEN), "--batch-size", "256"]) != 0:
         raise RuntimeError(f"precompute failed on {data / 'mds'}")
     return {"images": cfg.train_images, "heldout": cfg.heldout_images, "latents": str(data / "latents")}
 
@@ -226,9 +234,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="the whole pipeline end to end on CPU on the embedded shapes dataset")
     p.add_argument("--root", type=Path, default=DemoConfig.root, help="output folder (default runs/demo)")
     p.add_argument("--fresh", action="store_true", help="delete the demo folder first and start over")
+    p.add_argument("--quick", action="store_true", help="every step at a tiny size: checks the pipeline in a minute")
     p.set_defaults(func=_run)
 
 
 def _run(args) -> int:
-    run_demo(DemoConfig(root=args.root, fresh=args.fresh))
+    cfg = DemoConfig.quick(args.root, args.fresh) if args.quick else DemoConfig(root=args.root, fresh=args.fresh)
+    run_demo(cfg)
     return 0
