@@ -30,7 +30,7 @@ class SwiGLU(nn.Module):
 class ExpertChoiceMoE(nn.Module):
     """Expert-choice routing (Zhou et al. 2022): each expert picks its top-`capacity` tokens of each sample.
 
-    Dispatch gathers token indices and combines with scatter_add, so memory is O(N x E x C x D);
+    Dispatch selects token rows by index and combines with index_add, so memory is O(N x E x C x D);
     no one-hot (N, E, C, T) dispatch tensors are built.
     """
 
@@ -54,11 +54,12 @@ class ExpertChoiceMoE(nn.Module):
         N, T, D = x.shape
         E, C = self.num_experts, self.capacity(T)
         gates, idx = self.route(x)  # (N, E, C): each expert's chosen tokens and their router weights
-        flat_idx = idx.reshape(N, E * C, 1).expand(-1, -1, D)  # (N, E*C, D)
-        tokens = x.gather(1, flat_idx)  # (N, E*C, D)
-        h = tokens.view(N, E, C, D).transpose(0, 1).reshape(E, N * C, D)  # (E, N*C, D)
+        # rows of the flattened (N*T, D) input, expert-major: one index_select / index_add_ over 2-D rows is cheaper
+        # than gather / scatter with (N, E*C, D) expanded indices plus the transposes between layouts
+        rows = (idx + T * torch.arange(N, device=x.device).view(N, 1, 1)).transpose(0, 1).reshape(-1)  # (E*N*C,)
+        h = x.reshape(N * T, D).index_select(0, rows).view(E, N * C, D)  # (E, N*C, D)
         h = F.gelu(torch.bmm(h, self.w_in.to(h.dtype)), approximate="tanh")  # (E, N*C, hidden)
         h = torch.bmm(h, self.w_out.to(h.dtype))  # (E, N*C, D)
-        h = h.view(E, N, C, D).transpose(0, 1) * gates.unsqueeze(-1).to(h.dtype)  # (N, E, C, D)
-        out = torch.zeros_like(x, dtype=h.dtype)
-        return out.scatter_add_(1, flat_idx, h.reshape(N, E * C, D))  # (N, T, D)
+        h = h * gates.transpose(0, 1).reshape(E, N * C, 1).to(h.dtype)  # weighted by the router
+        out = torch.zeros(N * T, D, dtype=h.dtype, device=x.device)
+        return out.index_add_(0, rows, h.reshape(E * N * C, D)).view(N, T, D)  # (N, T, D)
