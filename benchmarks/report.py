@@ -27,6 +27,7 @@ def train_table(t: dict) -> list[str]:
     for s in t["speedups"]:
         lines.append(f"| {s['preset']} | {s['time_speedup']:.2f}x | {s['flop_ratio']:.2f}x | "
                      f"{100 * s['speedup_over_flop_ratio']:.0f}% | {s['deferred_over_naive_seconds']:.2f} |")
+    lines += ["", "peak MB: the process's peak resident memory up to that row (one process per preset, rows in order)."]
     m = t["moe"]
     lines += ["", f"MoE layer (width {m['dim']}, expert hidden {m['hidden']}, {m['tokens']} tokens, batch {m['batch']})"
               f" against a dense FFN of equal FLOPs (hidden {m['dense_hidden']}): {m['moe_over_dense']:.2f}x the time.",
