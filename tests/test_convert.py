@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,15 +19,6 @@ from PIL import Image
 from data_prep import convert
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def own_tmpdir(tmp_path, monkeypatch):
-    """Streaming leaves lock files in TMPDIR: give each test its own."""
-    tmp = tmp_path / "streaming_tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
 
 
 def image_bytes(w: int, h: int, fmt: str = "JPEG", mode: str = "RGB", seed: int = 0) -> bytes:

@@ -18,17 +18,6 @@ from micro_diffusion.data import build_dataloader, dropout_draw, read_index_colu
 LAT, CAP = (3, 4, 4), (5, 6)  # tiny latent (C,h,w) and caption (L,D) shapes: the loader must take them from the index
 
 
-@pytest.fixture(autouse=True)
-def private_tmp(tmp_path, monkeypatch):
-    """Streaming's lock files go to a per-test TMPDIR."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    yield
-    gc.collect()  # drop finished datasets so their shared memory is released before the next test
-
-
 def write_latents(out, n, prefix, resolutions=(8,), seed=0):
     """n samples whose latents encode their index (latents[0,0,0] == i) and a null_caption.npy of ones."""
     rng = np.random.default_rng(seed)

@@ -58,6 +58,8 @@ def test_second_run_reuses_every_step(demo):
     again = run_demo(cfg)
     assert all(line.endswith("reused") for line in again["steps_log"])
     assert again["stages"] == first["stages"] and again["eval"] == first["eval"]
+    assert again["step_seconds"] == first["step_seconds"]  # reused steps keep the time they took when run
+    assert again["wall_clock_s"] >= sum(first["step_seconds"].values())
 
 
 def test_fresh_refuses_a_folder_the_demo_did_not_make(tmp_path):

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import copy
-import gc
 import math
 import os
 import signal
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,17 +20,6 @@ from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss, image_grid
 from micro_diffusion.training.recipe import load_recipe
 from micro_diffusion.training.run import check_inputs, plan_run
-
-
-@pytest.fixture(autouse=True)
-def private_tmp(tmp_path, monkeypatch):
-    """Streaming's lock files go to a per-test TMPDIR."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    yield
-    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,15 @@
 """Training through the real command line and launcher: kill and resume, and two CPU ranks with Composer's launcher."""
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from test_training_helpers import REPO, tiny_overrides, write_shards  # noqa: I001
 
@@ -23,17 +20,6 @@ from micro_diffusion.training.run import plan_run
 VENV_BIN = Path(sys.executable).parent
 RESUME_ARGS = ["algorithms.ema={smoothing: 0.7, start: 1ba}", "scheduler={name: cosine_warmup, warmup: 2ba, "
                "alpha_f: 0.1}", "optimizer.lr=2e-3"]
-
-
-@pytest.fixture(autouse=True)
-def private_tmp(tmp_path, monkeypatch):
-    """Streaming's lock files go to a per-test TMPDIR, for this process and the ones it starts."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    yield
-    gc.collect()
 
 
 def _checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:

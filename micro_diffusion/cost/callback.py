@@ -65,12 +65,9 @@ class Totals:
         return cls(**{**data, "by_device": dict(data["by_device"])})
 
 
-def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every record of a run folder's cost.jsonl (empty when the file is absent)."""
-    path = Path(run_dir) / COST_FILE
-    if not path.exists():
-        return []
-    records = []
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a JSON-lines file; a malformed line is an error naming the file and line."""
+    path, records = Path(path), []
     for n, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
             try:
@@ -78,6 +75,12 @@ def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not a JSON record ({err.msg})") from err
     return records
+
+
+def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of a run folder's cost.jsonl (empty when the file is absent)."""
+    path = Path(run_dir) / COST_FILE
+    return read_jsonl(path) if path.exists() else []
 
 
 def load_carry_over(carry_over: str | Path | dict[str, Any] | None) -> Totals:

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only: no display on training nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .callback import read_records  # noqa: E402
+from .callback import read_jsonl, read_records  # noqa: E402
 
 TRAIN_LOSS = "loss/train/total"  # the key Composer gives the training loss
 
@@ -41,17 +41,6 @@ class RunData:
         return self.cost[-1]["stage"] if self.cost else self.path.name
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not a JSON line ({err.msg})") from err
-    return rows
-
-
 def _read_evals(run_dir: Path) -> list[dict[str, Any]]:
     files = sorted([*run_dir.glob("eval*.json"), *run_dir.glob("eval/*.json")])
     evals = []
@@ -70,7 +59,7 @@ def load_run(run_dir: str | Path) -> RunData:
     if not path.is_dir():
         raise FileNotFoundError(f"run folder not found: {path}")
     metrics_file = path / "metrics.jsonl"
-    cost, metrics = read_records(path), _read_jsonl(metrics_file) if metrics_file.exists() else []
+    cost, metrics = read_records(path), read_jsonl(metrics_file) if metrics_file.exists() else []
     if not cost and not metrics:
         raise FileNotFoundError(f"{path}: no cost.jsonl or metrics.jsonl to report on")
     samples = sorted((path / "samples").glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))

@@ -50,21 +50,23 @@ class DemoConfig:
                                     "train.log_interval=1ba", "checkpoint.save_interval=3ba"])
 
 
-def _step(root: Path, name: str, fn: Callable[[], Any], log: list[str]) -> Any:
-    """Run a step once: its result is saved as a done marker and reused by the next run."""
+def _step(root: Path, name: str, fn: Callable[[], Any], log: list[str]) -> tuple[Any, float]:
+    """Run a step once: its result and duration are saved as a done marker and reused by the next run."""
     done = root / "steps" / f"{name}.json"
     if done.is_file():
+        saved = json.loads(done.read_text())
         log.append(f"{name}: reused")
-        print(f"[demo] {name}: already done, reusing ({done})", flush=True)
-        return json.loads(done.read_text())
+        print(f"[demo] {name}: already done in {saved['seconds']:.1f} s, reusing ({done})", flush=True)
+        return saved["result"], saved["seconds"]
     print(f"[demo] {name} ...", flush=True)
     start = time.perf_counter()
     result = fn()
+    seconds = time.perf_counter() - start
     done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(result, indent=2) + "\n")
-    log.append(f"{name}: {time.perf_counter() - start:.1f} s")
-    print(f"[demo] {name}: done in {time.perf_counter() - start:.1f} s", flush=True)
-    return result
+    done.write_text(json.dumps({"seconds": seconds, "result": result}, indent=2) + "\n")
+    log.append(f"{name}: {seconds:.1f} s")
+    print(f"[demo] {name}: done in {seconds:.1f} s", flush=True)
+    return result, seconds
 
 
 def make_data(cfg: DemoConfig) -> dict:
@@ -99,21 +101,17 @@ def train_stage(cfg: DemoConfig, recipe: str) -> dict:
 
 def stage_summary(run_dir: Path, stage: dict) -> dict:
     """Name, steps, mask ratio, first and last training loss, device-hours and dollars of a finished run."""
-    losses = [row["loss/train/total"] for row in _jsonl(run_dir / "metrics.jsonl") if "loss/train/total" in row]
+    from micro_diffusion.cost.callback import read_jsonl
+
+    losses = [row["loss/train/total"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss/train/total" in row]
     if not losses:
         raise RuntimeError(f"{run_dir / 'metrics.jsonl'} has no training loss")
     window = max(1, min(LOSS_WINDOW, len(losses) // 2))  # EDM losses vary with the drawn sigma: average a few
-    cost = _jsonl(run_dir / "cost.jsonl")[-1]["stage_totals"]
+    cost = read_jsonl(run_dir / "cost.jsonl")[-1]["stage_totals"]
     return {"name": stage["stage"], "steps": len(losses), "mask_ratio": float(stage["diffusion"]["mask_ratio"]),
             "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
             "loss_window": window, "device_hours": float(cost["device_hours"]), "usd": float(cost["usd"]),
             "run_dir": str(run_dir)}
-
-
-def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def heldout_captions(cfg: DemoConfig) -> tuple[list[Path], list[str]]:
@@ -188,8 +186,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("made by micro-diffusion demo\n")
     log: list[str] = []
-    data = _step(root, "data", lambda: make_data(cfg), log)
-    stages = [_step(root, name, lambda r=recipe: train_stage(cfg, r), log)
+    seconds: dict[str, float] = {}
+
+    def step(name: str, fn: Callable[[], Any]) -> Any:
+        result, seconds[name] = _step(root, name, fn, log)
+        return result
+
+    data = step("data", lambda: make_data(cfg))
+    stages = [step(name, lambda r=recipe: train_stage(cfg, r))
               for name, recipe in (("train_masked", cfg.masked_recipe), ("train_finetune", cfg.finetune_recipe))]
 
     def export() -> dict:
@@ -197,18 +201,22 @@ def run_demo(cfg: DemoConfig) -> dict:
 
         return {"model": str(export_run(stages[-1]["run_dir"], root / "model"))}
 
-    model = _step(root, "export", export, log)
-    samples = _step(root, "sample", lambda: generate(cfg, Path(model["model"])), log)
-    metrics = _step(root, "evaluate", lambda: evaluate(cfg, Path(samples["generated"])), log)
+    model = step("export", export)
+    samples = step("sample", lambda: generate(cfg, Path(model["model"])))
+    metrics = step("evaluate", lambda: evaluate(cfg, Path(samples["generated"])))
     (Path(stages[-1]["run_dir"]) / "eval.json").write_text(json.dumps(
         {"fid": metrics["fid"]["value"], "caption_match": metrics["caption_match"]["value"]}) + "\n")
 
     from micro_diffusion.cost.report import write_report
 
     report = write_report([s["run_dir"] for s in stages], out=root / "report.html")
-    summary = {"wall_clock_s": time.perf_counter() - start, "steps_log": log, "data": data,
-               "stages": stages, "samples": samples["grid"], "model": model["model"], "eval": metrics,
-               "report": str(report.relative_to(root)), "config": {k: str(v) for k, v in asdict(cfg).items()}}
+    reused = {line.split(":")[0] for line in log if line.endswith("reused")}
+    this_run = time.perf_counter() - start
+    wall = this_run + sum(sec for name, sec in seconds.items() if name in reused)  # reused: as measured when run
+    summary = {"wall_clock_s": wall, "this_run_s": this_run, "step_seconds": seconds, "steps_log": log,
+               "data": data, "stages": stages, "samples": samples["grid"], "model": model["model"],
+               "eval": metrics, "report": str(report.relative_to(root)),
+               "config": {k: str(v) for k, v in asdict(cfg).items()}}
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, root)
     return summary
