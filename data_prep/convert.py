@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from data_prep import chunks
 from data_prep.adapters import FORMATS, Record, SourceError
-from data_prep.images import Rejected, Settings, normalise
+from data_prep.images import Settings, normalise_item
 
 COLUMNS = {"image": "bytes", "caption": "str", "width": "int", "height": "int", "id": "str"}
 OPTIONS_FILE = "convert_options.json"
@@ -107,18 +107,6 @@ def prepare_output(args: argparse.Namespace) -> None:
     chunks.remove_unfinished(out)
 
 
-def _work(settings: Settings, item: tuple[str | None, bytes | Path | None, Any]) -> dict[str, Any]:
-    """Worker: normalise one input; return the sample fields or the rejection reason."""
-    _id, image, caption = item
-    try:
-        if image is None:
-            raise Rejected("missing_image")
-        s = normalise(image, caption, settings)
-    except Rejected as r:
-        return {"reason": r.reason, "detail": r.detail}
-    return {"image": s.image, "width": s.width, "height": s.height, "caption": s.caption, "notes": s.notes}
-
-
 def _reject_line(rec: Record, reason: str, detail: str = "") -> dict[str, Any]:
     """The rejected.jsonl entry of one dropped input."""
     line = {"source": rec.source, "id": rec.id, "reason": reason}
@@ -194,9 +182,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prepare_output(args)
     settings = Settings(max_side=args.max_side, min_size=args.min_size, max_pixels=args.max_pixels,
                         center_crop=args.center_crop_resize, max_caption_chars=args.max_caption_chars)
-    work = functools.partial(_work, settings)
-    # fork, not spawn: a spawned worker would re-import this module and with it streaming and torch (seconds each).
-    pool = multiprocessing.get_context("fork").Pool(args.workers) if args.workers > 0 else None
+    work = functools.partial(normalise_item, settings)
+    pool = None
+    if args.workers > 0:
+        # forkserver: workers fork from a fresh server that imports only data_prep.images (Pillow, numpy). Forking
+        # this process instead can deadlock once torch has started its thread pools (as in tests or the demo), and
+        # spawning would re-import streaming and torch in every worker (seconds each).
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["data_prep.images"])
+        pool = ctx.Pool(args.workers)
     mapper = (lambda items: pool.imap(work, items, chunksize=4)) if pool else (lambda items: map(work, items))
     seen: set[str] = set()
     bar = tqdm(unit="img", desc="convert", disable=args.no_progress, smoothing=0.1)

@@ -8,6 +8,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -190,3 +191,15 @@ def normalise(image: bytes | str | Path, caption: str | bytes | Path | None, set
         raise Rejected("empty_file")
     encoded, width, height = normalise_image(data, settings, notes)
     return Sample(encoded, width, height, text, notes)
+
+
+def normalise_item(settings: Settings, item: tuple[str | None, bytes | Path | None, Any]) -> dict[str, Any]:
+    """Worker: normalise one (id, image, caption) input; return the sample fields or the rejection reason."""
+    _id, image, caption = item
+    try:
+        if image is None:
+            raise Rejected("missing_image")
+        s = normalise(image, caption, settings)
+    except Rejected as r:
+        return {"reason": r.reason, "detail": r.detail}
+    return {"image": s.image, "width": s.width, "height": s.height, "caption": s.caption, "notes": s.notes}
