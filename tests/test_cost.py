@@ -173,9 +173,10 @@ def render(page: Path) -> tuple[str, list[str]]:
     """The DOM after load (with the image probe) and the console lines Chromium logged."""
     probed = page.with_name(page.stem + "_probed.html")
     probed.write_text(page.read_text().replace("</body>", IMAGE_PROBE + "</body>"))
-    with tempfile.TemporaryDirectory() as profile:
+    # a short temp dir under /tmp: Chromium puts a Unix socket there, whose path must stay under about 100 bytes
+    with tempfile.TemporaryDirectory(dir="/tmp") as profile:
         done = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", probed.as_uri()],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": profile})
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
 
