@@ -85,7 +85,7 @@ QUICK ?=
 bench: install
 	$(PY) -m benchmarks.bench_train $(if $(QUICK),--quick)
 	$(PY) -m benchmarks.bench_sample $(if $(QUICK),--quick)
-	$(PY) -m benchmarks.bench_data $(if $(QUICK),--samples 64 --images 8 --out benchmarks/results/data_quick.json)
+	$(PY) -m benchmarks.bench_data $(if $(QUICK),--samples 64 --images 8 --workers 0 --out benchmarks/results/data_quick.json)
 	$(PY) -m benchmarks.bench_convert $(if $(QUICK),--images 8 --out benchmarks/results/convert_quick.json)
 	$(if $(QUICK),,$(PY) -m benchmarks.report)
 

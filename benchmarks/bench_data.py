@@ -93,6 +93,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2000, help="latent samples for the loader benchmark")
     p.add_argument("--images", type=int, default=128, help="images for the precompute benchmark")
     p.add_argument("--out", type=Path, default=RESULTS, help="result file")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to measure")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +102,7 @@ def main() -> None:
         os.environ["TMPDIR"] = str(tmp)
         tempfile.tempdir = str(tmp)
         write_latent_shards(tmp / "lat", args.samples)
-        loader = [bench_loader(tmp / "lat", w) for w in (0, 1, 2)]
+        loader = [bench_loader(tmp / "lat", w) for w in args.workers]
         precompute = bench_precompute(tmp, args.images)
     result = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "python": platform.python_version(), "torch": torch.__version__},
