@@ -13,10 +13,9 @@ import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def private_tmp(tmp_path, monkeypatch):
+def private_tmp(tmp_path_factory, monkeypatch):
     """Streaming leaves lock files in TMPDIR: each test gets its own, for itself and the processes it starts."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    tmp = tmp_path_factory.mktemp("tmpdir")  # beside tmp_path, not in it: tests check what they write there
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     yield

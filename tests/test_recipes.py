@@ -10,6 +10,7 @@ import pytest
 import yaml
 from test_training_helpers import REPO
 
+from micro_diffusion.demo.pipeline import CAPTION_LEN
 from micro_diffusion.training.recipe import RecipeError, load_recipe, merge
 from micro_diffusion.training.run import check_inputs, plan_run
 
@@ -54,7 +55,7 @@ def test_demo_recipes():
     assert plan.latent_size == 8 and plan.device == "cpu" and plan.precision == "fp32"
     assert plan.init_checkpoint.endswith("runs/demo/demo_masked/checkpoints/latest-rank0.pt")
     assert masked["data"]["root"] == "runs/demo/data" and masked["data"]["streams"][0]["local"] == "latents"
-    assert (masked["model"]["caption_dim"], masked["model"]["caption_len"]) == (384, 77)
+    assert (masked["model"]["caption_dim"], masked["model"]["caption_len"]) == (384, CAPTION_LEN)  # as precomputed
 
 
 def test_merge_and_overrides():
