@@ -9,12 +9,10 @@ import argparse
 
 import torch
 
-from benchmarks.common import device_name, time_fn, write_result
+from benchmarks.common import QUICK, device_name, time_fn, write_result
 from micro_diffusion.cost.flops import sample_flops_per_image
 from micro_diffusion.diffusion.sampling import guided_net_denoiser, sample
 from micro_diffusion.models import create_dit
-
-QUICK = dict(width=64, depth=2, head_dim=16, patch_mixer_depth=1, patch_mixer_width=64)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -13,13 +13,11 @@ import multiprocessing as mp
 import torch
 from torch import nn
 
-from benchmarks.common import device_name, matmul_peak_gflops, peak_memory_mb, time_fn, write_result
+from benchmarks.common import QUICK, device_name, matmul_peak_gflops, peak_memory_mb, time_fn, write_result
 from micro_diffusion.cost.flops import train_flops_per_sample
 from micro_diffusion.diffusion.edm import edm_loss
 from micro_diffusion.models import create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
-
-QUICK = dict(width=64, depth=2, head_dim=16, patch_mixer_depth=1, patch_mixer_width=64)
 
 
 def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask: float, device: torch.device):

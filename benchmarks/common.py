@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+QUICK = dict(width=64, depth=2, head_dim=16, patch_mixer_depth=1, patch_mixer_width=64)  # --quick network overrides
 
 
 def device_name(device: torch.device) -> str:

@@ -122,21 +122,17 @@ def heldout_captions(cfg: DemoConfig) -> tuple[list[Path], list[str]]:
 
 def generate(cfg: DemoConfig, model_dir: Path) -> dict:
     """Images for every held-out caption (evaluation) and a grid of the first few (the README's picture)."""
-    from micro_diffusion.eval.generate import Generator, SampleSettings, grid, save_atomic
-
-    settings = SampleSettings(steps=cfg.sample_steps, guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed)
-    gen = Generator(model_dir, settings)
-    _, captions = heldout_captions(cfg)
-    out = cfg.root / "eval" / "generated"
-    out.mkdir(parents=True, exist_ok=True)
-    batch = 64
-    for start in range(0, len(captions), batch):
-        indices = list(range(start, min(start + batch, len(captions))))
-        for i, image in zip(indices, gen([captions[i] for i in indices], indices), strict=True):
-            save_atomic(image, out / f"{i:06d}.png")
     from PIL import Image
 
-    tiles = [Image.open(out / f"{i:06d}.png").convert("RGB").resize((96, 96), Image.Resampling.NEAREST)
+    from micro_diffusion.eval.coco import generate_missing, image_name
+    from micro_diffusion.eval.generate import Generator, SampleSettings, grid
+
+    settings = SampleSettings(steps=cfg.sample_steps, guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed)
+    _, captions = heldout_captions(cfg)
+    out = cfg.root / "eval" / "generated"
+    generate_missing([{"index": i, "caption": c} for i, c in enumerate(captions)], out, Generator(model_dir, settings),
+                     batch_size=64)
+    tiles = [Image.open(out / image_name(i)).convert("RGB").resize((96, 96), Image.Resampling.NEAREST)
              for i in range(min(cfg.grid_images, len(captions)))]
     samples = cfg.root / "samples"
     samples.mkdir(parents=True, exist_ok=True)

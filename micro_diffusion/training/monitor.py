@@ -1,7 +1,6 @@
 """Periodic monitoring callbacks: validation loss on held-out shards and sample grids for fixed prompts."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 from PIL import Image
 
+from micro_diffusion.eval.generate import grid, to_pil
 from micro_diffusion.training.model import DiffusionModel
 
 
@@ -76,15 +76,7 @@ class ValidationLoss(Callback):
 
 def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
     """(N, 3, H, W) images in [-1, 1] -> one uint8 (rows*H, cols*W, 3) grid."""
-    n, _, h, w = images.shape
-    cols = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)  # (N, H, W, 3)
-    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
-    for i, img in enumerate(pixels.cpu().numpy()):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    return grid
+    return np.asarray(grid(to_pil(images), columns))
 
 
 class SampleGrid(Callback):
@@ -126,10 +118,10 @@ class SampleGrid(Callback):
             raise RuntimeError("SampleGrid on rank 0 needs a decode function (the dataset's VAE)")
         with torch.no_grad():
             images = self.decode(latents.float())  # (P, 3, H, W) in [-1, 1]
-        grid = image_grid(images)
+        pixels = image_grid(images)
         name = f"ba{batch}{'_ema' if use_ema else ''}"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"{name}.png"
-        Image.fromarray(grid).save(path)
+        Image.fromarray(pixels).save(path)
         self.written.append(path)
-        logger.log_images(grid, name=f"samples/{'ema' if use_ema else 'raw'}", channels_last=True)
+        logger.log_images(pixels, name=f"samples/{'ema' if use_ema else 'raw'}", channels_last=True)
