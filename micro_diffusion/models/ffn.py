@@ -58,8 +58,8 @@ class ExpertChoiceMoE(nn.Module):
         # than gather / scatter with (N, E*C, D) expanded indices plus the transposes between layouts
         rows = (idx + T * torch.arange(N, device=x.device).view(N, 1, 1)).transpose(0, 1).reshape(-1)  # (E*N*C,)
         h = x.reshape(N * T, D).index_select(0, rows).view(E, N * C, D)  # (E, N*C, D)
-        h = F.gelu(torch.bmm(h, self.w_in.to(h.dtype)), approximate="tanh")  # (E, N*C, hidden)
-        h = torch.bmm(h, self.w_out.to(h.dtype))  # (E, N*C, D)
+        h = F.gelu(torch.bmm(h, self.w_in), approximate="tanh")  # (E, N*C, hidden)
+        h = torch.bmm(h, self.w_out)  # (E, N*C, D)
         h = h * gates.transpose(0, 1).reshape(E, N * C, 1).to(h.dtype)  # weighted by the router
         out = torch.zeros(N * T, D, dtype=h.dtype, device=x.device)
         return out.index_add_(0, rows, h.reshape(E * N * C, D)).view(N, T, D)  # (N, T, D)
