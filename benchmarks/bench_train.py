@@ -2,7 +2,7 @@
 
 Runs Tiny and XL (batch 8, 32x32 latents, 77x1024 caption tokens, bf16 autocast) at mask ratios 0, 0.5 and 0.75,
 deferred against naive masking, and the MoE layer against a dense FFN of the same active FLOPs.
-    python benchmarks/bench_train.py                 # the full suite (about 10 minutes on 2 CPU cores)
+    python benchmarks/bench_train.py                 # the full suite (about 6 minutes on 2 CPU cores)
     python benchmarks/bench_train.py --quick         # tiny sizes, seconds: checks the harness runs
 """
 from __future__ import annotations
@@ -15,9 +15,11 @@ from torch import nn
 
 from benchmarks.common import QUICK, device_name, matmul_peak_gflops, peak_memory_mb, time_fn, write_result
 from micro_diffusion.cost.flops import train_flops_per_sample
+from micro_diffusion.cost.prices import detect_device_type, device_spec
 from micro_diffusion.diffusion.edm import edm_loss
 from micro_diffusion.models import create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
+from micro_diffusion.training.cpu_malloc import keep_freed_memory
 
 
 def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask: float, device: torch.device):
@@ -37,8 +39,10 @@ def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], m
 
 def bench_preset(args: tuple) -> list[dict]:
     """All mask ratios of one preset in one process, least memory first, so peak RSS readings stay per config."""
-    name, batch, latent, caption, repeats, overrides, device, peak = args
+    name, batch, latent, caption, repeats, overrides, device, peak, spec_peak = args
     device = torch.device(device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as `micro-diffusion train` does on CPU
     torch.manual_seed(0)
     net = create_dit(name, latent_size=latent, caption_dim=caption[1], **overrides).to(device)
     rows = []
@@ -51,9 +55,11 @@ def bench_preset(args: tuple) -> list[dict]:
         gflops = flops * batch / seconds / 1e9
         rows.append(dict(preset=name, masking=label, mask_ratio=mask, batch=batch, seconds=seconds,
                          images_per_s=batch / seconds, gflop_per_image=flops / 1e9, gflop_per_s=gflops,
-                         share_of_peak=gflops / peak, peak_memory_mb=peak_memory_mb(device)))
+                         share_of_peak=gflops / peak, mfu=gflops / spec_peak if spec_peak else None,
+                         peak_memory_mb=peak_memory_mb(device)))
         print(f"{name:16s} {label:8s} mask {mask:4.2f}: {seconds:7.2f} s  {gflops:8.1f} GFLOP/s  "
-              f"{100 * gflops / peak:5.1f}% of peak", flush=True)
+              f"{100 * gflops / peak:5.1f}% of peak" + (f", MFU {gflops / spec_peak:.1%}" if spec_peak else ""),
+              flush=True)
     return rows
 
 
@@ -74,7 +80,7 @@ def bench_moe(dim: int, hidden: int, tokens: int, batch: int, device: torch.devi
             out.float().sum().backward()
         return step
 
-    t_moe, t_dense = time_fn(run(moe), device, repeats=repeats), time_fn(run(dense), device, repeats=repeats)
+    t_moe, t_dense = (time_fn(run(layer), device, warmup=2, repeats=repeats) for layer in (moe, dense))
     return dict(dim=dim, hidden=hidden, dense_hidden=dense_hidden, tokens=tokens, batch=batch,
                 moe_seconds=t_moe, dense_seconds=t_dense, moe_over_dense=t_moe / t_dense)
 
@@ -89,21 +95,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # for the MoE comparison here; each preset's process sets it again
     latent, caption, overrides = (8, (7, 32), QUICK) if args.quick else (32, (77, 1024), {})
     peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
     print(f"bf16 matmul peak on {device_name(device)}: {peak:.1f} GFLOP/s", flush=True)
-    jobs = [(name, args.batch, latent, caption, 1 if args.quick else args.repeats, overrides, args.device, peak)
+    spec_peak = spec_peak_gflops(device)
+    repeats = 1 if args.quick else args.repeats
+    jobs = [(name, args.batch, latent, caption, repeats, overrides, args.device, peak, spec_peak)
             for name in args.presets]
     # each preset in a fresh process: the peak-memory reading of one preset must not include another's
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
     with ctx.Pool(1, maxtasksperchild=1) as pool:
         rows = [row for result in pool.map(bench_preset, jobs, chunksize=1) for row in result]
-    moe = bench_moe(64, 128, 64, 2, device, 1) if args.quick else bench_moe(1024, 768, 256, args.batch, device, 3)
+    moe = bench_moe(64, 128, 64, 2, device, 1) if args.quick else bench_moe(1024, 768, 256, args.batch, device, 9)
     print(f"MoE layer / dense FFN of equal FLOPs: {moe['moe_over_dense']:.2f}x", flush=True)
-    result = dict(device=device_name(device), dtype="bfloat16 autocast", matmul_peak_gflops=peak, quick=args.quick,
+    result = dict(device=device_name(device), dtype="bfloat16 autocast", matmul_peak_gflops=peak,
+                  device_peak_gflops=spec_peak, quick=args.quick,
                   latent=latent, caption=list(caption), runs=rows, moe=moe, speedups=speedups(rows))
     write_result("train_quick" if args.quick else "train", result)
     return result
+
+
+def spec_peak_gflops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak from the price table, for MFU; None on CPU or a GPU the table lacks."""
+    if device.type != "cuda":
+        return None
+    try:
+        return device_spec(detect_device_type(True)).peak_tflops * 1e3
+    except KeyError:
+        return None
 
 
 def speedups(rows: list[dict]) -> list[dict]:

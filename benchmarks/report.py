@@ -14,14 +14,17 @@ def _load(name: str) -> dict | None:
 
 def train_table(t: dict) -> list[str]:
     """The training-step rows, the masking speed-ups and the MoE comparison."""
+    mfu = bool(t.get("device_peak_gflops"))  # on a GPU of the price table: MFU against its spec peak too
     lines = [f"### Training step ({t['device']}, {t['dtype']}, latents {t['latent']}x{t['latent']}, "
-             f"captions {t['caption'][0]}x{t['caption'][1]}; bf16 matmul peak {t['matmul_peak_gflops']:.0f} GFLOP/s)",
-             "", "| preset | masking | mask | s / step | images/s | GFLOP/image | GFLOP/s | share of peak | peak MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"captions {t['caption'][0]}x{t['caption'][1]}; bf16 matmul peak {t['matmul_peak_gflops']:.0f} GFLOP/s"
+             + (f", spec peak {t['device_peak_gflops']:.0f} GFLOP/s)" if mfu else ")"),
+             "", "| preset | masking | mask | s / step | images/s | GFLOP/image | GFLOP/s | share of peak | "
+             + ("MFU | " if mfu else "") + "peak MB |", "| --- " * (10 if mfu else 9) + "|"]
     for r in t["runs"]:
         lines.append(f"| {r['preset']} | {r['masking']} | {r['mask_ratio']:.2f} | {r['seconds']:.2f} | "
                      f"{r['images_per_s']:.2f} | {r['gflop_per_image']:.1f} | {r['gflop_per_s']:.0f} | "
-                     f"{100 * r['share_of_peak']:.0f}% | {r['peak_memory_mb']:.0f} |")
+                     f"{100 * r['share_of_peak']:.0f}% | " + (f"{100 * r['mfu']:.1f}% | " if mfu else "")
+                     + f"{r['peak_memory_mb']:.0f} |")
     lines += ["", "| preset | speed-up 0.75 vs 0 | FLOP ratio | speed-up / FLOP ratio | deferred / naive time |",
               "| --- | --- | --- | --- | --- |"]
     for s in t["speedups"]:

@@ -1,10 +1,11 @@
 """The optimised paths compute what the plain ones do: MoE dispatch, attention, the AdamW step."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from micro_diffusion.models.attention import SelfAttention
+from micro_diffusion.models.attention import SelfAttention, attention
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 from micro_diffusion.training.builder import build_optimizer
 
@@ -39,6 +40,21 @@ def test_attention_matches_explicit_softmax():
     weights = (q @ k.transpose(-1, -2) / math.sqrt(16)).softmax(dim=-1)  # (N, H, T, T)
     expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 9, 48))
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("queries,keys", [(40, 40), (40, 11)])  # self- and cross-attention
+def test_cpu_attention_path_matches_the_fused_kernel(dtype, tol, queries, keys):
+    torch.manual_seed(0)
+    q = torch.randn(2, 3, queries, 16, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, 3, keys, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 3, queries, 16, dtype=dtype)
+    results = []
+    for fn in (attention, F.scaled_dot_product_attention):
+        out = fn(q, k, v)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for ours, fused in zip(*results, strict=True):
+        torch.testing.assert_close(ours, fused, atol=tol, rtol=tol)
 
 
 def test_multi_tensor_adamw_matches_the_per_parameter_loop():

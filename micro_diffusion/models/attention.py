@@ -1,4 +1,4 @@
-"""Attention: torch's scaled_dot_product_attention, or xformers on CUDA when it is installed."""
+"""Attention: xformers or torch's scaled_dot_product_attention on CUDA; three plain products on CPU."""
 from __future__ import annotations
 
 import torch
@@ -10,13 +10,22 @@ try:  # optional GPU extra; its kernels raise NotImplementedError on CPU, so it 
 except ImportError:  # pragma: no cover - depends on the install
     xops = None
 
+EXPLICIT_MAX_SCORES = 1024 * 1024  # CPU: query x key tokens up to which the scores are materialised
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention over (N, H, T, d) tensors, returning (N, H, T, d)."""
-    if xops is not None and q.is_cuda:
-        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N, T, H, d)
-        return out.transpose(1, 2)
-    return F.scaled_dot_product_attention(q, k, v)
+    """softmax(q k^T / sqrt(d)) v over (N, H, T, d) queries and (N, H, L, d) keys and values: (N, H, T, d)."""
+    if q.is_cuda:
+        if xops is not None:
+            out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N,T,H,d)
+            return out.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v)
+    if q.shape[-2] * k.shape[-2] > EXPLICIT_MAX_SCORES:  # long sequences: the fused kernel's memory is O(T), not O(T L)
+        return F.scaled_dot_product_attention(q, k, v)
+    # On CPU, torch 2.7's fused SDPA kernel runs forward+backward 2-6x slower than these three ops at our sizes
+    # (a few hundred tokens); bf16 softmax still computes in fp32 inside. tests/test_equivalence.py compares them.
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (N, H, T, L)
+    return scores.softmax(dim=-1) @ v
 
 
 class SelfAttention(nn.Module):

@@ -52,8 +52,11 @@ def _fit(cfg: dict, plan, info: dict) -> int:
 
     from micro_diffusion.training.builder import build_trainer
     from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
+    from micro_diffusion.training.cpu_malloc import keep_freed_memory
     from micro_diffusion.training.run import write_run_info
 
+    if plan.device == "cpu":
+        keep_freed_memory()  # each step re-allocates its gradients; see cpu_malloc
     if dist.get_global_rank() == 0:
         path = write_run_info(info, plan.run_dir)
         print(f"run folder {plan.run_dir} (resolved recipe in {path})", flush=True)
