@@ -9,11 +9,10 @@ import argparse
 
 import torch
 
-from benchmarks.common import QUICK, device_name, time_fn, write_result
+from benchmarks.common import QUICK, bench_device, device_name, time_fn, write_result
 from micro_diffusion.cost.flops import sample_flops_per_image
 from micro_diffusion.diffusion.sampling import guided_net_denoiser, sample
 from micro_diffusion.models import create_dit
-from micro_diffusion.training.cpu_malloc import keep_freed_memory
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,9 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # reuse each step's activation buffers instead of faulting in fresh pages
+    device = bench_device(args.device)
     latent, caption, overrides, steps = (8, (7, 32), QUICK, 2) if args.quick else (32, (77, 1024), {}, args.steps)
     torch.manual_seed(0)
     net = create_dit(args.preset, latent_size=latent, caption_dim=caption[1], **overrides).to(device).eval()

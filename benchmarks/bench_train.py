@@ -13,13 +13,20 @@ import multiprocessing as mp
 import torch
 from torch import nn
 
-from benchmarks.common import QUICK, device_name, matmul_peak_gflops, peak_memory_mb, time_fn, write_result
+from benchmarks.common import (
+    QUICK,
+    bench_device,
+    device_name,
+    matmul_peak_gflops,
+    peak_memory_mb,
+    time_fn,
+    write_result,
+)
 from micro_diffusion.cost.flops import train_flops_per_sample
 from micro_diffusion.cost.prices import detect_device_type, device_spec
 from micro_diffusion.diffusion.edm import edm_loss
 from micro_diffusion.models import create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
-from micro_diffusion.training.cpu_malloc import keep_freed_memory
 
 
 def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask: float, device: torch.device):
@@ -40,9 +47,7 @@ def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], m
 def bench_preset(args: tuple) -> list[dict]:
     """All mask ratios of one preset in one process, least memory first, so peak RSS readings stay per config."""
     name, batch, latent, caption, repeats, overrides, device, peak, spec_peak = args
-    device = torch.device(device)
-    if device.type == "cpu":
-        keep_freed_memory()  # as `micro-diffusion train` does on CPU
+    device = bench_device(device)  # a spawned process: the allocator setting is set here again
     torch.manual_seed(0)
     net = create_dit(name, latent_size=latent, caption_dim=caption[1], **overrides).to(device)
     rows = []
@@ -94,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # for the MoE comparison here; each preset's process sets it again
+    device = bench_device(args.device)
     latent, caption, overrides = (8, (7, 32), QUICK) if args.quick else (32, (77, 1024), {})
     peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
     print(f"bf16 matmul peak on {device_name(device)}: {peak:.1f} GFLOP/s", flush=True)

@@ -10,8 +10,18 @@ from typing import Callable
 
 import torch
 
+from micro_diffusion.training.cpu_malloc import keep_freed_memory
+
 RESULTS = Path(__file__).parent / "results"
 QUICK = dict(width=64, depth=2, head_dim=16, patch_mixer_depth=1, patch_mixer_width=64)  # --quick network overrides
+
+
+def bench_device(name: str) -> torch.device:
+    """The device to measure on; on CPU, glibc keeps freed memory as `micro-diffusion train` has it (cpu_malloc)."""
+    device = torch.device(name)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return device
 
 
 def device_name(device: torch.device) -> str:
