@@ -97,6 +97,27 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+class ResumeOptionsError(ValueError):
+    """An output folder written with other options than the command's: resuming there would mix two outputs."""
+
+
+def check_resume_options(root: str | os.PathLike, file_name: str, options: dict[str, Any]) -> None:
+    """Record the options that shape a resumable output on first use; refuse to resume with different ones."""
+    root = Path(root)
+    path = root / file_name
+    if path.is_file():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        changed = {k: (before.get(k), v) for k, v in options.items() if before.get(k) != v}
+        if changed:
+            raise ResumeOptionsError(f"{root} holds output written with other options {changed} (was, now); rerun "
+                                     "the same command to resume, or use a new output folder")
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    if any(root.iterdir()):
+        raise ResumeOptionsError(f"{root}: folder is not empty and holds no {file_name}; use a new folder")
+    write_atomic(path, json.dumps(options, indent=1))
+
+
 def start_chunk(root: str | os.PathLike, index: int) -> Path:
     """Return an empty directory for chunk `index`, deleting any partial output a killed run left there."""
     if is_done(root, index):

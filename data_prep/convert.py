@@ -93,17 +93,7 @@ def prepare_output(args: argparse.Namespace) -> None:
     options = {k: getattr(args, k) for k in _RESUME_KEYS}
     options.update(input=str(Path(args.input).resolve()) if "{" not in args.input else args.input,
                    annotations=str(args.annotations.resolve()) if args.annotations else None)
-    opt_file = out / OPTIONS_FILE
-    if opt_file.is_file():
-        before = json.loads(opt_file.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), v) for k, v in options.items() if before.get(k) != v}
-        if changed:
-            raise ConvertError(f"--output {out} holds a conversion with other options {changed} (was, now); "
-                               "use the same command to resume or a new output folder")
-    elif any(out.iterdir()):
-        raise ConvertError(f"--output {out}: folder is not empty and holds no {OPTIONS_FILE}; use a new folder")
-    else:
-        chunks.write_atomic(opt_file, json.dumps(options, indent=1))
+    chunks.check_resume_options(out, OPTIONS_FILE, options)
     chunks.remove_unfinished(out)
 
 
@@ -212,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         summary = run(args)
-    except (SourceError, ConvertError) as e:
+    except (SourceError, ConvertError, chunks.ResumeOptionsError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1
     print(f"convert: {summary['written']} written, {summary['rejected']} rejected of {summary['inputs']} inputs "

@@ -137,15 +137,7 @@ def encoders_info(args: argparse.Namespace, vae, text) -> dict[str, Any]:
 def check_options(args: argparse.Namespace) -> None:
     """Record the options that shape the output; refuse to resume a run made with different ones."""
     opts = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in _RESUME_KEYS}
-    path = args.output / OPTIONS_FILE
-    if path.is_file():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), opts[k]) for k in opts if old.get(k) != opts[k]}
-        if diff:
-            raise ValueError(f"{args.output} was written with other options {diff} (old, new); use a new --output")
-    else:
-        args.output.mkdir(parents=True, exist_ok=True)
-        chunks.write_atomic(path, json.dumps(opts, indent=1))
+    chunks.check_resume_options(args.output, OPTIONS_FILE, opts)
 
 
 def write_chunk(args, k: int, source: LocalDataset, vae, text, columns: dict[str, str], bar: tqdm) -> None:
