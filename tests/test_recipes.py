@@ -11,7 +11,7 @@ import yaml
 from test_training_helpers import REPO
 
 from micro_diffusion.demo.pipeline import CAPTION_LEN
-from micro_diffusion.training.recipe import RecipeError, load_recipe, merge
+from micro_diffusion.recipe import RecipeError, load_recipe, merge
 from micro_diffusion.training.run import check_inputs, plan_run
 
 RECIPES = REPO / "recipes"

@@ -18,7 +18,7 @@ from micro_diffusion.diffusion.sampling import guided_net_denoiser, sample
 from micro_diffusion.training.builder import build_trainer, moe_parameters
 from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss, image_grid
-from micro_diffusion.training.recipe import load_recipe
+from micro_diffusion.recipe import load_recipe
 from micro_diffusion.training.run import check_inputs, plan_run
 
 

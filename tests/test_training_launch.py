@@ -14,7 +14,7 @@ import torch
 from test_training_helpers import REPO, tiny_overrides, write_shards  # noqa: I001
 
 from micro_diffusion.training.builder import build_trainer
-from micro_diffusion.training.recipe import load_recipe
+from micro_diffusion.recipe import load_recipe
 from micro_diffusion.training.run import plan_run
 
 VENV_BIN = Path(sys.executable).parent
@@ -82,7 +82,7 @@ sys.path.insert(0, {tests!r})
 from composer.core import Callback
 from composer.utils import dist
 from micro_diffusion.training.builder import build_trainer
-from micro_diffusion.training.recipe import load_recipe
+from micro_diffusion.recipe import load_recipe
 from micro_diffusion.training.run import plan_run
 
 class RecordIds(Callback):

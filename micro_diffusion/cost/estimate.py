@@ -83,7 +83,7 @@ def steps_of(max_duration: str | int, global_batch: int, where: str) -> int:
 def estimate_recipe(path: str | os.PathLike, overrides: list[str], devices: int, device_type: str, mfu: float,
                     usd_per_hour: float | None = None) -> StageEstimate:
     """Estimate one stage from its recipe file (the training package's loader, with `key.sub=value` overrides)."""
-    from ..training.recipe import latent_size, load_recipe
+    from ..recipe import latent_size, load_recipe
 
     cfg = load_recipe(path, overrides)
     model, train = cfg["model"], cfg["train"]

@@ -93,7 +93,7 @@ def train_stage(cfg: DemoConfig, recipe: str) -> dict:
     overrides = [f"runs_root={cfg.root}", f"data.root={cfg.root / 'data'}", *cfg.train_overrides]
     if cli(["train", recipe, *overrides]) != 0:
         raise RuntimeError(f"training {recipe} failed")
-    from micro_diffusion.training.recipe import load_recipe
+    from micro_diffusion.recipe import load_recipe
 
     stage = load_recipe(recipe, overrides)
     return stage_summary(cfg.root / stage["stage"], stage)

@@ -13,7 +13,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
-from micro_diffusion.training.recipe import is_remote
+from micro_diffusion.recipe import is_remote
 from micro_diffusion.training.run import LATEST
 
 

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Resolve the recipe, then print it (dry run) or train the stage."""
-    from micro_diffusion.training.recipe import RecipeError, load_recipe, missing_inputs
+    from micro_diffusion.recipe import RecipeError, load_recipe, missing_inputs
     from micro_diffusion.training.run import check_inputs, plan_run, run_info
 
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from micro_diffusion import __version__
-from micro_diffusion.training.recipe import RecipeError, is_remote, latent_size, missing_inputs
+from micro_diffusion.recipe import RecipeError, is_remote, latent_size, missing_inputs
 
 LATEST = "latest-rank0.pt"  # Composer's symlink to a run's newest checkpoint (rank 0 holds the full state)
 

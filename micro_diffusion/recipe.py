@@ -1,8 +1,10 @@
-"""Training recipes: YAML files with a `base:` chain, `key.sub=value` overrides, and a schema that rejects typos.
+"""Stage recipes: YAML files with a `base:` chain, `key.sub=value` overrides, and a schema that rejects typos.
 
 A recipe is a nested dict. Every key must appear in SCHEMA (its value there is the default); a few sections are
 open (`model.overrides`, checked by the model's own config) and two are lists of stream dicts. Algorithms and
 schedulers are checked against their own registries so an unknown name is an error that names it.
+Read by training, the cost estimate, data checks and experiments alike, so it sits in the data layer and imports
+nothing from training (docs/interfaces.md, "Layers").
 """
 from __future__ import annotations
 
