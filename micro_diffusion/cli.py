@@ -6,6 +6,7 @@ import sys
 
 from . import __version__
 from .cost.cli import register as register_cost
+from .data.cli import register as register_data
 from .demo.pipeline import register as register_demo
 from .eval.cli import register as register_eval
 from .training.cli import register as register_train
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"micro_diffusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="list model presets and their sizes").set_defaults(func=_presets)
+    register_data(sub)
     for register in (register_train, register_cost, register_eval, register_demo):
         register(sub)
     return parser

@@ -1,0 +1,11 @@
+"""`micro-diffusion data ...`: the data layer's command group (each command registers itself from its module)."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add the `data` group; returns its sub-parsers for the commands below."""
+    p = subparsers.add_parser("data", help="dataset tools: generated scenes, shard checks, the training mix")
+    sub = p.add_subparsers(dest="data_command", required=True)
+    return sub
