@@ -79,15 +79,16 @@ eval-coco: install
 	  --annotations $(COCO)/annotations/captions_val2014.json --images $(COCO)/val2014 $(EVAL_ARGS) \
 	  $(if $(DRY_RUN),--dry-run)
 
-# Benchmarks (not tests): JSON in benchmarks/results/ and a markdown table (summary.md). QUICK=1 runs every
-# benchmark at tiny size into *_quick.json files: it checks the harness, not the speed (CI runs it so).
+# Benchmarks (not tests): JSON and a markdown table (summary.md) in BENCH_OUT. QUICK=1 runs every benchmark at
+# tiny size into *_quick.json files: it checks the harness, not the speed (CI runs it so, into a temp folder).
 QUICK ?=
+BENCH_OUT ?= benchmarks/results
 bench: install
-	$(PY) -m benchmarks.bench_train $(if $(QUICK),--quick)
-	$(PY) -m benchmarks.bench_sample $(if $(QUICK),--quick)
-	$(PY) -m benchmarks.bench_data $(if $(QUICK),--samples 64 --images 8 --workers 0 --out benchmarks/results/data_quick.json)
-	$(PY) -m benchmarks.bench_convert $(if $(QUICK),--images 8 --out benchmarks/results/convert_quick.json)
-	$(if $(QUICK),,$(PY) -m benchmarks.report)
+	$(PY) -m benchmarks.bench_train --out $(BENCH_OUT) $(if $(QUICK),--quick)
+	$(PY) -m benchmarks.bench_sample --out $(BENCH_OUT) $(if $(QUICK),--quick)
+	$(PY) -m benchmarks.bench_data --out $(BENCH_OUT) $(if $(QUICK),--quick --samples 64 --images 8 --workers 0)
+	$(PY) -m benchmarks.bench_convert --out $(BENCH_OUT) $(if $(QUICK),--quick --images 8)
+	$(if $(QUICK),,$(PY) -m benchmarks.report --out $(BENCH_OUT))
 
 # The whole pipeline on CPU on the embedded shapes dataset, under runs/demo/; FRESH=1 starts over;
 # QUICK=1 runs every step at a tiny size (CI runs it so); DEMO_ROOT=DIR writes elsewhere.

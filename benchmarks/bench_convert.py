@@ -1,4 +1,4 @@
-"""Benchmark: data_prep.convert throughput (images/s) on generated JPEGs; writes benchmarks/results/convert.json.
+"""Benchmark: data_prep.convert throughput (images/s) on generated JPEGs; writes OUT/convert.json.
 
     .venv/bin/python benchmarks/bench_convert.py --images 400 --workers 2
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import add_out_argument, write_result
 from data_prep import convert
 
 
@@ -37,7 +38,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--height", type=int, default=768)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "convert.json")
+    p.add_argument("--quick", action="store_true", help="name the result convert_quick.json (a harness check)")
+    add_out_argument(p)
     args = p.parse_args()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,8 +58,7 @@ def main() -> None:
     result = {"benchmark": "convert", "images": args.images, "input_size": [args.width, args.height],
               "max_side": 512, "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
               "runs": runs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, "convert_quick" if args.quick else "convert", result)
     print(json.dumps(result, indent=1))
 
 

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_data.py [--samples 2000] [--images 128]
 
-Writes benchmarks/results/data.json. Issue 7's target: at least 600 loader samples/s per worker on 4x32x32 latents
+Writes OUT/data.json (`--out`, default benchmarks/results). Issue 7's target: at least 600 loader samples/s
+per worker on 4x32x32 latents
 with 77x1024 fp16 caption embeddings.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 from streaming import MDSWriter
 from tqdm import tqdm
 
-RESULTS = Path(__file__).parent / "results" / "data.json"
+from benchmarks.common import add_out_argument, write_result
 
 
 def write_latent_shards(out: Path, n: int) -> None:
@@ -40,7 +41,7 @@ def write_latent_shards(out: Path, n: int) -> None:
 
 def bench_loader(local: Path, num_workers: int, batch_size: int = 32) -> dict:
     """One epoch through build_dataloader; rate counted from the first batch (worker start-up excluded)."""
-    from micro_diffusion.data import build_dataloader
+    from micro_diffusion.data.loader import build_dataloader
 
     loader = build_dataloader([{"local": str(local), "remote": None, "proportion": None}], batch_size, 256,
                               num_workers=num_workers, caption_drop_prob=0.1)
@@ -92,7 +93,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=2000, help="latent samples for the loader benchmark")
     p.add_argument("--images", type=int, default=128, help="images for the precompute benchmark")
-    p.add_argument("--out", type=Path, default=RESULTS, help="result file")
+    p.add_argument("--quick", action="store_true", help="name the result data_quick.json (a harness check)")
+    add_out_argument(p)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="loader worker counts to measure")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,8 +109,7 @@ def main() -> None:
     result = {"machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "python": platform.python_version(), "torch": torch.__version__},
               "loader": loader, "loader_target_samples_per_s_per_worker": 600, "precompute": precompute}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.out, "data_quick" if args.quick else "data", result)
     print(json.dumps(result, indent=1))
 
 

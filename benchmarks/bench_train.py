@@ -13,18 +13,10 @@ import multiprocessing as mp
 import torch
 from torch import nn
 
-from benchmarks.common import (
-    QUICK,
-    bench_device,
-    device_name,
-    matmul_peak_gflops,
-    peak_memory_mb,
-    time_fn,
-    write_result,
-)
+from benchmarks.common import QUICK, add_out_argument, bench_device, device_name, peak_memory_mb, time_fn, write_result
 from micro_diffusion.cost.flops import train_flops_per_sample
-from micro_diffusion.cost.prices import detect_device_type, device_spec
-from micro_diffusion.diffusion.edm import edm_loss
+from micro_diffusion.cost.prices import detect_device_type, device_spec, matmul_peak_tflops
+from micro_diffusion.diffusion.edm import EDMPrecond
 from micro_diffusion.models import create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 
@@ -33,11 +25,12 @@ def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], m
     """One forward+backward of the EDM loss under bf16 autocast, as training runs it."""
     x0 = torch.randn(batch, 4, latent, latent, device=device)
     y = torch.randn(batch, *caption, device=device)
-    gen = torch.Generator(device).manual_seed(0)
+    noise_gen, patch_gen = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)
+    denoiser = EDMPrecond(net)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = edm_loss(net, x0, y, mask_ratio=mask, generator=gen)
+            loss = denoiser.loss(x0, y, -0.6, 1.2, noise_gen, mask_ratio=mask, generator=patch_gen)  # stage 1's noise
         loss.backward()
         net.zero_grad(set_to_none=True)
 
@@ -91,17 +84,18 @@ def bench_moe(dim: int, hidden: int, tokens: int, batch: int, device: torch.devi
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the suite and write benchmarks/results/train.json."""
+    """Run the suite and write OUT/train.json."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the speed")
     parser.add_argument("--presets", nargs="+", default=["MicroDiT_Tiny_2", "MicroDiT_XL_2"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_out_argument(parser)
     args = parser.parse_args(argv)
     device = bench_device(args.device)
     latent, caption, overrides = (8, (7, 32), QUICK) if args.quick else (32, (77, 1024), {})
-    peak = matmul_peak_gflops(device, n=512 if args.quick else 2048)
+    peak = 1e3 * matmul_peak_tflops(device, size=512 if args.quick else 2048, seconds=0.25 if args.quick else 2.0)
     print(f"bf16 matmul peak on {device_name(device)}: {peak:.1f} GFLOP/s", flush=True)
     spec_peak = spec_peak_gflops(device)
     repeats = 1 if args.quick else args.repeats
@@ -116,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(device=device_name(device), dtype="bfloat16 autocast", matmul_peak_gflops=peak,
                   device_peak_gflops=spec_peak, quick=args.quick,
                   latent=latent, caption=list(caption), runs=rows, moe=moe, speedups=speedups(rows))
-    write_result("train_quick" if args.quick else "train", result)
+    write_result(args.out, "train_quick" if args.quick else "train", result)
     return result
 
 

@@ -1,6 +1,7 @@
-"""Shared pieces of the benchmarks: timing, the matmul peak, device names and result files."""
+"""Shared pieces of the benchmarks: timing, device names, peak memory and result files."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import resource
@@ -51,13 +52,6 @@ def time_fn(fn: Callable[[], None], device: torch.device, warmup: int = 1, repea
     return sorted(times)[len(times) // 2]
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.bfloat16, n: int = 2048) -> float:
-    """Achieved GFLOP/s of an n x n x n matmul in dtype: the practical peak the model shares are measured against."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = time_fn(lambda: torch.mm(a, b), device, warmup=2, repeats=5)
-    return 2 * n**3 / seconds / 1e9
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory so far: the CUDA allocator's peak, or the process's peak resident set on CPU."""
     if device.type == "cuda":
@@ -65,9 +59,14 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """Write one benchmark's results to benchmarks/results/NAME.json."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--out DIR` every benchmark takes: the folder its JSON result goes to."""
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"result folder (default {RESULTS})")
+
+
+def write_result(out_dir: Path, name: str, payload: dict) -> Path:
+    """Write one benchmark's results to OUT_DIR/NAME.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -1,14 +1,16 @@
-"""Collect benchmarks/results/*.json into one markdown table file: benchmarks/results/summary.md."""
+"""Collect a result folder's *.json (default benchmarks/results) into one markdown table file: summary.md there."""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from pathlib import Path
 
-from benchmarks.common import RESULTS
+from benchmarks.common import add_out_argument
 
 
-def _load(name: str) -> dict | None:
-    path = RESULTS / f"{name}.json"
+def _load(folder: Path, name: str) -> dict | None:
+    path = folder / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -38,21 +40,25 @@ def train_table(t: dict) -> list[str]:
     return lines
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Write summary.md from whichever result files exist."""
+    p = argparse.ArgumentParser(description=__doc__)
+    add_out_argument(p)
+    folder = p.parse_args(argv).out
     lines = ["# Benchmark results", "",
              "Written by `make bench` (benchmarks/report.py); raw figures in the JSON files.",
              ""]
-    if (t := _load("train")) is not None:
+    if (t := _load(folder, "train")) is not None:
         lines += train_table(t)
-    if (s := _load("sample")) is not None:
-        lines += [f"### Sampling ({s['device']}): {s['preset']}, batch {s['batch']}, {s['steps']} Heun steps, "
+    if (s := _load(folder, "sample")) is not None:
+        lines += [f"### Sampling ({s['device']}): {s['preset']}, batch {s['batch']}, "
+                  f"{s['steps']} {s['sampler']} steps, "
                   f"guidance {s['guidance']}: {s['images_per_s']:.2f} images/s ({s['gflop_per_s']:.0f} GFLOP/s)", ""]
-    if (d := _load("data")) is not None:
+    if (d := _load(folder, "data")) is not None:
         lines += ["### Data", "", "```", json.dumps(d, indent=1), "```", ""]
-    if (c := _load("convert")) is not None:
+    if (c := _load(folder, "convert")) is not None:
         lines += ["### Convert", "", "```", json.dumps(c, indent=1), "```", ""]
-    (RESULTS / "summary.md").write_text("\n".join(lines))
+    (folder / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -1,3 +1,21 @@
 """micro_diffusion: train text-to-image sparse diffusion transformers from scratch on a micro budget."""
+from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__all__ = ["__version__", "load_exported"]
+
+
+def load_exported(model_dir: str | Path, use_ema: bool | None = None, device: Any = "cpu") -> tuple[Any, dict, Any]:
+    """(network in eval mode, config, null caption) of an exported model folder (micro_diffusion.exported).
+
+    The import happens on the first call: `import micro_diffusion` stays free of torch and the network code.
+    """
+    from .exported import load_exported as load
+
+    return load(model_dir, use_ema, device)

@@ -4,19 +4,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import __version__
+import torch
+
 from .cost.cli import register as register_cost
 from .data.cli import register as register_data
-from .demo.pipeline import register as register_demo
+from .demo.cli import register as register_demo
 from .eval.cli import register as register_eval
+from .models import create_dit, list_presets
 from .training.cli import register as register_train
+from .version import __version__
 
 
 def _presets(args: argparse.Namespace) -> int:
-    import torch
-
-    from .models import create_dit, list_presets
-
     for name in list_presets():
         with torch.device("meta"):
             net = create_dit(name)

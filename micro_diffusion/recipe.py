@@ -9,14 +9,17 @@ nothing from training (docs/interfaces.md, "Layers").
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-OPEN = "__open_dict__"  # marker: any keys allowed (checked downstream)
-STREAMS = "__streams__"  # marker: a list of {"local", "remote", "proportion"}
+from micro_diffusion.data.schema import ENCODERS_FILE, caption_spec, latent_column, latent_spec, read_index_columns
+from micro_diffusion.diffusion.edm import SIGMA_DATA
+from micro_diffusion.diffusion.sampling import DEFAULTS
+
 STREAM_KEYS = {"local": None, "remote": None, "proportion": None}
 
 ALGORITHMS: dict[str, dict[str, Any]] = {
@@ -30,29 +33,46 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
     "constant": {},
 }
 
+# Every key a recipe may set, with its default: the paper's stage 1. Any recipe is merged over this table first, as
+# over a base file, so a recipe without `base:` is stage 1 too. recipes/base.yaml states the same values for
+# readers; tests/test_recipes.py fails on any key where the two differ.
 SCHEMA: dict[str, Any] = {
     "base": None,  # file this one merges over (resolved while loading, then dropped)
     "stage": None,  # this stage's name; also the default run folder name
-    "stages": [],  # the pipeline's order; init_from must name the stage right before `stage`
+    "stages": ["res256_masked", "res256_finetune", "res512_masked", "res512_finetune"],  # init_from follows this
     "init_from": None,  # stage whose latest checkpoint gives the starting weights (not its optimizer)
     "init_checkpoint": None,  # explicit path or URI of those weights (e.g. s3://...); overrides init_from's folder
     "runs_root": "runs",
-    "model": {"preset": "MicroDiT_XL_2", "overrides": OPEN, "latent_channels": 4, "caption_len": 77,
+    "model": {"preset": "MicroDiT_XL_2", "overrides": {}, "latent_channels": 4, "caption_len": 77,
               "caption_dim": 1024},
-    "data": {"root": ".", "resolution": 256, "vae_downsample": 8, "streams": STREAMS, "val_streams": STREAMS,
-             "caption_drop_prob": 0.1, "num_workers": 8, "seed": 17},
-    "diffusion": {"mask_ratio": 0.75, "p_mean": -0.6, "p_std": 1.2, "sigma_data": 0.9},
+    "data": {"root": "data/latents", "resolution": 256, "vae_downsample": 8,
+             "streams": [{"local": name} for name in ("sa1b", "cc12m", "textcaps", "journeydb", "diffusiondb")],
+             "val_streams": [{"local": "val"}], "caption_drop_prob": 0.1, "num_workers": 8, "seed": 17},
+    "diffusion": {"mask_ratio": 0.75, "p_mean": -0.6, "p_std": 1.2, "sigma_data": SIGMA_DATA},
     "optimizer": {"lr": 2.4e-4, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.1, "moe_lr_scale": 0.5},
-    "scheduler": {"name": "constant"},  # plus the options SCHEDULERS lists for that name
-    "algorithms": {},  # name -> options (see ALGORITHMS), or null to switch off one a base file enabled
+    "scheduler": {"name": "cosine_warmup", "warmup": "2500ba", "alpha_f": 0.33},  # options: SCHEDULERS[name]
+    "algorithms": {"gradient_clipping": {"type": "norm", "threshold": 0.25}},  # name -> options, or null: off
     "train": {"global_batch": 2048, "device_microbatch": 256, "max_duration": "250000ba", "device": "auto",
               "precision": "auto", "parallelism": "auto", "compile": False, "seed": 18, "log_interval": "100ba",
               "progress_bar": True},
-    "checkpoint": {"save_folder": None, "save_interval": "1000ba", "keep": 3},
-    "eval": {"interval": None, "batches": 8, "batch_size": 32, "seed": 0},
-    "samples": {"interval": None, "prompts": [], "steps": 30, "guidance": 5.0, "sampler": "heun", "seed": 0},
+    "checkpoint": {"save_folder": None, "save_interval": "2000ba", "keep": 3},
+    "eval": {"interval": "5000ba", "batches": 8, "batch_size": 32, "seed": 0},
+    "samples": {"interval": "10000ba", "prompts": [
+        "a photo of a red fox sitting in the snow",
+        "an astronaut riding a horse on the moon, digital art",
+        "a bowl of ramen on a wooden table, studio lighting",
+        "a watercolor painting of a lighthouse at sunset",
+        "a close-up portrait of an old man with a white beard",
+        "a futuristic city skyline at night with neon lights",
+        "a cat wearing sunglasses lying on a beach towel",
+        "a mountain lake surrounded by pine trees in autumn",
+    ], "steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "sampler": DEFAULTS.sampler, "seed": 0},
     "cost": {"usd_per_device_hour": None, "max_usd": None, "max_device_hours": None, "device_type": None},
 }
+OPEN_SECTIONS = ("model.overrides",)  # any keys (the model's own config checks them)
+STREAM_LISTS = ("data.streams", "data.val_streams")  # lists of {"local", "remote", "proportion"}
+NAMED_SECTIONS = ("scheduler",)  # a `name:` picks a registry entry; a section naming one replaces the old whole
+REGISTRY_SECTIONS = {"scheduler": SCHEDULERS, "algorithms": ALGORITHMS}  # options checked against the registry
 
 
 class RecipeError(ValueError):
@@ -69,14 +89,18 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-def merge(base: dict, over: dict) -> dict:
-    """Deep-merge `over` into a copy of `base`: dicts merge (a dict naming a `name:` replaces), the rest replaces."""
+def merge(base: dict, over: dict, _where: str = "") -> dict:
+    """Deep-merge `over` into a copy of `base`: sections merge key by key, other values replace.
+
+    A NAMED_SECTIONS section that gives a `name:` replaces the old one whole: a new scheduler brings its own options
+    and nothing of the old one's.
+    """
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and "name" in value:
-            out[key] = copy.deepcopy(value)  # a new scheduler name brings its own options: nothing of the old one
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        dotted = f"{_where}.{key}" if _where else key
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not (
+                dotted in NAMED_SECTIONS and "name" in value):
+            out[key] = merge(out[key], value, dotted)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -128,7 +152,7 @@ def _check_streams(value: Any, where: str) -> list[dict]:
 
 
 def _fill(given: dict, schema: dict, where: str) -> dict:
-    """Check `given` against `schema` and return it with defaults filled in."""
+    """Check `given` against `schema` key by key and return it with defaults filled in."""
     unknown = sorted(set(given) - set(schema))
     if unknown:
         prefix = f"{where}." if where else ""
@@ -136,12 +160,14 @@ def _fill(given: dict, schema: dict, where: str) -> dict:
     out = {}
     for key, default in schema.items():
         dotted = f"{where}.{key}" if where else key
-        value = given.get(key, copy.deepcopy(default) if default not in (OPEN, STREAMS) else None)
-        if default == OPEN:
+        value = given.get(key, copy.deepcopy(default))
+        if dotted in OPEN_SECTIONS:
             value = dict(value or {})
-        elif default == STREAMS:
+        elif dotted in STREAM_LISTS:
             value = _check_streams(value, dotted)
-        elif isinstance(default, dict) and not (where == "" and key in ("algorithms", "scheduler")):
+        elif dotted in REGISTRY_SECTIONS:
+            pass  # checked against its registry by validate
+        elif isinstance(default, dict):
             if not isinstance(value, dict):
                 raise RecipeError(f"{dotted}: expected a section (mapping), got {value!r}")
             value = _fill(value, default, dotted)
@@ -184,12 +210,13 @@ def _check_named(section: dict | None, registry: dict, kind: str, where: str) ->
 
 
 def validate(cfg: dict) -> dict:
-    """Check every key against SCHEMA and the registries; return the recipe with all defaults filled."""
-    out = _fill({k: v for k, v in cfg.items() if k != "base"}, SCHEMA, "")
+    """Merge the recipe over SCHEMA's defaults, check every key against it and the registries; return the result."""
+    given = merge({k: v for k, v in SCHEMA.items() if k != "base"}, {k: v for k, v in cfg.items() if k != "base"})
+    out = _fill(given, SCHEMA, "")
     out.pop("base")
-    out["scheduler"] = _check_named(cfg.get("scheduler", SCHEMA["scheduler"]), SCHEDULERS, "scheduler", "scheduler")
+    out["scheduler"] = _check_named(given["scheduler"], SCHEDULERS, "scheduler", "scheduler")
     algos = {}
-    for name, options in (cfg.get("algorithms") or {}).items():
+    for name, options in (given["algorithms"] or {}).items():
         if name not in ALGORITHMS:
             raise RecipeError(f"algorithms.{name}: unknown algorithm {name!r} (known: {', '.join(ALGORITHMS)})")
         if options is not None:  # null switches off an algorithm a base file enabled
@@ -268,15 +295,52 @@ def is_remote(path: str | None) -> bool:
 
 
 def missing_inputs(cfg: dict, init_checkpoint: str | None) -> list[str]:
-    """Local inputs that do not exist: stream folders without a remote, and the previous stage's checkpoint."""
+    """Local inputs that do not exist or do not fit the recipe: stream folders without a remote (their index.json and
+    encoders.json are checked against the recipe), and the previous stage's checkpoint."""
     problems = []
     for key in ("streams", "val_streams"):
         for i, s in enumerate(resolve_streams(cfg, key)):
             if s["remote"] is None and not (Path(s["local"]) / "index.json").is_file():
                 problems.append(f"data.{key}[{i}]: no MDS index at {Path(s['local']) / 'index.json'}")
+            elif s["remote"] is None:
+                problems += [f"data.{key}[{i}]: {p}" for p in shard_mismatches(cfg, Path(s["local"]))]
     if init_checkpoint is not None and not is_remote(init_checkpoint) and not Path(init_checkpoint).exists():
         problems.append(f"stage {cfg['stage']!r} starts from {cfg['init_from'] or 'init_checkpoint'}, but its "
                         f"checkpoint {init_checkpoint} does not exist (run that stage first)")
     if not cfg["data"]["streams"]:
         problems.append("data.streams is empty")
+    return problems
+
+
+def shard_mismatches(cfg: dict, folder: Path) -> list[str]:
+    """Where the latent shards in `folder` (index.json, encoders.json) disagree with the recipe, naming both values."""
+    m, d = cfg["model"], cfg["data"]
+    side = d["resolution"] // d["vae_downsample"]
+    want = {"latent_channels": m["latent_channels"], "caption_len": m["caption_len"], "caption_dim": m["caption_dim"],
+            "downsample": d["vae_downsample"]}
+    keys = {"latent_channels": "model.latent_channels", "caption_len": "model.caption_len",
+            "caption_dim": "model.caption_dim", "downsample": "data.vae_downsample"}
+    problems = []
+    enc_file = folder / ENCODERS_FILE
+    if enc_file.is_file():
+        enc = json.loads(enc_file.read_text(encoding="utf-8"))
+        problems += [f"{enc_file} has {k} {enc[k]}, the recipe's {keys[k]} is {v}"
+                     for k, v in want.items() if k in enc and enc[k] != v]
+        if "resolutions" in enc and d["resolution"] not in enc["resolutions"]:
+            problems.append(f"{enc_file} has resolutions {enc['resolutions']}, the recipe's data.resolution is "
+                            f"{d['resolution']}")
+    index = folder / "index.json"
+    try:
+        columns = read_index_columns(folder)
+        latents = latent_spec(columns, d["resolution"], str(index)).shape
+        caption = caption_spec(columns, str(index)).shape
+    except (KeyError, ValueError) as err:
+        return problems + [str(err).strip("'\"")]
+    expected = (m["latent_channels"], side, side)
+    if latents != expected:
+        problems.append(f"{index}: {latent_column(d['resolution'])} holds {latents}, the recipe expects {expected} "
+                        "(model.latent_channels, data.resolution / data.vae_downsample)")
+    if caption != (m["caption_len"], m["caption_dim"]):
+        problems.append(f"{index}: caption_emb holds {caption}, the recipe expects "
+                        f"{(m['caption_len'], m['caption_dim'])} (model.caption_len, model.caption_dim)")
     return problems

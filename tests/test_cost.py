@@ -13,7 +13,8 @@ from composer import Callback, Trainer
 from composer.models import ComposerModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from micro_diffusion.cost.callback import CostCallback, read_records
+from micro_diffusion.cost.callback import CostCallback
+from micro_diffusion.cost.ledger import read_records
 from micro_diffusion.cost.prices import PRICE_ENV, usd_per_device_hour
 from micro_diffusion.cost.report import write_report
 from micro_diffusion.training.callbacks import JSONLLogger

@@ -13,7 +13,9 @@ from PIL import Image
 from streaming import MDSWriter
 from streaming.base.local import LocalDataset
 
-from micro_diffusion.data import build_dataloader, dropout_draw, read_index_columns
+from micro_diffusion.data.dataset import dropout_draw
+from micro_diffusion.data.loader import build_dataloader
+from micro_diffusion.data.schema import read_index_columns
 
 LAT, CAP = (3, 4, 4), (5, 6)  # tiny latent (C,h,w) and caption (L,D) shapes: the loader must take them from the index
 

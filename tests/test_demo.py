@@ -1,21 +1,31 @@
 """The demo pipeline end to end at a much smaller size through `make demo QUICK=1`, then the other make targets
 that need a finished run (report) or nothing (bench, lint, eval-coco as a dry run)."""
 import json
-import math
 import os
+import re
 import subprocess
+from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from micro_diffusion.demo.pipeline import MARKER, DemoConfig, run_demo
+from benchmarks.common import QUICK
+from micro_diffusion.cost.flops import sample_flops_per_image, train_flops_per_sample
+from micro_diffusion.demo.pipeline import MARKER, DemoConfig, heldout_captions, run_demo
+from micro_diffusion.demo.reader import caption_match, shuffled_match
+from micro_diffusion.demo.shapes import parse_caption
+from micro_diffusion.diffusion.sampling import DEFAULTS
+from micro_diffusion.models import create_dit
+from micro_diffusion.utils.jsonl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make(*args: str) -> subprocess.CompletedProcess:
     """Run a make target of the repository as a user would; fail the test with its output if it fails."""
-    out = subprocess.run(["make", "-C", str(REPO), *args], capture_output=True, text=True,
+    out = subprocess.run(["make", "-C", str(REPO), "--no-print-directory", *args], capture_output=True, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert out.returncode == 0, f"make {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
@@ -28,28 +38,43 @@ def demo(tmp_path_factory):
     return DemoConfig.quick(root), json.loads((root / "summary.json").read_text())
 
 
-def test_summary_has_every_key_with_numbers_from_the_run(demo):
+def test_stage_figures_are_the_runs_own(demo):
     cfg, summary = demo
-    assert summary["wall_clock_s"] > 0
     assert [s["name"] for s in summary["stages"]] == ["demo_masked", "demo_finetune"]
     assert [s["mask_ratio"] for s in summary["stages"]] == [0.75, 0.0]
     for stage in summary["stages"]:
-        assert stage["steps"] == 3
-        for key in ("loss_first", "loss_last", "device_hours", "usd"):
-            assert isinstance(stage[key], float) and math.isfinite(stage[key]) and stage[key] > 0
+        run = Path(stage["run_dir"])
+        losses = [r["loss/train/total"] for r in read_jsonl(run / "metrics.jsonl") if "loss/train/total" in r]
+        w = stage["loss_window"]
+        assert stage["steps"] == len(losses) == 3
+        assert stage["loss_first"] == pytest.approx(np.mean(losses[:w])) and stage["loss_last"] == pytest.approx(
+            np.mean(losses[-w:]))
+        totals = read_jsonl(run / "cost.jsonl")[-1]["stage_totals"]
+        assert (stage["device_hours"], stage["usd"]) == (totals["device_hours"], totals["usd"])
+    assert summary["wall_clock_s"] >= sum(summary["step_seconds"].values())
+
+
+def test_caption_match_and_chance_are_what_the_reader_reads(demo):
+    cfg, summary = demo
+    real_paths, captions = heldout_captions(cfg)
+    labels = [parse_caption(c) for c in captions]
+    generated = sorted((cfg.root / "eval" / "generated").glob("*.png"))
+    assert len(generated) == len(real_paths) == cfg.heldout_images
+    fake = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in generated])
+    real = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in real_paths])
     ev = summary["eval"]
-    assert ev["fid"]["images"] == cfg.heldout_images and ev["fid"]["value"] > 0
-    assert 0 <= ev["caption_match"]["value"] <= 1 and 0 <= ev["caption_match"]["chance"] <= 1
-    assert ev["caption_match_real"]["value"] >= 0.9  # the reader is trustworthy on real held-out scenes
+    assert ev["caption_match"]["value"] == caption_match(fake, labels)
+    assert ev["caption_match"]["chance"] == shuffled_match(fake, labels, seed=cfg.seed)
+    assert ev["caption_match_real"]["value"] == caption_match(real, labels) >= 0.9  # the reader reads real scenes
+    assert ev["fid"]["images"] == ev["fid"]["reference_images"] == cfg.heldout_images
 
 
 def test_files_it_names_exist(demo):
     cfg, summary = demo
-    assert (cfg.root / summary["samples"]).is_file()
+    with Image.open(cfg.root / summary["samples"]) as grid:
+        assert grid.size == (8 * 96, 96)  # the first 8 held-out captions, 96 px tiles in one row
     assert (cfg.root / summary["report"]).is_file()
-    assert len(list((cfg.root / "eval" / "generated").glob("*.png"))) == cfg.heldout_images
     for stage in summary["stages"]:
-        assert (cfg.root / stage["name"] / "cost.jsonl").is_file()
         assert (cfg.root / stage["name"] / "config.yaml").is_file()
 
 
@@ -69,21 +94,67 @@ def test_fresh_refuses_a_folder_the_demo_did_not_make(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+class _Table(HTMLParser):
+    """The cells of the dashboard's cost table, row by row."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self._in = [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "tr":
+            self.rows.append([])
+        self._in = tag in ("td", "th")
+        if self._in:
+            self.rows[-1].append("")  # a cell, empty until its text arrives
+
+    def handle_data(self, data):
+        if self._in:
+            self.rows[-1][-1] += data
+
+    def handle_endtag(self, tag):
+        self._in = False
+
+
 def test_make_report_on_the_demo_runs(demo, tmp_path):
-    cfg, _ = demo
+    cfg, summary = demo
     out = tmp_path / "dash.html"
     make("report", f"RUN={cfg.root / 'demo_masked'} {cfg.root / 'demo_finetune'}", f"OUT={out}")
-    assert "demo_finetune" in out.read_text()
+    table = _Table()
+    table.feed(out.read_text())
+    rows = {r[0]: r for r in table.rows[1:] if r}
+    header = table.rows[0]
+    for stage in summary["stages"]:
+        totals = read_jsonl(Path(stage["run_dir"]) / "cost.jsonl")[-1]["stage_totals"]
+        row = rows[stage["name"]]
+        assert row[header.index("images seen")] == f"{totals['samples']:,.0f}"
+        assert row[header.index("FLOPs")] == f"{totals['flops']:.3g}"
+    both = [read_jsonl(Path(s["run_dir"]) / "cost.jsonl")[-1]["stage_totals"]["samples"] for s in summary["stages"]]
+    assert rows["total"][header.index("images seen")] == f"{sum(both):,.0f}"
 
 
-def test_make_bench_quick_writes_results():
-    make("bench", "QUICK=1")
-    results = REPO / "benchmarks" / "results"
-    train = json.loads((results / "train_quick.json").read_text())
-    assert {r["mask_ratio"] for r in train["runs"]} == {0.0, 0.5, 0.75} and train["moe"]["moe_over_dense"] > 0
-    assert json.loads((results / "sample_quick.json").read_text())["images_per_s"] > 0
+def test_make_bench_quick_writes_consistent_results_into_its_folder(tmp_path):
+    make("bench", "QUICK=1", f"BENCH_OUT={tmp_path}")
+    train = json.loads((tmp_path / "train_quick.json").read_text())
+    assert {r["mask_ratio"] for r in train["runs"]} == {0.0, 0.5, 0.75}
+    for r in train["runs"]:
+        overrides = {**QUICK, "patch_mixer_depth": 0} if r["masking"] == "naive" else QUICK
+        net = create_dit(r["preset"], latent_size=train["latent"], caption_dim=train["caption"][1], **overrides)
+        flops = train_flops_per_sample(net, train["latent"], train["caption"][0], r["mask_ratio"])
+        assert r["gflop_per_image"] == pytest.approx(flops / 1e9) and r["images_per_s"] == pytest.approx(
+            r["batch"] / r["seconds"])
+    sample = json.loads((tmp_path / "sample_quick.json").read_text())
+    net = create_dit(sample["preset"], latent_size=8, caption_dim=32, **QUICK)
+    assert sample["network_evaluations"] == 2 * sample["steps"] - 1 and sample["sampler"] == DEFAULTS.sampler
+    assert sample["gflop_per_image"] == pytest.approx(sample_flops_per_image(net, 8, 7, sample["steps"]) / 1e9)
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["convert_quick.json", "data_quick.json",
+                                                               "sample_quick.json", "train_quick.json"]
 
 
-def test_make_eval_coco_dry_run_and_lint():
-    assert "30000" in make("eval-coco", "CKPT=runs/res512_finetune", "DRY_RUN=1").stdout
+def test_make_eval_coco_dry_run_prints_the_protocol_and_lint_passes():
+    out = make("eval-coco", "CKPT=runs/res512_finetune", "DRY_RUN=1").stdout
+    plan = json.loads(out[out.index("{"):])
+    assert (plan["num"], plan["draw_seed"], plan["seed"], plan["model"]) == (30000, 2014, 0, "runs/res512_finetune")
+    assert plan["sampling"] == DEFAULTS.to_dict()
+    assert re.search(r"captions_val2014\.json$", plan["annotations"]) and plan["clip_model"] == "ViT-L-14"
     make("lint")

@@ -145,9 +145,11 @@ def test_reference_images_are_center_cropped(tmp_path):
 def test_export_from_checkpoint_and_sample_cli(tmp_path):
     from diffusers import AutoencoderKL
 
+    from micro_diffusion import load_exported
     from micro_diffusion.cli import main
-    from micro_diffusion.export import export_model, load_composer_checkpoint, load_exported
+    from micro_diffusion.exported import export_model
     from micro_diffusion.models import create_dit
+    from micro_diffusion.training.export import load_composer_checkpoint
 
     torch.manual_seed(0)
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
@@ -166,7 +168,7 @@ def test_export_from_checkpoint_and_sample_cli(tmp_path):
     net_state, ema_state = load_composer_checkpoint(ckpt)
     assert set(net_state) == set(net.state_dict()) and torch.allclose(ema_state["final.linear.weight"] - 0.5,
                                                                        net_state["final.linear.weight"], atol=1e-6)
-    config = {"preset": "MicroDiT_Tiny_2", "network": net.cfg.to_dict(), "recipe": "test",
+    config = {"preset": "MicroDiT_Tiny_2", "network": net.cfg.to_dict(), "recipe": "test", "sigma_data": 0.9,
               "encoders": {"vae": str(tmp_path / "vae"), "scaling_factor": 1.0, "latent_channels": 4, "downsample": 2,
                            "text_encoder": "minilm", "caption_len": 8, "caption_dim": 384, "resolutions": [16]}}
     null = np.random.default_rng(0).standard_normal((8, 384)).astype(np.float16)
@@ -185,7 +187,7 @@ def test_export_from_checkpoint_and_sample_cli(tmp_path):
     assert Image.open(tmp_path / "ema" / "00000.png").size == (16, 16)
     assert Image.open(tmp_path / "ema" / "grid.png").size == (32, 16)
     info = json.loads((tmp_path / "ema" / "prompts.json").read_text())
-    assert info["weights"] == "ema.safetensors" and info["settings"]["guidance"] == 3.0
+    assert info["weights"] == "ema.safetensors" and info["sampling"]["guidance"] == 3.0 and info["seed"] == 0
     a, b = (np.asarray(Image.open(tmp_path / d / "00000.png")) for d in ("ema", "raw"))
     assert not np.array_equal(a, b)  # EMA and raw weights really give different images
 
@@ -193,14 +195,14 @@ def test_export_from_checkpoint_and_sample_cli(tmp_path):
 # ---------------------------------------------------------------- sweeps
 def test_sweep_scores_each_point_once_with_relative_cost(tmp_path):
     from micro_diffusion.cost.flops import sample_flops_per_image
-    from micro_diffusion.eval.generate import SampleSettings
+    from micro_diffusion.diffusion.sampling import SamplingSettings
     from micro_diffusion.eval.sweep import point_name, sweep, sweep_configs
     from micro_diffusion.models import create_dit
 
     net = create_dit("MicroDiT_Tiny_2", latent_size=8, caption_dim=32, width=64, depth=2, head_dim=16,
                      patch_mixer_depth=1, patch_mixer_width=64)
     draw = draw_captions(fake_annotations(tmp_path / "ann.json"), num=6)
-    configs = sweep_configs(SampleSettings(guidance=5.0), [1.0, 5.0], ["heun:30", "euler:30", "dpmpp_2m:10"])
+    configs = sweep_configs(SamplingSettings(guidance=5.0), [1.0, 5.0], ["heun:30", "euler:30", "dpmpp_2m:10"])
     rendered, scored = [], []
 
     def make_render(s):

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import yaml
-from test_training_helpers import REPO
+from tiny_runs import REPO, write_shards
 
 from micro_diffusion.demo.pipeline import CAPTION_LEN
-from micro_diffusion.recipe import RecipeError, load_recipe, merge
+from micro_diffusion.recipe import SCHEMA, RecipeError, load_recipe, merge, missing_inputs, validate
 from micro_diffusion.training.run import check_inputs, plan_run
 
 RECIPES = REPO / "recipes"
@@ -58,8 +58,29 @@ def test_demo_recipes():
     assert (masked["model"]["caption_dim"], masked["model"]["caption_len"]) == (384, CAPTION_LEN)  # as precomputed
 
 
+def test_schema_defaults_are_what_base_yaml_states():
+    """One source of each default: base.yaml may restate the schema for readers, never disagree with it."""
+    base = yaml.safe_load((RECIPES / "base.yaml").read_text())
+
+    def differences(given, schema, where=""):
+        if isinstance(given, dict) and isinstance(schema, dict) and where not in ("scheduler", "algorithms"):
+            return [d for k, v in given.items() for d in differences(v, schema.get(k, KeyError(k)),
+                                                                      f"{where}.{k}".strip("."))]
+        return [] if given == schema else [f"{where}: base.yaml {given!r}, schema {schema!r}"]
+
+    assert differences(base, SCHEMA) == []
+    assert {k for k in SCHEMA if k not in ("base", "stage", "init_from", "init_checkpoint")} <= set(base)
+    with_base = RECIPES / "res256_masked.yaml"  # base: base.yaml, and its stage name
+    assert load_recipe(with_base) == validate({"stage": "res256_masked"})  # no base: the same recipe
+
+
 def test_merge_and_overrides():
     assert merge({"a": {"b": 1, "c": 2}, "l": [1]}, {"a": {"c": 3}, "l": [2]}) == {"a": {"b": 1, "c": 3}, "l": [2]}
+    # only the named sections (the scheduler) are replaced whole by a section that names a new entry
+    sched = {"scheduler": {"name": "cosine_warmup", "warmup": "5ba"}, "model": {"name": "a", "x": 1}}
+    merged = merge(sched, {"scheduler": {"name": "constant"}, "model": {"name": "b"}})
+    assert merged == {"scheduler": {"name": "constant"}, "model": {"name": "b", "x": 1}}
+    assert merge(sched, {"scheduler": {"warmup": "9ba"}})["scheduler"] == {"name": "cosine_warmup", "warmup": "9ba"}
     cfg = recipe("res256_masked", "optimizer.lr=1e-3", "train.max_duration=10ba", "algorithms.ema={smoothing: 0.9}")
     assert cfg["optimizer"]["lr"] == 1e-3 and cfg["train"]["max_duration"] == "10ba"
     assert cfg["algorithms"]["ema"] == {"smoothing": 0.9, "start": "0ba"}
@@ -107,6 +128,24 @@ def test_missing_data_and_previous_checkpoint_are_named(tmp_path):
     msg = str(err.value)
     assert f"{tmp_path}/sa1b/index.json" in msg and f"{tmp_path}/val/index.json" in msg
     assert f"{tmp_path}/runs/res256_masked/checkpoints/latest-rank0.pt does not exist" in msg
+
+
+def test_shards_that_do_not_fit_the_recipe_are_named(tmp_path):
+    write_shards(tmp_path / "latents", 4, cap_d=32)  # 8 x 32 caption tokens, 4 x 8 x 8 latents at 64 px
+    local = [f"data.root={tmp_path}", "data.streams=[{local: latents}]", "data.val_streams=[]", "eval.interval=null"]
+    cfg = recipe("res256_masked", *local, "data.resolution=64")
+    problems = missing_inputs(cfg, None)
+    enc, index = tmp_path / "latents" / "encoders.json", tmp_path / "latents" / "index.json"
+    assert f"data.streams[0]: {enc} has caption_len 8, the recipe's model.caption_len is 77" in problems
+    assert f"data.streams[0]: {enc} has caption_dim 32, the recipe's model.caption_dim is 1024" in problems
+    assert any(f"{index}: caption_emb holds (8, 32), the recipe expects (77, 1024)" in p for p in problems)
+    captions = ["model.caption_len=8", "model.caption_dim=32"]
+    assert missing_inputs(recipe("res256_masked", *local, "data.resolution=64", *captions), None) == []
+    other_res = missing_inputs(recipe("res256_masked", *local, *captions), None)
+    assert any("resolutions [64], the recipe's data.resolution is 256" in p for p in other_res)
+    assert any("no column 'latents_256' for resolution 256" in p for p in other_res)
+    with pytest.raises(RecipeError, match="caption_len 8"):
+        check_inputs(cfg, plan_run(cfg))
 
 
 def test_batch_split_and_cpu_limits():

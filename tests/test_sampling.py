@@ -5,7 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from micro_diffusion.diffusion.sampling import cfg_denoiser, guided_net_denoiser, karras_sigmas, sample, sampler_options
+from micro_diffusion.diffusion.edm import EDMPrecond
+from micro_diffusion.diffusion.sampling import (
+    SAMPLERS,
+    SamplingSettings,
+    cfg_denoiser,
+    generate_latents,
+    guided_denoiser,
+    image_seeds,
+    karras_sigmas,
+    network_evals,
+    sample,
+    sampler_options,
+)
 from micro_diffusion.models import create_dit
 
 MU, S = 0.7, 1.0  # data ~ N(MU, S^2 I)
@@ -57,7 +69,8 @@ def test_evaluation_counts_follow_steps():
     for name, evals in [("heun", 2 * 7 - 1), ("euler", 7), ("ddim", 7), ("dpmpp_2m", 7), ("stochastic", 13)]:
         d = Counting(ideal_denoiser)
         sample(d, noise(8), steps=7, sampler=name)
-        assert d.calls == evals, name
+        assert d.calls == evals == network_evals(7, name), name
+    assert set(SAMPLERS) == {"heun", "euler", "ddim", "dpmpp_2m", "stochastic"}  # every sampler has a count above
 
 
 def test_heun_beats_euler_at_equal_evaluations():
@@ -116,19 +129,39 @@ def test_cfg_math_and_interval():
         cfg_denoiser(cond, uncond, 2.0, interval=(2.0, 1.0))
 
 
-def test_guided_net_sampling_is_seeded_and_uses_null_caption():
+def tiny_denoiser() -> EDMPrecond:
     torch.manual_seed(0)
     net = create_dit("MicroDiT_Tiny_2", latent_size=8, caption_dim=32, width=64, depth=2, head_dim=16,
                      patch_mixer_depth=1, patch_mixer_width=64).eval()
     for p in net.parameters():  # zero-init output layers give D = c_skip x; perturb so captions matter
         p.data.add_(0.05 * torch.randn_like(p))
+    return EDMPrecond(net, sigma_data=0.9)
+
+
+def test_guided_net_sampling_is_seeded_and_uses_null_caption():
+    denoiser = tiny_denoiser()
     caps = torch.randn(2, 5, 32)
     null = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float16)
     n = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    d = guided_net_denoiser(net, caps, null, scale=4.0)
+    d = guided_denoiser(denoiser, caps, null, scale=4.0)
     a, b = sample(d, n, steps=3), sample(d, n, steps=3)
     assert a.shape == n.shape and torch.equal(a, b)
-    other_null = guided_net_denoiser(net, caps, null * 0, scale=4.0)
+    other_null = guided_denoiser(denoiser, caps, null * 0, scale=4.0)
     assert not torch.allclose(a, sample(other_null, n, steps=3))
     with pytest.raises(ValueError, match="null caption shape"):
-        guided_net_denoiser(net, caps, null[:4], scale=4.0)
+        guided_denoiser(denoiser, caps, null[:4], scale=4.0)
+
+
+@pytest.mark.parametrize("sampler", ["heun", "stochastic"])
+def test_image_k_depends_on_its_seed_alone_not_on_its_batch(sampler):
+    denoiser, settings = tiny_denoiser(), SamplingSettings(steps=3, guidance=3.0, sampler=sampler)
+    caps, null = torch.randn(4, 5, 32), torch.zeros(5, 32)
+    whole = generate_latents(denoiser, caps, null, settings, image_seeds(7, range(4)), (4, 8, 8))
+    tail = generate_latents(denoiser, caps[2:], null, settings, image_seeds(7, [2, 3]), (4, 8, 8))
+    # images 2 and 3 again, in a batch of their own: equal up to fp32 rounding of differently blocked products
+    assert (whole[2:] - tail).abs().max() <= 1e-4 * whole.abs().max()
+    other = generate_latents(denoiser, caps, null, settings, image_seeds(8, range(4)), (4, 8, 8))
+    assert not torch.allclose(whole, other)
+    assert len(set(image_seeds(7, range(100)))) == 100 and image_seeds(7, [5]) == image_seeds(7, range(6))[5:]
+    with pytest.raises(ValueError, match="3 seeds for 4"):
+        generate_latents(denoiser, caps, null, settings, image_seeds(7, range(3)), (4, 8, 8))

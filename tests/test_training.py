@@ -7,19 +7,23 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from composer.algorithms import EMA, GradientClipping
 from composer.core import Callback
 from PIL import Image
-from test_training_helpers import REPO, tiny_overrides, write_shards  # noqa: I001
+from tiny_runs import REPO, tiny_overrides, write_shards  # noqa: I001
 
-from micro_diffusion.diffusion.sampling import guided_net_denoiser, sample
+from micro_diffusion.cli import main as cli
+from micro_diffusion.diffusion.edm import EDMPrecond
+from micro_diffusion.diffusion.sampling import SamplingSettings, generate_latents, image_seeds
+from micro_diffusion.recipe import load_recipe
 from micro_diffusion.training.builder import build_trainer, moe_parameters
 from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
+from micro_diffusion.training.export import export_run
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss, image_grid
-from micro_diffusion.recipe import load_recipe
-from micro_diffusion.training.run import check_inputs, plan_run
+from micro_diffusion.training.run import check_inputs, plan_run, run_info, write_run_info
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +34,12 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def trainer_for(recipe: str, data_root: Path, runs: Path, *extra: str, callbacks=None, **kw):
+def trainer_for(recipe: str, data_root: Path, runs: Path, *extra: str, callbacks=None, write_info=False, **kw):
     cfg = load_recipe(REPO / "recipes" / f"{recipe}.yaml", tiny_overrides(data_root, runs, **kw) + list(extra))
     plan = plan_run(cfg)
     check_inputs(cfg, plan)
+    if write_info:  # config.yaml, as `micro-diffusion train` writes it before training: export reads it
+        write_run_info(run_info(cfg, plan), plan.run_dir)
     return build_trainer(cfg, plan, callbacks=callbacks), plan
 
 
@@ -87,6 +93,13 @@ def test_two_stages_masked_then_unmasked_loss_goes_down(data_root, tmp_path):
     t2.close()
 
 
+def test_every_recipe_scheduler_and_algorithm_has_a_builder():
+    from micro_diffusion.recipe import ALGORITHMS, SCHEDULERS
+    from micro_diffusion.training.builder import ALGORITHM_BUILDERS, SCHEDULER_BUILDERS
+
+    assert set(SCHEDULER_BUILDERS) == set(SCHEDULERS) and set(ALGORITHM_BUILDERS) == set(ALGORITHMS)
+
+
 def test_moe_group_clipping_and_schedules_read_back(data_root, tmp_path):
     probe = Probe()
     t, _ = trainer_for("res256_masked", data_root, tmp_path, "scheduler.warmup=4ba", "optimizer.lr=1e-3",
@@ -130,14 +143,16 @@ def test_ema_runs_and_sampling_uses_it(data_root, tmp_path):
     diff = max((ema_net.state_dict()[k] - raw[k]).abs().max().item() for k in raw)
     assert diff > 1e-4, "EMA weights must differ from the raw weights after training"
 
-    emb = torch.randn(2, 8, 32)
-    null = torch.zeros(8, 32)
-    x_ema = model.generate(emb, null, steps=3, guidance=2.0, seed=5, use_ema=True)
-    x_raw = model.generate(emb, null, steps=3, guidance=2.0, seed=5, use_ema=False)
-    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(5))
-    expected = sample(guided_net_denoiser(ema_net.eval(), emb, null, 2.0, sigma_data=0.9), noise, steps=3)
+    emb, null, seeds = torch.randn(2, 8, 32), torch.zeros(8, 32), image_seeds(5, range(2))
+    settings = SamplingSettings(steps=3, guidance=2.0)
+    model.eval()
+    with model.weights(use_ema=True):
+        x_ema = generate_latents(model.denoiser, emb, null, settings, seeds, (4, 8, 8))
+    with model.weights(use_ema=False):
+        x_raw = generate_latents(model.denoiser, emb, null, settings, seeds, (4, 8, 8))
+    expected = generate_latents(EDMPrecond(ema_net.eval(), 0.9), emb, null, settings, seeds, (4, 8, 8))
     assert torch.allclose(x_ema, expected, atol=1e-5) and not torch.allclose(x_ema, x_raw, atol=1e-4)
-    assert all(torch.equal(raw[k], v) for k, v in raw_state(t).items()), "generate must restore the weights"
+    assert all(torch.equal(raw[k], v) for k, v in raw_state(t).items()), "weights(...) must restore the weights"
     grid = image_grid(torch.tanh(x_ema[:, :3]))
     assert grid.shape == (8, 16, 3) and grid.dtype.name == "uint8"
     t.close()
@@ -215,7 +230,7 @@ def test_sample_grids_from_the_datasets_encoders(tmp_path):
     write_shards(tmp_path / "data" / "latents", 32, cap_d=384, vae=str(tmp_path / "vae"), text_encoder="minilm")
     t, plan = trainer_for("demo_masked", tmp_path / "data", tmp_path / "runs", "model.caption_dim=384",
                           "samples.interval=2ba", "samples.steps=2", "samples.prompts=[a red fox, a blue boat]",
-                          "algorithms.ema={smoothing: 0.5, start: 1ba}", steps=4)
+                          "algorithms.ema={smoothing: 0.5, start: 1ba}", steps=4, write_info=True)
     grid = next(cb for cb in t.state.callbacks if isinstance(cb, SampleGrid))
     assert tuple(grid.prompt_emb.shape) == (2, 8, 384)
     t.fit()
@@ -224,3 +239,14 @@ def test_sample_grids_from_the_datasets_encoders(tmp_path):
     assert names == ["ba2.png", "ba2_ema.png", "ba4.png", "ba4_ema.png"]
     with Image.open(Path(plan.run_dir) / "samples" / "ba4.png") as img:
         assert img.size == (32, 16)  # two 16 px images (8x8 latents, a 2x VAE) side by side
+
+    # image k of the last grid is image k of `micro-diffusion sample` on the exported run, same seed and weights
+    model_dir = export_run(plan.run_dir, tmp_path / "model")
+    for weights in ("raw", "ema"):
+        out = tmp_path / f"sampled_{weights}"
+        assert cli(["sample", "--model", str(model_dir), "--prompt", "a red fox", "--prompt", "a blue boat",
+                    "--steps", "2", "--seed", "0", f"--{weights}", "--save-latents", "--out", str(out)]) == 0
+        sampled = torch.from_numpy(np.load(out / "latents.npy"))
+        assert sampled.shape == grid.latest[weights].shape == (2, 4, 8, 8)
+        assert torch.allclose(sampled, grid.latest[weights], atol=1e-5), weights
+    assert not torch.allclose(grid.latest["raw"], grid.latest["ema"], atol=1e-3)

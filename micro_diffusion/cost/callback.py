@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,73 +25,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from .prices import detect_device_type, device_spec, measure_cpu_peak_tflops, usd_per_device_hour
-
-COST_FILE = "cost.jsonl"
-
-
-@dataclass
-class Totals:
-    """Cumulative spend and progress; device-hours are also kept per device type (a resume may change hardware)."""
-
-    wall_seconds: float = 0.0
-    device_hours: float = 0.0
-    usd: float = 0.0
-    samples: int = 0
-    flops: float = 0.0
-    lost_seconds: float = 0.0  # wall-clock of batches lost to an interruption and redone
-    by_device: dict[str, float] = field(default_factory=dict)
-
-    def plus(self, other: Totals) -> Totals:
-        """Sum of two ledgers."""
-        devices = dict(self.by_device)
-        for key, hours in other.by_device.items():
-            devices[key] = devices.get(key, 0.0) + hours
-        sums = {k: getattr(self, k) + getattr(other, k) for k in ("wall_seconds", "device_hours", "usd", "samples",
-                                                                   "flops", "lost_seconds")}
-        return Totals(**sums, by_device=devices)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready copy."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "totals") -> Totals:
-        """Totals from a dict of the same fields; unknown or missing fields are errors naming `source`."""
-        names = set(cls.__dataclass_fields__)
-        if set(data) != names:
-            raise ValueError(f"{source}: expected the fields {sorted(names)}, got {sorted(data)}")
-        return cls(**{**data, "by_device": dict(data["by_device"])})
-
-
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a JSON-lines file; a malformed line is an error naming the file and line."""
-    path, records = Path(path), []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not a JSON record ({err.msg})") from err
-    return records
-
-
-def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every record of a run folder's cost.jsonl (empty when the file is absent)."""
-    path = Path(run_dir) / COST_FILE
-    return read_jsonl(path) if path.exists() else []
-
-
-def load_carry_over(carry_over: str | Path | dict[str, Any] | None) -> Totals:
-    """Totals a stage starts from: nothing, a totals dict, or a previous run folder's last cost.jsonl record."""
-    if carry_over is None:
-        return Totals()
-    if isinstance(carry_over, dict):
-        return Totals.from_dict(carry_over, "carry_over")
-    records = read_records(carry_over)
-    if not records:
-        raise FileNotFoundError(f"carry_over: no {COST_FILE} records in {carry_over}")
-    return Totals.from_dict(records[-1]["total"], f"{Path(carry_over) / COST_FILE} (last record, 'total')")
+from .ledger import COST_FILE, Totals, load_carry_over, read_records
+from .prices import detect_device_type, device_spec, matmul_peak_tflops, usd_per_device_hour
 
 
 class CostCallback(Callback):
@@ -155,7 +89,7 @@ class CostCallback(Callback):
         self.price = usd_per_device_hour(self.device_type, self._price_override)
         peak = self._peak_override or spec.peak_tflops
         if peak is None:  # CPUs: a process's bf16 matmul peak, shared by its cores
-            peak = measure_cpu_peak_tflops() / per_process
+            peak = matmul_peak_tflops() / per_process
         self.peak_tflops = float(peak)
         self._last_tick = self.clock()
 

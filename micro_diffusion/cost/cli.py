@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from .estimate import estimate_recipe, format_table, total_of
 from .prices import DEVICES
+from .report import write_report
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from .estimate import estimate_recipe, format_table, total_of
-
     stages = [estimate_recipe(path, args.set, args.devices, args.device_type, args.mfu, args.usd_per_device_hour)
               for path in args.recipes]
     total = total_of(stages, args.devices)
@@ -26,8 +26,6 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
-
     print(write_report(args.run_dirs, args.out))
     return 0
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..models import create_dit
+from ..recipe import latent_size, load_recipe
 from .flops import train_flops_per_sample
 from .prices import device_spec, usd_per_device_hour
 
@@ -82,9 +83,7 @@ def steps_of(max_duration: str | int, global_batch: int, where: str) -> int:
 
 def estimate_recipe(path: str | os.PathLike, overrides: list[str], devices: int, device_type: str, mfu: float,
                     usd_per_hour: float | None = None) -> StageEstimate:
-    """Estimate one stage from its recipe file (the training package's loader, with `key.sub=value` overrides)."""
-    from ..recipe import latent_size, load_recipe
-
+    """Estimate one stage from its recipe file (the recipe loader, with `key.sub=value` overrides)."""
     cfg = load_recipe(path, overrides)
     model, train = cfg["model"], cfg["train"]
     batch = int(train["global_batch"])

@@ -8,21 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..diffusion.sampling import DEFAULTS, network_evals
 from ..models.attention import CrossAttention, SelfAttention
 from ..models.blocks import DiTBlock, FinalLayer
 from ..models.dit import MicroDiT
 from ..models.embeddings import CaptionBlock, CaptionEmbed, NoiseEmbed, PatchEmbed
 from ..models.ffn import ExpertChoiceMoE, SwiGLU
 from ..models.masking import num_kept
-
-# Network evaluations per image for `steps` noise levels (the samplers of micro_diffusion.diffusion.sampling).
-SAMPLER_EVALS = {
-    "heun": lambda steps: 2 * steps - 1,
-    "euler": lambda steps: steps,
-    "ddim": lambda steps: steps,
-    "stochastic": lambda steps: 2 * steps - 1,
-    "dpmpp_2m": lambda steps: steps,
-}
+from ..models.patches import patch_grid
 
 
 def _linear(lin: nn.Module, tokens: int) -> int:
@@ -91,11 +84,8 @@ def _final_flops(final: FinalLayer, tokens: int) -> int:
 
 
 def _grid_tokens(net: MicroDiT, latent_size: int | tuple[int, int]) -> int:
-    h, w = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(latent_size)
-    p = net.patch_size
-    if h % p or w % p:
-        raise ValueError(f"latent size {(h, w)} is not a multiple of the patch size {p}")
-    return (h // p) * (w // p)
+    gh, gw = patch_grid(latent_size, net.patch_size)
+    return gh * gw
 
 
 def forward_flops_breakdown(
@@ -131,27 +121,18 @@ def forward_flops(
 
 
 def train_flops_per_sample(
-    net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77, mask_ratio: float = 0.75
+    net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77, mask_ratio: float = 0.0
 ) -> int:
     """Forward plus backward FLOPs of one training sample (backward counted as twice the forward)."""
     return 3 * forward_flops(net, latent_size, caption_len, mask_ratio)
-
-
-def network_evals(steps: int, sampler: str = "heun") -> int:
-    """Network evaluations one image costs with `sampler` over `steps` noise levels, without guidance."""
-    if sampler not in SAMPLER_EVALS:
-        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLER_EVALS)}")
-    if steps < 1:
-        raise ValueError(f"steps must be positive, got {steps}")
-    return SAMPLER_EVALS[sampler](steps)
 
 
 def sample_flops_per_image(
     net: MicroDiT,
     latent_size: int | tuple[int, int] = 32,
     caption_len: int = 77,
-    steps: int = 30,
-    sampler: str = "heun",
+    steps: int = DEFAULTS.steps,
+    sampler: str = DEFAULTS.sampler,
     guidance: bool = True,
 ) -> int:
     """Forward FLOPs of sampling one image: evaluations x unmasked forward, doubled by classifier-free guidance."""

@@ -75,15 +75,27 @@ def usd_per_device_hour(device_type: str, override: float | None = None) -> floa
     return price
 
 
-def measure_cpu_peak_tflops(seconds: float = 0.25, size: int = 1024) -> float:
-    """This process's bf16 matmul throughput in TFLOP/s, timed over about `seconds` after one warm-up product."""
-    a = torch.randn(size, size, dtype=torch.bfloat16)
-    b = torch.randn(size, size, dtype=torch.bfloat16)
+def matmul_peak_tflops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, size: int = 1024,
+                       seconds: float = 0.25) -> float:
+    """Achieved TFLOP/s of size^3 matrix products in dtype on device, over about `seconds` after one warm-up product.
+
+    The practical peak utilisation is measured against on CPUs (the ledger, the benchmarks' share of peak).
+    """
+    device = torch.device(device)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     torch.mm(a, b)  # warm-up: first calls pick kernels and allocate
+    sync()
     runs, start = 0, time.perf_counter()
     while True:
         torch.mm(a, b)
         runs += 1
+        sync()
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return runs * 2 * size**3 / elapsed / 1e12

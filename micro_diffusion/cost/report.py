@@ -20,7 +20,8 @@ matplotlib.use("Agg")  # files only: no display on training nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .callback import read_jsonl, read_records  # noqa: E402
+from ..utils.jsonl import read_jsonl  # noqa: E402
+from .ledger import read_records  # noqa: E402
 
 TRAIN_LOSS = "loss/train/total"  # the key Composer gives the training loss
 

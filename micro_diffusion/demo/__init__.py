@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+DEFAULT_ROOT = Path("runs/demo")  # where `make demo` and `micro-diffusion demo` write unless told otherwise
+
 
 def demo_vae_path() -> Path:
     """Folder of the small demo AutoencoderKL (diffusers `save_pretrained` layout), shipped as package data."""

@@ -1,6 +1,6 @@
 """The CPU demo: the whole pipeline end to end on the embedded shapes dataset, everything under one folder.
 
-    micro-diffusion demo [--root runs/demo] [--fresh]        (what `make demo` runs)
+    micro-diffusion demo [--root runs/demo] [--fresh] [--quick]        (what `make demo` runs)
 
 Steps: generate captioned shape scenes -> convert to MDS -> precompute latents (the committed demo VAE) and caption
 embeddings (the packaged MiniLM) -> train demo_masked (75% deferred masking) then demo_finetune (unmasked) -> export ->
@@ -17,7 +17,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import demo_vae_path
+import numpy as np
+from PIL import Image
+
+from data_prep import convert, precompute
+from micro_diffusion.cost.report import write_report
+from micro_diffusion.diffusion.sampling import SamplingSettings
+from micro_diffusion.eval.coco import generate_missing, image_name
+from micro_diffusion.eval.fid import fid_kid
+from micro_diffusion.eval.generate import TextToImage
+from micro_diffusion.recipe import load_recipe
+from micro_diffusion.training.cli import train
+from micro_diffusion.training.export import export_run
+from micro_diffusion.utils.images import grid
+from micro_diffusion.utils.jsonl import read_jsonl
+
+from . import DEFAULT_ROOT, demo_vae_path
+from .reader import caption_match, shuffled_match
 from .shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
 
 MARKER = ".micro_diffusion_demo"  # identifies a folder this demo made: --fresh deletes nothing else
@@ -29,7 +45,7 @@ LOSS_WINDOW = 10  # loss_first / loss_last average this many logged batches
 class DemoConfig:
     """Sizes and settings of one demo run (defaults: the full demo; tests shrink them)."""
 
-    root: Path = Path("runs/demo")
+    root: Path = DEFAULT_ROOT
     train_images: int = 4000
     heldout_images: int = 256  # real images for FID and the reader's trust check; captions for generation
     grid_images: int = 24
@@ -71,8 +87,6 @@ def _step(root: Path, name: str, fn: Callable[[], Any], log: list[str]) -> tuple
 
 def make_data(cfg: DemoConfig) -> dict:
     """Scenes as a captioned folder, converted to MDS, then encoded to latents and caption embeddings."""
-    from data_prep import convert, precompute
-
     data = cfg.root / "data"
     write_folder(data / "images", cfg.train_images, seed=TRAIN_SEED)
     write_folder(data / "heldout", cfg.heldout_images, seed=HELDOUT_SEED)
@@ -87,22 +101,16 @@ def make_data(cfg: DemoConfig) -> dict:
 
 
 def train_stage(cfg: DemoConfig, recipe: str) -> dict:
-    """Train one demo stage with `micro-diffusion train` and read back its loss and cost."""
-    from micro_diffusion.cli import main as cli
-
+    """Train one demo stage as `micro-diffusion train` does and read back its loss and cost."""
     overrides = [f"runs_root={cfg.root}", f"data.root={cfg.root / 'data'}", *cfg.train_overrides]
-    if cli(["train", recipe, *overrides]) != 0:
+    if train(recipe, overrides) != 0:
         raise RuntimeError(f"training {recipe} failed")
-    from micro_diffusion.recipe import load_recipe
-
     stage = load_recipe(recipe, overrides)
     return stage_summary(cfg.root / stage["stage"], stage)
 
 
 def stage_summary(run_dir: Path, stage: dict) -> dict:
     """Name, steps, mask ratio, first and last training loss, device-hours and dollars of a finished run."""
-    from micro_diffusion.cost.callback import read_jsonl
-
     losses = [row["loss/train/total"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss/train/total" in row]
     if not losses:
         raise RuntimeError(f"{run_dir / 'metrics.jsonl'} has no training loss")
@@ -122,34 +130,22 @@ def heldout_captions(cfg: DemoConfig) -> tuple[list[Path], list[str]]:
 
 def generate(cfg: DemoConfig, model_dir: Path) -> dict:
     """Images for every held-out caption (evaluation) and a grid of the first few (the README's picture)."""
-    from PIL import Image
-
-    from micro_diffusion.eval.coco import generate_missing, image_name
-    from micro_diffusion.eval.generate import Generator, SampleSettings, grid
-
-    settings = SampleSettings(steps=cfg.sample_steps, guidance=cfg.guidance, sampler=cfg.sampler, seed=cfg.seed)
+    settings = SamplingSettings(steps=cfg.sample_steps, guidance=cfg.guidance, sampler=cfg.sampler)
     _, captions = heldout_captions(cfg)
     out = cfg.root / "eval" / "generated"
-    generate_missing([{"index": i, "caption": c} for i, c in enumerate(captions)], out, Generator(model_dir, settings),
-                     batch_size=64)
+    render = TextToImage(model_dir, settings, cfg.seed)
+    generate_missing([{"index": i, "caption": c} for i, c in enumerate(captions)], out, render, batch_size=64)
     tiles = [Image.open(out / image_name(i)).convert("RGB").resize((96, 96), Image.Resampling.NEAREST)
              for i in range(min(cfg.grid_images, len(captions)))]
     samples = cfg.root / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     grid(tiles, cols=8).save(samples / "grid.png")
     (samples / "grid_captions.txt").write_text("\n".join(captions[: len(tiles)]) + "\n", encoding="utf-8")
-    return {"generated": str(out), "grid": "samples/grid.png", "settings": settings.to_dict()}
+    return {"generated": str(out), "grid": "samples/grid.png", "settings": {**settings.to_dict(), "seed": cfg.seed}}
 
 
 def evaluate(cfg: DemoConfig, generated: Path) -> dict:
     """Caption match of generated images (with chance and the reader's score on real images) and FID."""
-    import numpy as np
-    from PIL import Image
-
-    from micro_diffusion.eval.fid import fid_kid
-
-    from .reader import caption_match, shuffled_match
-
     real_paths, captions = heldout_captions(cfg)
     labels = [parse_caption(c) for c in captions]
     gen_paths = sorted(generated.glob("*.png"))
@@ -193,8 +189,6 @@ def run_demo(cfg: DemoConfig) -> dict:
               for name, recipe in (("train_masked", cfg.masked_recipe), ("train_finetune", cfg.finetune_recipe))]
 
     def export() -> dict:
-        from micro_diffusion.export import export_run
-
         return {"model": str(export_run(stages[-1]["run_dir"], root / "model"))}
 
     model = step("export", export)
@@ -202,8 +196,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     metrics = step("evaluate", lambda: evaluate(cfg, Path(samples["generated"])))
     (Path(stages[-1]["run_dir"]) / "eval.json").write_text(json.dumps(
         {"fid": metrics["fid"]["value"], "caption_match": metrics["caption_match"]["value"]}) + "\n")
-
-    from micro_diffusion.cost.report import write_report
 
     report = write_report([s["run_dir"] for s in stages], out=root / "report.html")
     reused = {line.split(":")[0] for line in log if line.endswith("reused")}
@@ -231,18 +223,3 @@ def _print_summary(summary: dict, root: Path) -> None:
     print(f"[demo] dashboard    {root / summary['report']}")
     print(f"[demo] model        {summary['model']}")
     print(f"[demo] summary      {root / 'summary.json'}")
-
-
-def register(subparsers) -> None:
-    """Add the `demo` subcommand."""
-    p = subparsers.add_parser("demo", help="the whole pipeline end to end on CPU on the embedded shapes dataset")
-    p.add_argument("--root", type=Path, default=DemoConfig.root, help="output folder (default runs/demo)")
-    p.add_argument("--fresh", action="store_true", help="delete the demo folder first and start over")
-    p.add_argument("--quick", action="store_true", help="every step at a tiny size: checks the pipeline in a minute")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    cfg = DemoConfig.quick(args.root, args.fresh) if args.quick else DemoConfig(root=args.root, fresh=args.fresh)
-    run_demo(cfg)
-    return 0

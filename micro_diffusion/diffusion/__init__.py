@@ -1,6 +1,6 @@
-"""Diffusion math only: EDM preconditioning and loss, noise schedules, samplers and guidance."""
-from .edm import SIGMA_DATA, c_in, c_noise, c_out, c_skip, denoise, edm_loss, loss_weight, masked_mse, training_sigmas
+"""Diffusion math only: the EDM denoiser and its loss, noise schedules, samplers, guidance, the sampling path."""
+from .edm import SIGMA_DATA, EDMPrecond
+from .sampling import DEFAULTS, SamplingSettings, cfg_denoiser, generate_latents, image_seeds, sample
 
-__all__ = ["SIGMA_DATA", "c_in", "c_noise", "c_out", "c_skip", "denoise", "edm_loss", "loss_weight", "masked_mse",
-           "training_sigmas"]
-from .sampling import cfg_denoiser, sample  # noqa: E402,F401
+__all__ = ["DEFAULTS", "SIGMA_DATA", "EDMPrecond", "SamplingSettings", "cfg_denoiser", "generate_latents",
+           "image_seeds", "sample"]

@@ -1,8 +1,10 @@
 """EDM (Karras et al. 2022): preconditioning, training noise levels and the masked loss, as the paper writes them."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 SIGMA_DATA = 0.9  # std of SDXL-VAE latents after the VAE's scaling factor
 
@@ -40,41 +42,53 @@ def training_sigmas(
     return (torch.randn(n, generator=generator, device=gen_device).to(device) * p_std + p_mean).exp()
 
 
-def _bc(v: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, 1, 1, 1)  # (N,) -> (N, 1, 1, 1)
+def per_sample(v: torch.Tensor) -> torch.Tensor:
+    """(N,) per-sample scalars -> (N, 1, 1, 1), to scale (N, C, H, W) latents."""
+    return v.reshape(-1, 1, 1, 1)
 
 
-def denoise(net, x: torch.Tensor, sigma: torch.Tensor, caption_tokens: torch.Tensor, sigma_data: float = SIGMA_DATA,
-            mask_ratio: float = 0.0, generator: torch.Generator | None = None):
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise): returns (D, mask) with the network's (N, T) mask or None."""
-    sigma = sigma.float().reshape(-1)  # (N,)
-    out = net(_bc(c_in(sigma, sigma_data)).to(x.dtype) * x, c_noise(sigma), caption_tokens, mask_ratio, generator)
-    return _bc(c_skip(sigma, sigma_data)) * x + _bc(c_out(sigma, sigma_data)) * out.sample.float(), out.mask
-
-
-def patch_mask_to_pixels(mask: torch.Tensor, grid: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """(N, T) patch mask, row-major over the patch grid -> (N, 1, H, W) pixel mask of the latent."""
-    m = mask.reshape(mask.shape[0], 1, *grid).float()  # (N, 1, h, w)
-    return F.interpolate(m, scale_factor=patch_size, mode="nearest")  # (N, 1, H, W)
-
-
-def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, patch_size: int) -> torch.Tensor:
-    """Per-sample mean squared error over kept patches only (all patches when mask is None): (N,)."""
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample mean squared error over the pixels where keep is 1 (all pixels when keep is None): (N,)."""
     err = (pred.float() - target.float()) ** 2  # (N, C, H, W)
-    if mask is None:
+    if keep is None:
         return err.mean(dim=(1, 2, 3))
-    grid = (pred.shape[2] // patch_size, pred.shape[3] // patch_size)
-    keep = 1.0 - patch_mask_to_pixels(mask, grid, patch_size)  # (N, 1, H, W), 1 where the patch was kept
     return (err * keep).sum(dim=(1, 2, 3)) / (keep.sum(dim=(1, 2, 3)) * pred.shape[1])
 
 
-def edm_loss(net, x0: torch.Tensor, caption_tokens: torch.Tensor, p_mean: float = -0.6, p_std: float = 1.2,
-             sigma_data: float = SIGMA_DATA, mask_ratio: float = 0.0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """EDM training loss: E[lambda(sigma) || D(x0 + sigma n; sigma) - x0 ||^2], over unmasked patches only."""
-    sigma = training_sigmas(x0.shape[0], p_mean, p_std, x0.device, generator)  # (N,)
-    gen_device = generator.device if generator is not None else x0.device
-    noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device, x0.dtype)  # (N, C, H, W)
-    denoised, mask = denoise(net, x0 + _bc(sigma).to(x0.dtype) * noise, sigma, caption_tokens, sigma_data,
-                             mask_ratio, generator)
-    return (loss_weight(sigma, sigma_data) * masked_mse(denoised, x0, mask, net.patch_size)).mean()
+class EDMPrecond(nn.Module):
+    """The denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) around a network F (EDM, Table 1).
+
+    It owns sigma_data and the EDM loss; keyword arguments for the network (its mask ratio, its patch draw's
+    generator) pass through untouched, so the math never depends on how the network is built. The network returns
+    an object with `.sample` (N, C, H, W) and `.keep` ((N, 1, H, W) weights of the pixels it predicted, or None).
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA):
+        super().__init__()
+        self.net, self.sigma_data = net, float(sigma_data)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, **net_kwargs: Any) -> torch.Tensor:
+        """D(x; sigma) for latents x (N, C, H, W), noise levels sigma (N,) or 0-d, conditioning cond (N, L, D)."""
+        return self.denoise(x, sigma, cond, **net_kwargs)[0]
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor,
+                **net_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D(x; sigma) (float32) and the network's keep weights (N, 1, H, W), None when it dropped nothing."""
+        sd = self.sigma_data
+        sigma = sigma.float().reshape(-1).expand(x.shape[0])  # (N,)
+        out = self.net(per_sample(c_in(sigma, sd)).to(x.dtype) * x, c_noise(sigma), cond, **net_kwargs)
+        return per_sample(c_skip(sigma, sd)) * x + per_sample(c_out(sigma, sd)) * out.sample.float(), out.keep
+
+    def loss(self, x0: torch.Tensor, cond: torch.Tensor, p_mean: float, p_std: float,
+             noise_generator: torch.Generator | None = None, **net_kwargs: Any) -> torch.Tensor:
+        """EDM training loss E[lambda(sigma) || D(x0 + sigma n; sigma) - x0 ||^2] over the pixels the network kept.
+
+        Noise levels and noise come from `noise_generator` (the global RNG when None), separate from any generator
+        the network's keyword arguments carry, so the two draws can be seeded independently.
+        """
+        sigma = training_sigmas(x0.shape[0], p_mean, p_std, x0.device, noise_generator)  # (N,)
+        gen_device = noise_generator.device if noise_generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=noise_generator, device=gen_device).to(x0.device, x0.dtype)
+        x = x0 + per_sample(sigma).to(x0.dtype) * noise  # (N, C, H, W)
+        denoised, keep = self.denoise(x, sigma, cond, **net_kwargs)
+        return (loss_weight(sigma, self.sigma_data) * masked_mse(denoised, x0, keep)).mean()

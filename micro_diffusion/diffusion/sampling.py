@@ -1,22 +1,45 @@
-"""Samplers for the EDM probability-flow ODE/SDE, as plain functions sharing one signature, plus guidance.
+"""Samplers for the EDM probability-flow ODE/SDE, as plain functions sharing one signature, guidance, and the one
+function every caller samples latents with (`generate_latents`).
 
 Every sampler is called as `fn(denoiser, x, sigmas, generator, **options)`: `x` is the starting point already scaled to
 sigmas[0], `sigmas` the decreasing noise levels with a trailing 0 (steps+1 values). The denoiser is called as
 `denoiser(x, sigma)` with x (N, C, H, W) float32 and sigma a float32 tensor of shape (N,) (one level per sample, all
-equal here), and returns D(x; sigma), the EDM denoised estimate, of the shape of x.
+equal here), and returns D(x; sigma), the EDM denoised estimate, of the shape of x. `generator` is a
+torch.Generator, or one per sample (image k's draws then do not depend on the other images of its batch).
 """
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from .edm import SIGMA_DATA, denoise
+from ..utils.seeds import derive_seed
+from .edm import EDMPrecond
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Noise = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How an image is sampled besides its caption and seed; the defaults are the released model's."""
+
+    steps: int = 30  # noise levels (Heun spends 2*steps-1 network evaluations)
+    guidance: float = 5.0  # classifier-free guidance scale; 1 turns guidance off
+    sampler: str = "heun"
+    guidance_interval: tuple[float, float] | None = None  # guide only for sigma in [lo, hi]
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-ready copy."""
+        return asdict(self)
+
+
+DEFAULTS = SamplingSettings()  # the one source of the sampling defaults (CLI, recipes, callbacks, FLOP counts)
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -33,14 +56,17 @@ def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Ten
     return denoiser(x, sigma.expand(x.shape[0])).float()
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise of x's shape, drawn on the generator's device so seeds agree across devices."""
+def _randn_like(x: torch.Tensor, generator: Noise) -> torch.Tensor:
+    """Standard normal noise of x's shape, drawn on the generator's device (per sample for a list of generators)."""
+    if isinstance(generator, Sequence):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device).to(x.device, x.dtype)
+                            for g in generator])
     gen_device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=gen_device).to(x.device, x.dtype)
 
 
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: Noise = None) -> torch.Tensor:
     """Euler's method on the EDM probability-flow ODE (= DDIM in sigma space); one evaluation per noise level."""
     for i in range(len(sigmas) - 1):
         d = (x - _call(denoiser, x, sigmas[i])) / sigmas[i]  # dx/dsigma = (x - D(x; sigma)) / sigma (EDM eq. 3)
@@ -49,7 +75,7 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Noise = None) -> torch.Tensor:
     """EDM Algorithm 1: Heun's 2nd-order method on the probability-flow ODE; 2*steps-1 evaluations."""
     for i in range(len(sigmas) - 1):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
@@ -68,7 +94,7 @@ def _heun_step(denoiser: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, t_next:
 
 
 def sample_stochastic(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                      generator: torch.Generator | None = None, S_churn: float = 40.0, S_min: float = 0.05,
+                      generator: Noise = None, S_churn: float = 40.0, S_min: float = 0.05,
                       S_max: float = 50.0, S_noise: float = 1.003) -> torch.Tensor:
     """EDM Algorithm 2: stochastic sampling (noise churn, then a Heun step); defaults are EDM's ImageNet-64 settings."""
     steps = len(sigmas) - 1
@@ -84,7 +110,7 @@ def sample_stochastic(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
 
 
 def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: Noise = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in sigma space; one evaluation per noise level."""
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
@@ -110,6 +136,23 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "stochastic": sample_stochastic,
     "dpmpp_2m": sample_dpmpp_2m,
 }
+# Network evaluations per image for `steps` noise levels, without guidance (it doubles them).
+EVALUATIONS: dict[str, Callable[[int], int]] = {
+    "heun": lambda steps: 2 * steps - 1,
+    "euler": lambda steps: steps,
+    "ddim": lambda steps: steps,
+    "stochastic": lambda steps: 2 * steps - 1,
+    "dpmpp_2m": lambda steps: steps,
+}
+
+
+def network_evals(steps: int, sampler: str = DEFAULTS.sampler) -> int:
+    """Network evaluations one image costs with `sampler` over `steps` noise levels, without guidance."""
+    if sampler not in EVALUATIONS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(EVALUATIONS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be positive, got {steps}")
+    return EVALUATIONS[sampler](steps)
 
 
 def sampler_options(sampler: str) -> dict[str, object]:
@@ -121,8 +164,8 @@ def sampler_options(sampler: str) -> dict[str, object]:
 
 
 @torch.no_grad()
-def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = 30, sampler: str = "heun", sigma_min: float = 0.002,
-           sigma_max: float = 80.0, rho: float = 7.0, generator: torch.Generator | None = None,
+def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULTS.steps, sampler: str = DEFAULTS.sampler,
+           sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, generator: Noise = None,
            **options) -> torch.Tensor:
     """Integrate from standard-normal `noise` (N, C, H, W) to a sample x0 (float32) over `steps` noise levels.
 
@@ -165,25 +208,42 @@ def cfg_denoiser(denoiser_cond: Denoiser, denoiser_uncond: Denoiser, scale: floa
     return guided
 
 
-def net_denoiser(net: torch.nn.Module, caption_tokens: torch.Tensor, sigma_data: float = SIGMA_DATA) -> Denoiser:
-    """D(x; sigma) of a MicroDiT through the EDM preconditioning, conditioned on caption tokens (N, L, D)."""
-    def d(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return denoise(net, x, sigma, caption_tokens, sigma_data)[0]
-
-    return d
+def conditioned(denoiser: EDMPrecond, cond: torch.Tensor) -> Denoiser:
+    """The sampler's (x, sigma) -> D view of an EDM denoiser with its conditioning (N, L, D) fixed."""
+    return lambda x, sigma: denoiser(x, sigma, cond)
 
 
-def guided_net_denoiser(net: torch.nn.Module, caption_tokens: torch.Tensor, null_caption: torch.Tensor | np.ndarray,
-                        scale: float, interval: tuple[float, float] | None = None,
-                        sigma_data: float = SIGMA_DATA) -> Denoiser:
-    """CFG over a MicroDiT: the unconditional branch uses the null caption (L, D) that caption dropout trains on."""
+def guided_denoiser(denoiser: EDMPrecond, cond: torch.Tensor, null_caption: torch.Tensor | np.ndarray, scale: float,
+                    interval: tuple[float, float] | None = None) -> Denoiser:
+    """CFG over an EDM denoiser; the unconditional branch uses the null caption (L, D) caption dropout trains on."""
     null = torch.as_tensor(np.asarray(null_caption, dtype=np.float32) if isinstance(null_caption, np.ndarray)
-                           else null_caption).to(caption_tokens.device, caption_tokens.dtype)
-    if null.shape != caption_tokens.shape[1:]:
+                           else null_caption).to(cond.device, cond.dtype)
+    if null.shape != cond.shape[1:]:
         raise ValueError(f"null caption shape {tuple(null.shape)} does not match caption tokens "
-                         f"{tuple(caption_tokens.shape[1:])}")
-    uncond = null.unsqueeze(0).expand_as(caption_tokens)  # (N, L, D)
+                         f"{tuple(cond.shape[1:])}")
     if scale == 1.0:  # D_u + 1 (D_c - D_u) = D_c: skip the unconditional evaluations
-        return net_denoiser(net, caption_tokens, sigma_data)
-    return cfg_denoiser(net_denoiser(net, caption_tokens, sigma_data), net_denoiser(net, uncond, sigma_data),
-                        scale, interval)
+        return conditioned(denoiser, cond)
+    uncond = null.unsqueeze(0).expand_as(cond)  # (N, L, D)
+    return cfg_denoiser(conditioned(denoiser, cond), conditioned(denoiser, uncond), scale, interval)
+
+
+def image_seeds(seed: int, indices: Sequence[int]) -> list[int]:
+    """Per-image seeds of a run seeded `seed`: image k's seed depends on (seed, k) alone, never on its batch."""
+    return [derive_seed(seed, int(k)) for k in indices]
+
+
+@torch.no_grad()
+def generate_latents(denoiser: EDMPrecond, cond: torch.Tensor, null_caption: torch.Tensor | np.ndarray,
+                     settings: SamplingSettings, seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Latents (N, C, H, W) for caption embeddings cond (N, L, D): the one sampling path of the project.
+
+    Image k starts from noise drawn on the CPU from seeds[k] (the same on any device) and draws its stochastic-sampler
+    noise from a generator of its own, so it is reproduced from its seed in any batch, on any caller. The caller
+    chooses the weights, the train/eval mode of the network and the precision (autocast) around this call.
+    """
+    if len(seeds) != cond.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {cond.shape[0]} caption embeddings")
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])  # (N, C, H, W)
+    churn = [torch.Generator().manual_seed(derive_seed(s, 1)) for s in seeds]
+    guided = guided_denoiser(denoiser, cond, null_caption, settings.guidance, settings.guidance_interval)
+    return sample(guided, noise.to(cond.device), steps=settings.steps, sampler=settings.sampler, generator=churn)

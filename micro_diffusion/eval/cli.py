@@ -5,35 +5,45 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
+from tqdm import tqdm
 
-def _settings(args: argparse.Namespace):
-    from .generate import SampleSettings
+from ..diffusion.sampling import DEFAULTS, SAMPLERS, SamplingSettings
+from ..utils.images import grid, save_atomic, to_pil
+from .coco import evaluate_coco, rank_world
+from .fid import fid_kid
+from .generate import TextToImage
+from .sweep import run_sweep
 
+
+def _settings(args: argparse.Namespace) -> SamplingSettings:
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
-    return SampleSettings(steps=args.steps, guidance=args.guidance, sampler=args.sampler, seed=args.seed,
-                          guidance_interval=interval, use_ema=False if args.raw else None)
+    return SamplingSettings(steps=args.steps, guidance=args.guidance, sampler=args.sampler, guidance_interval=interval)
+
+
+def _use_ema(args: argparse.Namespace) -> bool | None:
+    """--ema: EMA weights (an error when the export has none); --raw: raw weights; neither: EMA when present."""
+    return True if args.ema else False if args.raw else None
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=30, help="noise levels (Heun spends 2*steps-1 evaluations)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="noise levels (Heun spends 2*steps-1 evaluations)")
+    p.add_argument("--guidance", type=float, default=DEFAULTS.guidance,
+                   help="classifier-free guidance scale (1 = none)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
                    help="apply guidance only for sigma in [lo, hi]")
-    p.add_argument("--sampler", default="heun", help="heun, euler, ddim, stochastic or dpmpp_2m")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--raw", action="store_true", help="use the raw weights even when the export has EMA weights")
+    p.add_argument("--sampler", default=DEFAULTS.sampler, choices=sorted(SAMPLERS))
+    p.add_argument("--seed", type=int, default=0, help="image k uses the seed of (SEED, k), as training grids do")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--raw", action="store_true", help="the raw weights, even when the export has EMA weights")
+    weights.add_argument("--ema", action="store_true", help="the EMA weights (an error when the export has none)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=16)
 
 
-def _device(args: argparse.Namespace) -> str:
-    import torch
-
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _export(args: argparse.Namespace) -> int:
-    from ..export import export_run
+    from ..training.export import export_run  # imports Composer (seconds): only this command needs it
 
     out = export_run(args.run_or_checkpoint, args.out, args.config)
     print(f"exported {args.run_or_checkpoint} -> {out}")
@@ -53,30 +63,28 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .generate import Generator, grid, save_atomic
-
-    prompts, settings = _read_prompts(args), _settings(args)
-    gen = Generator(args.model, settings, _device(args))
+    prompts = _read_prompts(args)
+    render = TextToImage(args.model, _settings(args), args.seed, _use_ema(args), args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = []
+    images, latents = [], []
     for i in tqdm(range(0, len(prompts), args.batch_size), desc="sample"):
         idx = list(range(i, min(i + args.batch_size, len(prompts))))
-        images += gen([prompts[j] for j in idx], idx)
+        z = render.latents([prompts[j] for j in idx], idx)  # (B, C, h, w)
+        latents.append(z.float().cpu())
+        images += to_pil(render.vae.decode(z))
     for j, im in enumerate(images):
         save_atomic(im, out / f"{j:05d}.png")
     grid(images).save(out / "grid.png")
-    (out / "prompts.json").write_text(json.dumps({"model": str(args.model), "weights": gen.config["weights_file"],
-                                                  "prompts": prompts, "settings": settings.to_dict()}, indent=2))
+    if args.save_latents:
+        np.save(out / "latents.npy", torch.cat(latents).numpy())
+    (out / "prompts.json").write_text(json.dumps({"model": str(args.model), **render.record(), "prompts": prompts},
+                                                 indent=2))
     print(f"wrote {len(images)} images and grid.png to {out}")
     return 0
 
 
 def _eval_fid(args: argparse.Namespace) -> int:
-    from .fid import fid_kid
-
     result = fid_kid(args.gen, args.ref, device=args.device, batch_size=args.batch_size)
     text = json.dumps(result, indent=2)
     if args.out:
@@ -86,40 +94,35 @@ def _eval_fid(args: argparse.Namespace) -> int:
 
 
 def _eval_coco(args: argparse.Namespace) -> int:
-    from .coco import evaluate_coco
-
     model = Path(args.model)
     out = Path(args.out)
     plan = {"model": str(model), "annotations": args.annotations, "images": args.images, "out": str(out),
             "num": args.num, "draw_seed": args.draw_seed, "clip_model": args.clip_model,
-            "clip_pretrained": args.clip_pretrained, "sampling": _settings(args).to_dict(),
+            "clip_pretrained": args.clip_pretrained, "sampling": _settings(args).to_dict(), "seed": args.seed,
             "inputs_present": {k: Path(v).exists() for k, v in
                                [("model", model), ("annotations", args.annotations), ("images", args.images)]}}
     if args.dry_run:
         print(json.dumps(plan, indent=2))
         return 0
     if not (model / "model.safetensors").is_file():  # a run folder or checkpoint: export it first, beside the results
-        from ..export import export_run
-        from .coco import rank_world
+        from ..training.export import export_run  # imports Composer (seconds): only a run folder needs it
 
         if rank_world()[1] > 1:  # ranks exporting at once would race on one folder
             raise ValueError(f"{model} is not an exported model: with several processes, run "
                              f"`micro-diffusion export {model} --out DIR` first and pass --model DIR")
         model = export_run(model, out / "model")
-    result = evaluate_coco(model, args.annotations, args.images, out, _settings(args), args.num, args.draw_seed,
-                           args.resolution, args.clip_model, args.clip_pretrained or None, args.batch_size,
-                           args.device)
+    result = evaluate_coco(model, args.annotations, args.images, out, _settings(args), args.seed, _use_ema(args),
+                           args.num, args.draw_seed, args.resolution, args.clip_model, args.clip_pretrained or None,
+                           args.batch_size, args.device)
     if result is not None:
         print(json.dumps(result, indent=2))
     return 0
 
 
 def _eval_sweep(args: argparse.Namespace) -> int:
-    from .sweep import run_sweep
-
     result = run_sweep(args.model, args.annotations, args.images, args.out, num=args.num,
-                       guidances=args.guidances, presets=args.presets, seed=args.seed, device=_device(args),
-                       batch_size=args.batch_size, base=_settings(args), draw_seed=args.draw_seed)
+                       guidances=args.guidances, presets=args.presets, seed=args.seed, use_ema=_use_ema(args),
+                       device=args.device, batch_size=args.batch_size, base=_settings(args), draw_seed=args.draw_seed)
     print(json.dumps(result["settings"], indent=2))
     return 0
 
@@ -137,6 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("--out", required=True)
+    p.add_argument("--save-latents", action="store_true", help="also write the sampled latents as latents.npy")
     _add_sampling(p)
     p.set_defaults(func=_sample)
 

@@ -7,10 +7,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from .generate import save_atomic
+from ..diffusion.sampling import SamplingSettings
+from ..utils.devices import torch_device
+from ..utils.images import save_atomic
+from .clip_score import clip_score
+from .fid import fid_kid
+from .generate import TextToImage
 
 DRAW_SEED = 2014  # the draw is part of the protocol: changing it changes which captions every run is scored on
 Render = Callable[[list[str], list[int]], list[Image.Image]]
@@ -108,32 +115,25 @@ def _barrier(world: int) -> None:
     """Wait for every rank's share of images (a real process-group barrier; never a sleep)."""
     if world == 1:
         return
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     dist.barrier()
 
 
 def evaluate_coco(model: str | Path, annotations: str | Path, images_dir: str | Path, out_dir: str | Path,
-                  settings, num: int = 30000, draw_seed: int = DRAW_SEED, resolution: int | None = None,
-                  clip_model: str = "ViT-L-14", clip_pretrained: str | None = "openai", batch_size: int = 16,
+                  settings: SamplingSettings, seed: int = 0, use_ema: bool | None = None, num: int = 30000,
+                  draw_seed: int = DRAW_SEED, resolution: int | None = None, clip_model: str = "ViT-L-14",
+                  clip_pretrained: str | None = "openai", batch_size: int = 16,
                   device: str | None = None) -> dict | None:
     """The full protocol; every rank generates its share, rank 0 writes metrics.json (other ranks return None)."""
-    import torch
-
-    from .clip_score import clip_score
-    from .fid import fid_kid
-    from .generate import Generator
-
     rank, world = rank_world()
-    device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = str(torch_device(device))
     out = Path(out_dir)
     draw = draw_captions(annotations, num, draw_seed)
     gen_dir, ref_dir = out / "generated", out / f"reference_{num}_{draw_seed}"
-    render = Generator(model, settings, device)
-    size = resolution or render.latent_hw[0] * int(render.config["encoders"]["downsample"])
+    render = TextToImage(model, settings, seed, use_ema, device)
+    size = resolution or render.resolution
+    record = render.record()
     if rank == 0:
         (out / "captions.jsonl").write_text("".join(json.dumps(d) + "\n" for d in draw))
     prepare_reference(draw, images_dir, ref_dir, size, rank, world)
@@ -153,6 +153,6 @@ def evaluate_coco(model: str | Path, annotations: str | Path, images_dir: str | 
               "clip_score": clip["clip_score"], "clip_score_std": clip["clip_score_std"],
               "settings": {"model": str(model), "annotations": str(annotations), "num_captions": num,
                            "draw_seed": draw_seed, "resolution": size, "world_size": world,
-                           "sampling": settings.to_dict(), "fid": metrics["settings"], "clip": clip["settings"]}}
+                           **record, "fid": metrics["settings"], "clip": clip["settings"]}}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result

@@ -10,8 +10,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from ..cost.flops import sample_flops_per_image
+from ..diffusion.sampling import SamplingSettings
 from .coco import DRAW_SEED, Render, draw_captions, generate_missing, prepare_reference
-from .generate import SampleSettings
+from .fid import fid_kid
+from .generate import TextToImage
 
 REFERENCE_PRESET = "heun:30"
 Score = Callable[[Path, Path], float]  # (generated folder, reference folder) -> FID
@@ -25,7 +28,7 @@ def parse_preset(preset: str) -> tuple[str, int]:
     return sampler, int(steps)
 
 
-def sweep_configs(base: SampleSettings, guidances: list[float], presets: list[str]) -> dict[str, list]:
+def sweep_configs(base: SamplingSettings, guidances: list[float], presets: list[str]) -> dict[str, list]:
     """The settings of each point: one guidance sweep at the base sampler, one cost sweep at the base guidance."""
     for p in presets:
         parse_preset(p)
@@ -33,13 +36,14 @@ def sweep_configs(base: SampleSettings, guidances: list[float], presets: list[st
             "cost": [replace(base, sampler=parse_preset(p)[0], steps=parse_preset(p)[1]) for p in presets]}
 
 
-def point_name(s: SampleSettings) -> str:
+def point_name(s: SamplingSettings) -> str:
     """Folder name of one sweep point."""
     return f"{s.sampler}_{s.steps}_g{s.guidance:g}"
 
 
-def sweep(draw: list[dict], ref_dir: Path, out: Path, configs: dict[str, list], make_render: Callable[[SampleSettings],
-          Render], score: Score, flops: Callable[[SampleSettings], int], batch_size: int = 16) -> dict:
+def sweep(draw: list[dict], ref_dir: Path, out: Path, configs: dict[str, list],
+          make_render: Callable[[SamplingSettings], Render], score: Score, flops: Callable[[SamplingSettings], int],
+          batch_size: int = 16) -> dict:
     """Generate (resumably) and score every point once; the same point in both sweeps is scored once."""
     ref_sampler, ref_steps = parse_preset(REFERENCE_PRESET)
     results: dict[str, dict] = {}
@@ -78,35 +82,32 @@ def plot(result: dict, path: Path) -> None:
 
 def run_sweep(model: str | Path, annotations: str | Path, images: str | Path, out: str | Path, num: int = 5000,
               guidances: list[float] | None = None, presets: list[str] | None = None, seed: int = 0,
-              device: str = "cpu", batch_size: int = 16, base: SampleSettings | None = None,
-              draw_seed: int = DRAW_SEED) -> dict:
+              use_ema: bool | None = None, device: str | None = None, batch_size: int = 16,
+              base: SamplingSettings | None = None, draw_seed: int = DRAW_SEED) -> dict:
     """Both sweeps on the first `num` captions of the COCO draw; writes sweep.json and sweep.png into `out`."""
-    from ..cost.flops import sample_flops_per_image
-    from .fid import fid_kid
-    from .generate import Generator
-
     out = Path(out)
-    base = base or SampleSettings(seed=seed)
+    base = base or SamplingSettings()
     configs = sweep_configs(base, guidances or [1.0, 2.0, 3.0, 5.0, 7.5], presets or [REFERENCE_PRESET])
     draw = draw_captions(annotations, num, draw_seed)
-    probe = Generator(model, base, device)
-    size = probe.latent_hw[0] * int(probe.config["encoders"]["downsample"])
+    probe = TextToImage(model, base, seed, use_ema, device)
+    size = probe.resolution
     ref_dir = out / f"reference_{num}"
     prepare_reference(draw, images, ref_dir, size)
 
-    def flops(s: SampleSettings) -> int:
+    def flops(s: SamplingSettings) -> int:
         return sample_flops_per_image(probe.net, latent_size=probe.latent_hw, caption_len=probe.text.caption_len,
                                       steps=s.steps, sampler=s.sampler, guidance=s.guidance != 1.0)
 
-    def make_render(s: SampleSettings) -> Render:
+    def make_render(s: SamplingSettings) -> Render:
         probe.settings = s  # one loaded model serves every point; only the sampling settings change
         return probe
 
-    result = sweep(draw, ref_dir, out, configs, make_render, lambda g, r: fid_kid(g, r, device=device)["fid"],
-                   flops, batch_size)
+    result = sweep(draw, ref_dir, out, configs, make_render,
+                   lambda g, r: fid_kid(g, r, device=str(probe.device))["fid"], flops, batch_size)
     result["settings"] = {"model": str(model), "annotations": str(annotations), "num_captions": num,
                           "draw_seed": draw_seed, "resolution": size, "reference_preset": REFERENCE_PRESET,
-                          "base": base.to_dict(), "cost": "sample_flops_per_image (forward FLOPs x evaluations, "
+                          "base": base.to_dict(), "seed": seed, "weights": probe.config["weights_file"],
+                          "cost": "sample_flops_per_image (forward FLOPs x evaluations, "
                           "x2 with guidance) / the same at the reference preset"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(result, indent=2))

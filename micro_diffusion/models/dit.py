@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ from .blocks import DiTBlock, FinalLayer
 from .embeddings import CaptionEmbed, NoiseEmbed, PatchEmbed, sincos_2d
 from .ffn import ExpertChoiceMoE
 from .masking import draw_keep, gather_tokens, scatter_tokens
+from .patches import keep_pixels, patch_grid, unpatchify
 
 
 @dataclass
@@ -34,25 +35,24 @@ class DiTConfig:
     patch_mixer_width: int = 768
     mixer_ffn_mult: float = 4.0
     pos_base_grid: int = 16  # patch grid at which positions are uninterpolated (16 = 256 px with an 8x VAE, p=2)
-    extra: dict = field(default_factory=dict)
 
     @property
     def grid(self) -> tuple[int, int]:
         """Patch grid (H/p, W/p) of the configured latent size."""
-        h, w = (self.latent_size, self.latent_size) if isinstance(self.latent_size, int) else self.latent_size
-        return h // self.patch_size, w // self.patch_size
+        return patch_grid(self.latent_size, self.patch_size)
 
     def to_dict(self) -> dict:
         """Plain, JSON-ready copy."""
-        d = asdict(self)
-        d.pop("extra")
-        return d
+        return asdict(self)
 
 
 @dataclass
 class DiTOutput:
+    """The network's prediction and, when it masked patches, which ones and the pixels they cover."""
+
     sample: torch.Tensor  # (N, C, H, W)
     mask: torch.Tensor | None  # (N, T) bool, True where a patch was dropped; None without masking
+    keep: torch.Tensor | None  # (N, 1, H, W) float, 1 on pixels of kept patches; None without masking
 
 
 def _width_map(d_in: int, d_out: int) -> nn.Module:
@@ -129,12 +129,6 @@ class MicroDiT(nn.Module):
             self._pos_cache[key] = sincos_2d(self.cfg.width, grid_h, grid_w, scale).to(device, dtype)
         return self._pos_cache[key]
 
-    def unpatchify(self, x: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """(N, T, p*p*C) tokens -> (N, C, H, W) latent."""
-        N, p, C = x.shape[0], self.patch_size, self.in_channels
-        x = x.view(N, grid_h, grid_w, p, p, C)  # (N, h, w, p, p, C)
-        return x.permute(0, 5, 1, 3, 2, 4).reshape(N, C, grid_h * p, grid_w * p)  # (N, C, H, W)
-
     def forward(
         self,
         x: torch.Tensor,
@@ -144,7 +138,7 @@ class MicroDiT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> DiTOutput:
         N, _, H, W = x.shape
-        gh, gw = H // self.patch_size, W // self.patch_size
+        gh, gw = patch_grid((H, W), self.patch_size)
         x = self.patch_embed(x) + self.pos_embed(gh, gw, x.device, x.dtype)  # (N, T, D)
         y, pooled = self.caption_embed(caption_tokens)  # (N, L, D), (N, D)
         c = self.noise_embed(c_noise).to(pooled.dtype) + pooled  # (N, D)
@@ -163,4 +157,5 @@ class MicroDiT(nn.Module):
         if keep is not None:
             x = scatter_tokens(x, keep, gh * gw, self.mask_token)  # (N, T, D)
         x = self.final(x, c)  # (N, T, p*p*C)
-        return DiTOutput(sample=self.unpatchify(x, gh, gw), mask=mask)
+        keep_px = None if mask is None else keep_pixels(mask, (gh, gw), self.patch_size)  # (N, 1, H, W)
+        return DiTOutput(sample=unpatchify(x, (gh, gw), self.patch_size, self.in_channels), mask=mask, keep=keep_px)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,15 +16,19 @@ from composer.utils import dist, reproducibility
 
 from micro_diffusion.cost.callback import CostCallback
 from micro_diffusion.cost.flops import train_flops_per_sample
-from micro_diffusion.data import build_dataloader
+from micro_diffusion.data.loader import build_dataloader
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
+from micro_diffusion.diffusion.sampling import SamplingSettings
+from micro_diffusion.encoders import load_text_encoder, load_vae
 from micro_diffusion.models import MicroDiT, create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
+from micro_diffusion.recipe import RecipeError, latent_size, resolve_streams
 from micro_diffusion.training.callbacks import JSONLLogger, NaNGuard, Preemption, StepSeed
 from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
-from micro_diffusion.recipe import RecipeError, latent_size, resolve_streams
 from micro_diffusion.training.run import RunPlan
+from micro_diffusion.utils.devices import torch_device
+from micro_diffusion.utils.sizes import as_hw
 
 
 def build_network(cfg: dict) -> MicroDiT:
@@ -41,7 +45,7 @@ def build_model(cfg: dict) -> DiffusionModel:
     """The ComposerModel: network plus the stage's masking and EDM noise settings."""
     d = cfg["diffusion"]
     return DiffusionModel(build_network(cfg), mask_ratio=d["mask_ratio"], p_mean=d["p_mean"], p_std=d["p_std"],
-                          sigma_data=d["sigma_data"], eval_seed=cfg["eval"]["seed"])
+                          sigma_data=d["sigma_data"])
 
 
 def moe_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -66,32 +70,31 @@ def build_optimizer(model: torch.nn.Module, opt: dict, device: str = "cpu") -> t
                              weight_decay=opt["weight_decay"], **fast)
 
 
+# One builder per name of the recipe registries (recipe.SCHEDULERS, recipe.ALGORITHMS); validate() has already
+# rejected any other name with an error naming it.
+SCHEDULER_BUILDERS: dict[str, Callable[[dict], Any]] = {
+    "cosine_warmup": lambda s: CosineAnnealingWithWarmupScheduler(t_warmup=s["warmup"], alpha_f=s["alpha_f"]),
+    "constant_warmup": lambda s: ConstantWithWarmupScheduler(t_warmup=s["warmup"]),
+    "constant": lambda s: ConstantScheduler(),
+}
+ALGORITHM_BUILDERS: dict[str, Callable[[dict], Algorithm]] = {
+    "gradient_clipping": lambda o: GradientClipping(clipping_type=o["type"], clipping_threshold=o["threshold"]),
+    "ema": lambda o: EMA(half_life=None, smoothing=o["smoothing"], ema_start=str(o["start"]), update_interval="1ba"),
+    "low_precision_layernorm": lambda o: LowPrecisionLayerNorm(),
+}
+
+
 def build_scheduler(sched: dict) -> Any:
     """Composer's scheduler for the recipe's `scheduler` section (a multiplier of each group's lr)."""
-    name = sched["name"]
-    if name == "cosine_warmup":
-        return CosineAnnealingWithWarmupScheduler(t_warmup=sched["warmup"], alpha_f=sched["alpha_f"])
-    if name == "constant_warmup":
-        return ConstantWithWarmupScheduler(t_warmup=sched["warmup"])
-    if name == "constant":
-        return ConstantScheduler()
-    raise RecipeError(f"scheduler.name: unknown scheduler {name!r}")
+    return SCHEDULER_BUILDERS[sched["name"]](sched)
 
 
 def build_algorithms(algos: dict, model: DiffusionModel) -> list[Algorithm]:
     """Composer algorithms the recipe asks for; EMA is attached to the model so sampling can use it."""
-    out: list[Algorithm] = []
-    for name, opts in algos.items():
-        if name == "gradient_clipping":
-            out.append(GradientClipping(clipping_type=opts["type"], clipping_threshold=opts["threshold"]))
-        elif name == "ema":
-            ema = EMA(half_life=None, smoothing=opts["smoothing"], ema_start=str(opts["start"]), update_interval="1ba")
-            model.attach_ema(ema)
-            out.append(ema)
-        elif name == "low_precision_layernorm":
-            out.append(LowPrecisionLayerNorm())
-        else:
-            raise RecipeError(f"algorithms.{name}: unknown algorithm {name!r}")
+    out = [ALGORITHM_BUILDERS[name](opts) for name, opts in algos.items()]
+    for algo in out:
+        if isinstance(algo, EMA):
+            model.attach_ema(algo)
     return out
 
 
@@ -121,8 +124,6 @@ def _shard_dir(cfg: dict) -> Path:
 
 def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
     """Prompt embeddings (encoded once now) and the dataset's VAE, per encoders.json beside the first stream."""
-    from micro_diffusion.encoders import load_text_encoder, load_vae
-
     folder = _shard_dir(cfg)
     path = folder / ENCODERS_FILE
     if not path.is_file():
@@ -133,8 +134,10 @@ def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
     del text
     decode = load_vae(enc["vae"], device=device).decode if dist.get_global_rank() == 0 else None  # rank 0 writes
     s = cfg["samples"]
+    settings = SamplingSettings(steps=s["steps"], guidance=s["guidance"], sampler=s["sampler"])
+    shape = (cfg["model"]["latent_channels"], *as_hw(latent_size(cfg)))
     return SampleGrid(prompt_emb, np.load(folder / NULL_CAPTION_FILE), decode, Path(plan.run_dir) / "samples",
-                      s["interval"], s["steps"], s["guidance"], s["sampler"], s["seed"])
+                      s["interval"], shape, settings, s["seed"])
 
 
 def build_callbacks(cfg: dict, plan: RunPlan, model: DiffusionModel) -> list[Callback]:
@@ -145,8 +148,7 @@ def build_callbacks(cfg: dict, plan: RunPlan, model: DiffusionModel) -> list[Cal
         loader = build_loader(cfg, plan, "val_streams", batch_size=ev["batch_size"])
         callbacks.append(ValidationLoss(loader, ev["interval"], ev["batches"], ev["seed"]))
     if cfg["samples"]["interval"]:
-        device = torch.device(f"cuda:{dist.get_local_rank()}" if plan.device == "gpu" else "cpu")
-        callbacks.append(sample_grid(cfg, plan, device))
+        callbacks.append(sample_grid(cfg, plan, torch_device(plan.device, dist.get_local_rank())))
     callbacks.append(cost_callback(cfg, plan, model))
     return callbacks
 

@@ -14,7 +14,9 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
 from micro_diffusion.recipe import is_remote
+from micro_diffusion.training.model import unwrap
 from micro_diffusion.training.run import LATEST
+from micro_diffusion.utils.seeds import derive_seed
 
 
 class NonFiniteLossError(RuntimeError):
@@ -72,9 +74,7 @@ class StepSeed(Callback):
         self.seed = seed
 
     def batch_start(self, state: State, logger: Logger) -> None:
-        model = getattr(state.model, "module", state.model)  # inside a DDP wrapper
-        batch, rank = int(state.timestamp.batch), dist.get_global_rank()
-        model.set_batch_seed((self.seed * 1_000_033 + rank) * 10_000_019 + batch)
+        unwrap(state.model).set_batch_seed(derive_seed(self.seed, dist.get_global_rank(), int(state.timestamp.batch)))
 
 
 class Preemption(Callback):

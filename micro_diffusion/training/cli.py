@@ -6,6 +6,10 @@ import sys
 
 import yaml
 
+from micro_diffusion.recipe import RecipeError, load_recipe, missing_inputs
+from micro_diffusion.training.cpu_malloc import keep_freed_memory
+from micro_diffusion.training.run import RunPlan, check_inputs, plan_run, run_info, write_run_info
+
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job was stopped, not finished; rerun the same command to resume
 NAN_EXIT = 3  # the loss went NaN/inf: the last checkpoint is the last good one
 
@@ -25,15 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Resolve the recipe, then print it (dry run) or train the stage."""
-    from micro_diffusion.recipe import RecipeError, load_recipe, missing_inputs
-    from micro_diffusion.training.run import check_inputs, plan_run, run_info
+    """The `train` subcommand."""
+    return train(args.recipe, args.overrides, args.run_dir, args.dry_run)
 
+
+def train(recipe: str, overrides: list[str] | None = None, run_dir: str | None = None, dry_run: bool = False) -> int:
+    """Resolve a recipe, then print it (dry run) or train the stage; returns the command's exit code."""
     try:
-        cfg = load_recipe(args.recipe, args.overrides)
-        plan = plan_run(cfg, args.run_dir)
+        cfg = load_recipe(recipe, overrides)
+        plan = plan_run(cfg, run_dir)
         info = run_info(cfg, plan)
-        if args.dry_run:
+        if dry_run:
             print(yaml.safe_dump(info, sort_keys=False), end="")
             problems = missing_inputs(cfg, plan.init_checkpoint)
             print("# missing inputs (a real run stops on these):" if problems else "# all inputs found")
@@ -47,13 +53,12 @@ def run_train(args: argparse.Namespace) -> int:
     return _fit(cfg, plan, info)
 
 
-def _fit(cfg: dict, plan, info: dict) -> int:
+def _fit(cfg: dict, plan: RunPlan, info: dict) -> int:
+    # Composer and the modules built on it import in seconds: only a real run pays for them.
     from composer.utils import dist
 
     from micro_diffusion.training.builder import build_trainer
     from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
-    from micro_diffusion.training.cpu_malloc import keep_freed_memory
-    from micro_diffusion.training.run import write_run_info
 
     if plan.device == "cpu":
         keep_freed_memory()  # each step re-allocates its gradients; see cpu_malloc

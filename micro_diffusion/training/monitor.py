@@ -13,16 +13,9 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 from PIL import Image
 
-from micro_diffusion.eval.generate import grid, to_pil
-from micro_diffusion.training.model import DiffusionModel
-
-
-def unwrap(model: torch.nn.Module) -> DiffusionModel:
-    """The DiffusionModel inside a DDP wrapper (FSDP wraps only its children)."""
-    inner = getattr(model, "module", model)
-    if not isinstance(inner, DiffusionModel):
-        raise TypeError(f"expected a DiffusionModel in the trainer, got {type(inner).__name__}")
-    return inner
+from micro_diffusion.diffusion.sampling import SamplingSettings, generate_latents, image_seeds
+from micro_diffusion.training.model import unwrap
+from micro_diffusion.utils.images import grid, to_pil
 
 
 class ValidationLoss(Callback):
@@ -59,7 +52,7 @@ class ValidationLoss(Callback):
             for batch in self._held_out():
                 batch = {k: v.to(device) for k, v in batch.items()}
                 n = batch["latents"].shape[0]
-                total += torch.stack([model.eval_forward(batch, generator=gen).float() * n,
+                total += torch.stack([model.validation_loss(batch, gen).float() * n,
                                       torch.tensor(float(n), device=device)])
         dist.all_reduce(total, reduce_operation="SUM")
         return float(total[0] / total[1])
@@ -82,23 +75,28 @@ def image_grid(images: torch.Tensor, columns: int | None = None) -> np.ndarray:
 class SampleGrid(Callback):
     """Every `interval`, samples the fixed prompts and writes a PNG grid to `out_dir` and to the loggers.
 
+    Prompt k is sampled from the per-image seed of (seed, k) through the project's one sampling path, so image k of a
+    grid is reproduced by `micro-diffusion sample --seed SEED` on the exported model with the same weights.
+
     Args:
         prompt_emb: (P, L, D) caption embeddings of the prompts, computed once before training.
         null_caption: (L, D) embedding of the empty caption (the unconditional branch of guidance).
         decode: maps latents (P, C, h, w) to images (P, 3, H, W) in [-1, 1] (the dataset's VAE); rank 0 only.
         out_dir: folder of the PNGs (`ba{batch}.png`, and `ba{batch}_ema.png` once EMA runs).
         interval: Composer time string, e.g. "5000ba".
-        steps, guidance, sampler, seed: sampling settings (the same seed each time, so grids are comparable).
+        shape: (C, h, w) of the latents to sample.
+        settings: sampler, steps and guidance.
+        seed: the grid's seed (the same each time, so grids are comparable).
     """
 
     def __init__(self, prompt_emb: torch.Tensor, null_caption: torch.Tensor | np.ndarray,
                  decode: Callable[[torch.Tensor], torch.Tensor] | None, out_dir: str | Path, interval: str,
-                 steps: int = 30, guidance: float = 5.0, sampler: str = "heun", seed: int = 0):
+                 shape: tuple[int, int, int], settings: SamplingSettings, seed: int):
         self.prompt_emb, self.null_caption, self.decode = prompt_emb, null_caption, decode
-        self.out_dir = Path(out_dir)
-        self.steps, self.guidance, self.sampler, self.seed = steps, guidance, sampler, seed
+        self.out_dir, self.shape, self.settings, self.seed = Path(out_dir), shape, settings, seed
         self.due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
         self.written: list[Path] = []
+        self.latest: dict[str, torch.Tensor] = {}  # "raw" / "ema" -> the last grid's latents (P, C, h, w), on CPU
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if not self.due(state, Event.BATCH_END):
@@ -106,12 +104,23 @@ class SampleGrid(Callback):
         model = unwrap(state.model)
         kinds = [False, True] if model.ema_active() else [False]
         for use_ema in kinds:
-            with get_precision_context(state.precision):
-                # Every rank samples: under FSDP each forward gathers weight shards from all ranks.
-                latents = model.generate(self.prompt_emb, self.null_caption, self.steps, self.guidance,
-                                         self.sampler, self.seed, use_ema=use_ema)
+            # Every rank samples: under FSDP each forward gathers weight shards from all ranks.
+            latents = self._sample(model, state, use_ema)
+            self.latest["ema" if use_ema else "raw"] = latents.cpu()
             if dist.get_global_rank() == 0:
                 self._write(latents, int(state.timestamp.batch), use_ema, logger)
+
+    def _sample(self, model, state: State, use_ema: bool) -> torch.Tensor:
+        device = next(model.parameters()).device
+        seeds = image_seeds(self.seed, range(self.prompt_emb.shape[0]))
+        was_training = model.training
+        model.eval()
+        try:
+            with model.weights(use_ema), get_precision_context(state.precision):
+                return generate_latents(model.denoiser, self.prompt_emb.to(device, torch.float32),
+                                        self.null_caption, self.settings, seeds, self.shape)
+        finally:
+            model.train(was_training)
 
     def _write(self, latents: torch.Tensor, batch: int, use_ema: bool, logger: Logger) -> None:
         if self.decode is None:

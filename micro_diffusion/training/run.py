@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from micro_diffusion import __version__
 from micro_diffusion.recipe import RecipeError, is_remote, latent_size, missing_inputs
+from micro_diffusion.utils.devices import composer_device, torch_device
+from micro_diffusion.version import __version__
 
 LATEST = "latest-rank0.pt"  # Composer's symlink to a run's newest checkpoint (rank 0 holds the full state)
 
@@ -31,13 +32,10 @@ class RunPlan:
 
 
 def _device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if requested == "gpu" and not torch.cuda.is_available():
-        raise RecipeError("train.device is gpu but no CUDA device is visible")
-    return requested
+    try:
+        return composer_device(torch_device(requested))
+    except RuntimeError as err:
+        raise RecipeError(f"train.device: {err}") from err
 
 
 def _precision(requested: str, device: str) -> str:

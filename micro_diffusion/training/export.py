@@ -1,8 +1,4 @@
-"""Export a trained network as safetensors + JSON, and load it back without unpickling anything.
-
-An exported folder holds `model.safetensors` (raw weights), `ema.safetensors` (when EMA ran), `config.json` (preset
-name, resolved network config, encoders.json content, recipe name) and `null_caption.npy` (docs/interfaces.md).
-"""
+"""Export a training run: a Composer checkpoint's network (raw and EMA weights) into an exported-model folder."""
 from __future__ import annotations
 
 import json
@@ -12,41 +8,13 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
-from . import __version__
-
-MODEL_FILE, EMA_FILE, CONFIG_FILE, NULL_FILE = "model.safetensors", "ema.safetensors", "config.json", "null_caption.npy"
-REQUIRED_KEYS = ("preset", "network", "encoders")
-
-
-def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, contiguous CPU copies: safetensors stores plain, unshared tensors only."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-
-
-def export_model(net_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor] | None, config: dict,
-                 null_caption: np.ndarray, out_dir: str | Path) -> Path:
-    """Write the exported-model folder; config needs 'preset', 'network' (DiTConfig dict) and 'encoders'."""
-    missing = [k for k in REQUIRED_KEYS if k not in config]
-    if missing:
-        raise KeyError(f"export config lacks key(s) {missing}; it needs {list(REQUIRED_KEYS)}")
-    null = np.asarray(null_caption)
-    if null.ndim != 2 or null.shape[1] != config["network"]["caption_dim"]:
-        raise ValueError(f"null caption shape {null.shape} does not fit caption_dim {config['network']['caption_dim']}")
-    if ema_state is not None and set(ema_state) != set(net_state):
-        raise KeyError(f"EMA and raw weights name different tensors: {sorted(set(ema_state) ^ set(net_state))[:5]}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "pt", "preset": str(config["preset"])}
-    save_file(_tensors(net_state), str(out / MODEL_FILE), metadata=meta)
-    if ema_state is not None:
-        save_file(_tensors(ema_state), str(out / EMA_FILE), metadata=meta)
-    elif (out / EMA_FILE).exists():  # a stale EMA file from an earlier export would be loaded as this model's
-        (out / EMA_FILE).unlink()
-    (out / CONFIG_FILE).write_text(json.dumps({**config, "has_ema": ema_state is not None}, indent=2))
-    np.save(out / NULL_FILE, null)
-    return out
+from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
+from micro_diffusion.exported import export_model
+from micro_diffusion.recipe import resolve_streams
+from micro_diffusion.training.builder import build_network
+from micro_diffusion.training.run import LATEST
+from micro_diffusion.version import __version__
 
 
 def _strip(name: str) -> str | None:
@@ -91,8 +59,6 @@ def load_composer_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
 
 def _find_run(run_or_checkpoint: Path, config_path: Path | None) -> tuple[Path, Path]:
     """(checkpoint file, config.yaml) for a run folder or a checkpoint inside runs/<name>/checkpoints/."""
-    from .training.run import LATEST
-
     if run_or_checkpoint.is_dir():
         ckpt = run_or_checkpoint / "checkpoints" / LATEST
         config = config_path or run_or_checkpoint / "config.yaml"
@@ -108,10 +74,6 @@ def _find_run(run_or_checkpoint: Path, config_path: Path | None) -> tuple[Path, 
 
 def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: str | Path | None = None) -> Path:
     """Export a training run's (or one checkpoint's) network with its resolved config, encoders and null caption."""
-    from .data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
-    from .training.builder import build_network
-    from .recipe import resolve_streams
-
     ckpt, config = _find_run(Path(run_or_checkpoint), Path(config_path) if config_path else None)
     info = yaml.safe_load(config.read_text())
     if not isinstance(info, dict) or "recipe" not in info:
@@ -135,20 +97,3 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
     return export_model(raw, ema, export_cfg, np.load(shards / NULL_CAPTION_FILE), out_dir)
 
 
-def load_exported(model_dir: str | Path, use_ema: bool | None = None, device: str | torch.device = "cpu"
-                  ) -> tuple[torch.nn.Module, dict, np.ndarray]:
-    """(network in eval mode, config, null caption) from an exported folder; use_ema=None takes EMA when present."""
-    from .models import create_dit
-
-    model_dir = Path(model_dir)
-    cfg_file = model_dir / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} does not exist: not an exported model folder (micro-diffusion export)")
-    config = json.loads(cfg_file.read_text())
-    weights = model_dir / (EMA_FILE if (use_ema is None and (model_dir / EMA_FILE).exists()) or use_ema
-                           else MODEL_FILE)
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist" + (" (this export has no EMA)" if use_ema else ""))
-    net = create_dit(config["preset"], **config["network"])
-    net.load_state_dict(load_file(str(weights)))  # strict: a mismatch names the missing/unexpected keys
-    return net.to(device).eval(), {**config, "weights_file": weights.name}, np.load(model_dir / NULL_FILE)

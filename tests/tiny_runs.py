@@ -1,4 +1,4 @@
-"""Shared pieces of the training tests (no tests here): tiny latent shards and tiny-recipe overrides."""
+"""Shared pieces of the training tests: tiny latent shards on disk and overrides that shrink a recipe to seconds."""
 from __future__ import annotations
 
 import json

@@ -1,0 +1,50 @@
+"""The small shared helpers: seed derivation, device selection, sizes, image files, JSON lines."""
+import pytest
+import torch
+from PIL import Image
+
+from micro_diffusion.utils.devices import composer_device, torch_device
+from micro_diffusion.utils.images import grid, save_atomic, to_pil
+from micro_diffusion.utils.jsonl import read_jsonl
+from micro_diffusion.utils.seeds import derive_seed
+from micro_diffusion.utils.sizes import as_hw
+
+
+def test_derived_seeds_are_fixed_by_all_their_keys():
+    assert derive_seed(3, 7) == derive_seed(3, 7)
+    seeds = {derive_seed(a, b) for a in range(30) for b in range(30)}
+    assert len(seeds) == 900 and derive_seed(1, 23) != derive_seed(12, 3)  # no arithmetic aliasing
+    assert derive_seed(5) != derive_seed(5, 0) != derive_seed(5, 0, 0) and all(0 <= s < 2**63 for s in seeds)
+    torch.Generator().manual_seed(max(seeds))  # every seed is one torch accepts
+    with pytest.raises(ValueError, match="non-negative"):
+        derive_seed(1, -2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answers")
+def test_device_requests_without_cuda():
+    assert torch_device(None) == torch_device("auto") == torch_device("cpu") == torch.device("cpu")
+    assert composer_device(torch_device("auto")) == "cpu"
+    for name in ("gpu", "cuda", "cuda:1"):
+        with pytest.raises(RuntimeError, match=repr(name)):
+            torch_device(name)
+    with pytest.raises(ValueError, match="'tpu'"):
+        torch_device("tpu")
+
+
+def test_sizes_and_images(tmp_path):
+    assert as_hw(32) == (32, 32) and as_hw((16, 24)) == (16, 24) and as_hw([8, 4]) == (8, 4)
+    images = to_pil(torch.tensor([-1.0, 0.0, 1.0]).reshape(1, 3, 1, 1).expand(2, 3, 2, 3))
+    assert images[0].size == (3, 2) and images[0].getpixel((0, 0)) == (0, 128, 255)
+    tiled = grid(images * 2 + images[:1], cols=2)  # 5 tiles: 3 rows of 2, the last cell empty
+    assert tiled.size == (6, 6) and tiled.getpixel((2, 5)) == (0, 128, 255) and tiled.getpixel((5, 5)) == (0, 0, 0)
+    save_atomic(images[0], tmp_path / "a.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"] and Image.open(tmp_path / "a.png").size == (3, 2)
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1}\n\n{"step": 2}\n')
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": \n')
+    with pytest.raises(ValueError, match=r"m\.jsonl:2: not a JSON record"):
+        read_jsonl(path)
