@@ -109,8 +109,8 @@ def _find_run(run_or_checkpoint: Path, config_path: Path | None) -> tuple[Path, 
 def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: str | Path | None = None) -> Path:
     """Export a training run's (or one checkpoint's) network with its resolved config, encoders and null caption."""
     from .data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
-    from .training.builder import build_network
     from .recipe import resolve_streams
+    from .training.builder import build_network
 
     ckpt, config = _find_run(Path(run_or_checkpoint), Path(config_path) if config_path else None)
     info = yaml.safe_load(config.read_text())

@@ -15,10 +15,10 @@ from PIL import Image
 from test_training_helpers import REPO, tiny_overrides, write_shards  # noqa: I001
 
 from micro_diffusion.diffusion.sampling import guided_net_denoiser, sample
+from micro_diffusion.recipe import load_recipe
 from micro_diffusion.training.builder import build_trainer, moe_parameters
 from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss, image_grid
-from micro_diffusion.recipe import load_recipe
 from micro_diffusion.training.run import check_inputs, plan_run
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from test_training_helpers import REPO, tiny_overrides, write_shards  # noqa: I001
 
-from micro_diffusion.training.builder import build_trainer
 from micro_diffusion.recipe import load_recipe
+from micro_diffusion.training.builder import build_trainer
 from micro_diffusion.training.run import plan_run
 
 VENV_BIN = Path(sys.executable).parent

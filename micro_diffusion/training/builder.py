@@ -20,10 +20,10 @@ from micro_diffusion.data import build_dataloader
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
 from micro_diffusion.models import MicroDiT, create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
+from micro_diffusion.recipe import RecipeError, latent_size, resolve_streams
 from micro_diffusion.training.callbacks import JSONLLogger, NaNGuard, Preemption, StepSeed
 from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
-from micro_diffusion.recipe import RecipeError, latent_size, resolve_streams
 from micro_diffusion.training.run import RunPlan
 
 
