@@ -1,37 +1,22 @@
 """One small adapter per source format: each yields Records in a deterministic order; convert does the rest.
 
 An adapter checks its input eagerly (a wrong path raises SourceError before anything is written) and then yields
-lazily. Records carry either the image bytes (tar, parquet) or the path (folder, COCO) so that the worker processes
-do the reading and decoding.
+lazily. Records carry either the image bytes (archives, parquet) or the path (folder, COCO) so that the worker
+processes do the reading and decoding. The generic formats live here; the sources read in their publishers' own
+layouts (SA-1B, JourneyDB, DiffusionDB) live in data_prep/publishers.py. FORMATS is the one registry of both.
 """
 from __future__ import annotations
 
 import json
-import re
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_prep import publishers
 from data_prep.images import IMAGE_EXTENSIONS
+from data_prep.sources import Record, SourceError, input_paths, tar_files
 
-
-class SourceError(Exception):
-    """The input as a whole cannot be read (wrong path, malformed annotation file): the run stops."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One input: where it came from, its id, its image (bytes or a file path) and its caption (text, bytes or .txt).
-
-    `reject` is set when the adapter already knows the input is unusable (e.g. a tar cut off mid-member).
-    """
-
-    source: str
-    id: str | None
-    image: bytes | Path | None
-    caption: str | bytes | Path | None
-    reject: str | None = None
+__all__ = ["FORMATS", "Format", "Record", "SourceError"]
 
 
 def _read_captions_jsonl(path: Path) -> dict[str, str]:
@@ -51,8 +36,9 @@ def _read_captions_jsonl(path: Path) -> dict[str, str]:
     return captions
 
 
-def folder_records(input: Path) -> Iterator[Record]:
+def folder_records(input: str | Path) -> Iterator[Record]:
     """Image files under `input` (recursive, sorted), captioned by captions.jsonl if listed there, else by KEY.txt."""
+    input = Path(input)
     if not input.is_dir():
         raise SourceError(f"--input {input}: not a directory (format folder needs a folder of images)")
     jsonl = input / "captions.jsonl"
@@ -70,8 +56,10 @@ def folder_records(input: Path) -> Iterator[Record]:
     return gen()
 
 
-def coco_records(input: Path, annotations: Path | None, all_captions: bool = False) -> Iterator[Record]:
+def coco_records(input: str | Path, annotations: Path | None = None, all_captions: bool = False
+                 ) -> Iterator[Record]:
     """COCO caption annotations: one record per image (lowest annotation id) or, with all_captions, per caption."""
+    input = Path(input)
     if not input.is_dir():
         raise SourceError(f"--input {input}: not a directory (format coco needs the images folder)")
     if annotations is None:
@@ -106,45 +94,6 @@ def coco_records(input: Path, annotations: Path | None, all_captions: bool = Fal
     return gen()
 
 
-_BRACE_RE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """Expand webdataset brace patterns: `a{000..002}.tar` -> a000.tar a001.tar a002.tar, `{x,y}` -> x y."""
-    m = _BRACE_RE.search(pattern)
-    if not m:
-        return [pattern]
-    body = m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.group(1), rng.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    head, tail = pattern[:m.start()], pattern[m.end():]
-    return [out for opt in options for out in expand_braces(head + opt + tail)]
-
-
-def _tar_paths(input: str) -> list[Path]:
-    """Tars named by --input: one tar, a folder of tars (sorted), or a brace pattern (every file must exist)."""
-    if "{" in input:
-        paths = [Path(p) for p in expand_braces(input)]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise SourceError(f"--input {input}: {len(missing)} expanded tar(s) missing, first {missing[0]}")
-        return paths
-    path = Path(input)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        tars = sorted(path.glob("*.tar"))
-        if not tars:
-            raise SourceError(f"--input {input}: no .tar files in this folder")
-        return tars
-    raise SourceError(f"--input {input}: no such file or folder")
-
-
 _WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -159,35 +108,32 @@ def _group_record(tar: Path, key: str, members: dict[str, bytes]) -> Record:
 
 def _tar_records(tar: Path) -> Iterator[Record]:
     """Read one tar sequentially, grouping consecutive members by key (the name up to the basename's first dot)."""
-    key, members, this_key = None, {}, None
-    try:
-        with tarfile.open(tar, "r|*") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                head, _, base = info.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                this_key = f"{head}/{stem}" if head else stem
-                data = tf.extractfile(info).read()
-                if this_key != key and key is not None:
-                    yield _group_record(tar, key, members)
-                    members = {}
-                key = this_key
-                members[ext.lower()] = data
-            this_key = None
-    except (tarfile.TarError, OSError, EOFError) as e:
-        # A truncated tar: complete keys before the damage are kept; the damaged tail is one rejected input.
-        if key is not None and this_key != key:
+    key, members = None, {}
+    for name, data, error in tar_files(tar):
+        head, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        this_key = (f"{head}/{stem}" if head else stem) if name else key
+        if error is not None:
+            # A truncated tar: complete keys before the damage are kept; the damaged tail is one rejected input.
+            if key is not None and this_key != key:
+                yield _group_record(tar, key, members)
+            yield Record(str(tar), None, None, None, reject=f"corrupt_tar: {error}")
+            return
+        if this_key != key and key is not None:
             yield _group_record(tar, key, members)
-        yield Record(str(tar), None, None, None, reject=f"corrupt_tar: {type(e).__name__}: {e}")
-        return
+            members = {}
+        key = this_key
+        members[ext.lower()] = data
     if key is not None:
         yield _group_record(tar, key, members)
 
 
-def webdataset_records(input: str) -> Iterator[Record]:
+WEBDATASET_SUFFIXES = (".tar",)
+
+
+def webdataset_records(input: str | Path) -> Iterator[Record]:
     """Records from webdataset tars (KEY.jpg + KEY.txt [+ KEY.json]) as img2dataset writes them."""
-    tars = _tar_paths(input)
+    tars = input_paths(input, WEBDATASET_SUFFIXES, "tar")
 
     def gen() -> Iterator[Record]:
         for tar in tars:
@@ -203,13 +149,13 @@ def _parquet_value(value: object) -> bytes | None:
     return value if isinstance(value, (bytes, type(None))) else None
 
 
-def parquet_records(input: str) -> Iterator[Record]:
+PARQUET_SUFFIXES = (".parquet",)
+
+
+def parquet_records(input: str | Path) -> Iterator[Record]:
     """Records from img2dataset parquet files with an image column (jpg/image) and a caption column (caption/txt)."""
     import pyarrow.parquet as pq  # imported here: only parquet sources pay for it
-    path = Path(input)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    if not path.exists() or not files:
-        raise SourceError(f"--input {input}: no such parquet file or folder of .parquet files")
+    files = input_paths(input, PARQUET_SUFFIXES, "parquet file")
     schemas = {f: pq.ParquetFile(f).schema_arrow.names for f in files}
     for f, names in schemas.items():
         if not {"jpg", "image"} & set(names) or not {"caption", "txt"} & set(names):
@@ -231,9 +177,22 @@ def parquet_records(input: str) -> Iterator[Record]:
     return gen()
 
 
-FORMATS: dict[str, Callable[..., Iterator[Record]]] = {
-    "folder": folder_records,
-    "coco": coco_records,
-    "webdataset": webdataset_records,
-    "parquet": parquet_records,
+@dataclass(frozen=True)
+class Format:
+    """A source format: its adapter, the convert options it takes, and (for archives) the file endings it reads."""
+
+    read: Callable[..., Iterator[Record]]
+    options: tuple[str, ...] = ()  # convert's option names (dest) passed to `read` as keyword arguments
+    suffixes: tuple[str, ...] | None = None  # set when --input names archive files (a file, folder or pattern)
+
+
+FORMATS: dict[str, Format] = {
+    "folder": Format(folder_records),
+    "coco": Format(coco_records, ("annotations", "all_captions")),
+    "webdataset": Format(webdataset_records, suffixes=WEBDATASET_SUFFIXES),
+    "parquet": Format(parquet_records, suffixes=PARQUET_SUFFIXES),
+    "sa1b": Format(publishers.sa1b_records, ("captions",), publishers.SA1B_SUFFIXES),
+    "journeydb": Format(publishers.journeydb_records, ("annotations", "caption_field"), publishers.JOURNEYDB_SUFFIXES),
+    "diffusiondb": Format(publishers.diffusiondb_records, ("annotations", "nsfw_threshold"),
+                          publishers.DIFFUSIONDB_SUFFIXES),
 }

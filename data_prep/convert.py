@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
@@ -26,12 +27,28 @@ from tqdm import tqdm
 from data_prep import chunks
 from data_prep.adapters import FORMATS, Record, SourceError
 from data_prep.images import Settings, normalise_item
+from data_prep.sources import input_paths, is_pattern
 
 COLUMNS = {"image": "bytes", "caption": "str", "width": "int", "height": "int", "id": "str"}
 OPTIONS_FILE = "convert_options.json"
 # Options that change what is written: a resumed run must use the same values.
-_RESUME_KEYS = ("format", "input", "annotations", "all_captions", "max_side", "min_size", "max_pixels",
-                "center_crop_resize", "max_caption_chars", "chunk_size", "shard_size")
+_RESUME_KEYS = ("format", "input", "annotations", "all_captions", "captions", "caption_field", "nsfw_threshold",
+                "max_side", "min_size", "max_pixels", "center_crop_resize", "max_caption_chars", "chunk_size",
+                "shard_size")
+# Per-format options (FORMATS[...].options) and the value each takes when its format is chosen and it is not given.
+_FORMAT_OPTION_DEFAULTS = {"annotations": None, "all_captions": False, "captions": None, "caption_field": "prompt",
+                           "nsfw_threshold": 0.2}
+NSFW_OFF = "off"
+
+
+def _threshold(text: str) -> float | str:
+    """--nsfw-threshold: a score in [0, 2] (DiffusionDB's scores run to 2.0, "already blurred") or 'off'."""
+    if text == NSFW_OFF:
+        return NSFW_OFF
+    value = float(text)
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2] or 'off', got {text}")
+    return value
 
 
 class ConvertError(Exception):
@@ -42,10 +59,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options of the convert step."""
     p = argparse.ArgumentParser(prog="python -m data_prep.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="source format")
-    p.add_argument("--input", required=True, help="images folder, tar / folder of tars / brace pattern, or parquet")
+    p.add_argument("--input", required=True,
+                   help="folder, coco: the images folder; archive formats: a file, a folder of them, a brace pattern "
+                        "('shards/{00000..00099}.tar') or a shell glob ('tars/sa_*.tar'); quote patterns")
     p.add_argument("--output", required=True, type=Path, help="output folder of MDS shards")
-    p.add_argument("--annotations", type=Path, help="coco: captions_*.json annotation file")
+    p.add_argument("--annotations", type=Path,
+                   help="coco: captions_*.json; journeydb: the annotation .jsonl or its .jsonl.tgz; diffusiondb: "
+                        "metadata.parquet or metadata-large.parquet (prompts and NSFW scores)")
     p.add_argument("--all-captions", action="store_true", help="coco: one sample per caption (id imageid_annid)")
+    p.add_argument("--captions", type=Path,
+                   help="sa1b: SA1B_caption.tar.gz or the folder of sa_K.txt it unpacks to (paired by file stem)")
+    p.add_argument("--caption-field", choices=("prompt", "caption"),
+                   help="journeydb: the generation prompt (default, as the paper's release used) or the Task2 caption")
+    p.add_argument("--nsfw-threshold", type=_threshold,
+                   help="diffusiondb: drop rows whose image_nsfw or prompt_nsfw exceeds this (default 0.2, as the "
+                        "reference release); 'off' keeps them (needed without --annotations)")
     p.add_argument("--max-side", type=int, default=512, help="shrink so the short side is at most this (px)")
     p.add_argument("--min-size", type=int, default=0, help="reject images whose short side is below this (px)")
     p.add_argument("--max-pixels", type=int, default=Settings.max_pixels,
@@ -66,18 +94,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--center-crop-resize must be at least 1, got {args.center_crop_resize}")
     if args.min_size < 0 or args.workers < 0:
         p.error("--min-size and --workers must not be negative")
-    if args.format != "coco" and (args.annotations is not None or args.all_captions):
-        p.error(f"--annotations and --all-captions apply to --format coco only, not {args.format}")
+    takes = FORMATS[args.format].options
+    # Unset, these options are None (or False): any other value was given on the command line.
+    wrong = [k for k in _FORMAT_OPTION_DEFAULTS if k not in takes and getattr(args, k) not in (None, False)]
+    if wrong:
+        users = {k: sorted(f for f, spec in FORMATS.items() if k in spec.options) for k in wrong}
+        p.error(f"--format {args.format} takes no " + ", ".join(
+            f"--{k.replace('_', '-')} (for {'/'.join(users[k])})" for k in wrong))
+    for k, default in _FORMAT_OPTION_DEFAULTS.items():
+        if k in takes and getattr(args, k) is None:
+            setattr(args, k, default)
     return args
 
 
 def open_records(args: argparse.Namespace) -> Iterator[Record]:
     """The adapter's record iterator for the chosen format (raises SourceError for a wrong input)."""
-    if args.format == "coco":
-        return FORMATS["coco"](Path(args.input), args.annotations, args.all_captions)
-    if args.format == "folder":
-        return FORMATS["folder"](Path(args.input))
-    return FORMATS[args.format](args.input)
+    options = {k: getattr(args, k) for k in FORMATS[args.format].options}
+    if options.get("nsfw_threshold") == NSFW_OFF:
+        options["nsfw_threshold"] = None
+    return FORMATS[args.format].read(args.input, **options)
+
+
+def _input_identity(args: argparse.Namespace) -> dict[str, Any]:
+    """What --input names, for the resume check: its absolute path (or the pattern as given) and, for archive
+    formats, the files it names now: a glob or a folder can hold more files on a later run (a download still going on),
+    and resuming then would shift every chunk; the file list's hash catches that."""
+    pattern = is_pattern(args.input)
+    suffixes = FORMATS[args.format].suffixes
+    if pattern and suffixes is None:
+        raise ConvertError(f"--input {args.input}: --format {args.format} takes one folder, not a pattern")
+    identity = {"input": args.input if pattern else str(Path(args.input).resolve()), "input_files": None}
+    if suffixes is not None:
+        files = [str(f.resolve()) for f in input_paths(args.input, suffixes, "file")]
+        digest = hashlib.sha1("\n".join(files).encode()).hexdigest()[:16]
+        identity["input_files"] = f"{len(files)} files, sha1 {digest}"
+    return identity
 
 
 def prepare_output(args: argparse.Namespace) -> None:
@@ -91,8 +142,9 @@ def prepare_output(args: argparse.Namespace) -> None:
     except OSError as e:
         raise ConvertError(f"--output {out}: cannot write there ({type(e).__name__}: {e})") from e
     options = {k: getattr(args, k) for k in _RESUME_KEYS}
-    options.update(input=str(Path(args.input).resolve()) if "{" not in args.input else args.input,
-                   annotations=str(args.annotations.resolve()) if args.annotations else None)
+    options.update(_input_identity(args))
+    for k in ("annotations", "captions"):
+        options[k] = str(Path(options[k]).resolve()) if options[k] is not None else None
     chunks.check_resume_options(out, OPTIONS_FILE, options)
     chunks.remove_unfinished(out)
 

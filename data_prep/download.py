@@ -2,10 +2,12 @@
 
     python -m data_prep.download coco2014 --out data/raw/coco2014 --fraction 0.1
 
-Each dataset is a manifest (where the items are listed), a parser (manifest -> items) and a fetch step. The parse and
-subset steps are plain functions that run offline (`--manifest LOCAL_FILE --plan-only` writes OUT/plan.jsonl and stops).
-The subset is chosen by a hash of each item's key, so it does not depend on the manifest's order and a larger fraction
-contains every smaller one. Licences and tokens, where needed, are the user's to obtain; see each dataset's note.
+Each dataset is a manifest (where the items are listed), a parser (manifest -> items), a fetch step, and the convert
+command that turns what was fetched into MDS shards (printed at the end, and by --plan-only). The parse and subset
+steps are plain functions that run offline (`--plan-only` writes OUT/plan.jsonl and stops; the hub datasets' file names
+follow their publishers' fixed numbering, so they plan without --manifest). The subset is chosen by a hash of each
+item's key, so it does not depend on the manifest's order and a larger fraction contains every smaller one. Licences
+and tokens, where needed, are the user's to obtain; see each dataset's note.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -96,44 +99,87 @@ def parse_textcaps(path: Path) -> list[Item]:
     return list(items.values())
 
 
-SA1B_CAPTIONS = "https://huggingface.co/datasets/PixArt-alpha/SAM-LLaVA-Captions10M/resolve/main/SA1B_caption.tar.gz"
+HUB = "https://huggingface.co/datasets"
+SA1B_CAPTIONS = f"{HUB}/PixArt-alpha/SAM-LLaVA-Captions10M/resolve/main/SA1B_caption.tar.gz"
 TEXTCAPS_ZIP = "https://dl.fbaipublicfiles.com/textvqa/images/train_val_images.zip"
+JDB_ANNOTATIONS = "data/train/train_anno_realease_repath.jsonl.tgz"
+
+
+def _numbered(template: str, ids: range) -> Callable[[], list[str]]:
+    """A hub listing from a publisher's fixed file numbering (used when no --manifest listing is given)."""
+    return lambda: [template.format(i=i, half=1 if i <= 10000 else 2) for i in ids]
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Where a dataset's manifest lives, how to parse it, and what the user must arrange first."""
+    """Where a dataset's manifest lives, how to parse it, what the user must arrange first, and how to convert it."""
 
     manifest_url: str | None
     parse: Callable[[Path], list[Item]]
     note: str
+    convert: tuple[str, ...]  # convert's arguments for what download lays out under OUT ("{out}" is replaced)
     token: bool = False
+    extras: tuple[tuple[str, str], ...] = ()  # (url, dest under OUT): fetched whole beside the items
+    listing: Callable[[], list[str]] | None = None  # the hub repo's file names, when --manifest is not given
+    mds: str | None = None  # the stream name of the suggested --output (data/mds/NAME), default the dataset's name
+
+
+def _hub(repo: str, path: str) -> tuple[str, str]:
+    return f"{HUB}/{repo}/resolve/main/{path}", path
 
 
 DATASETS: dict[str, Dataset] = {
     "coco2014": Dataset("http://images.cocodataset.org/annotations/annotations_trainval2014.zip", parse_coco,
                         "manifest: captions_train2014.json inside the annotations zip; images fetched one by one "
-                        "from images.cocodataset.org; then: convert --format coco."),
+                        "from images.cocodataset.org.",
+                        ("--format", "coco", "--input", "{out}/images", "--annotations", "{out}/captions_subset.json")),
     "cc12m": Dataset("https://storage.googleapis.com/conceptual_12m/cc12m.tsv", parse_cc12m,
-                     "images come from the original web hosts via img2dataset (must be on PATH; many URLs are dead); "
-                     "then: convert --format webdataset."),
+                     "images come from the original web hosts via img2dataset (must be on PATH; many URLs are dead).",
+                     ("--format", "webdataset", "--input", "{out}/shards/*.tar")),
     "sa1b": Dataset(None, parse_sa1b_links,
-                    "needs Meta's licence acceptance at "
-                    "https://ai.meta.com/datasets/segment-anything-downloads/ : pass the links file you get there as "
-                    "--manifest. Synthetic captions: SA1B_caption.tar.gz of hf dataset "
-                    "PixArt-alpha/SAM-LLaVA-Captions10M (LLaVA captions) is fetched beside the tars; pairing it with "
-                    "the images (KEY.txt beside KEY.jpg, then convert --format folder) is left to the user."),
+                    "needs Meta's licence acceptance at https://ai.meta.com/datasets/segment-anything-downloads/ : "
+                    "pass the links file you get there as --manifest. The LLaVA captions (SA1B_caption.tar.gz of hf "
+                    "dataset PixArt-alpha/SAM-LLaVA-Captions10M) are fetched beside the tars; convert pairs them with "
+                    "the images by file stem.",
+                    ("--format", "sa1b", "--input", "{out}/tars/sa_*.tar", "--captions", "{out}/SA1B_caption.tar.gz"),
+                    extras=((SA1B_CAPTIONS, "SA1B_caption.tar.gz"),)),
     "journeydb": Dataset(None, hub_listing_parser("JourneyDB/JourneyDB", r"data/train/imgs/\d+\.tgz"),
-                         "gated hub dataset JourneyDB/JourneyDB: accept its terms on huggingface.co and set HF_TOKEN; "
-                         "pass a listing of the repo's files as --manifest (e.g. from huggingface_hub.list_repo_files)."
-                         " Captions: data/train/train_anno_realease_repath.jsonl.tgz of the same repo.", token=True),
+                         "gated hub dataset JourneyDB/JourneyDB: accept its terms on huggingface.co and set HF_TOKEN. "
+                         "Without --manifest (a listing of the repo's files) the plan assumes data/train/imgs/000.tgz "
+                         f"to 199.tgz, as the paper's release reads them; the annotations ({JDB_ANNOTATIONS}) are "
+                         "fetched too.",
+                         ("--format", "journeydb", "--input", "{out}/data/train/imgs/*.tgz", "--annotations",
+                          f"{{out}}/{JDB_ANNOTATIONS}"),
+                         token=True, extras=(_hub("JourneyDB/JourneyDB", JDB_ANNOTATIONS),),
+                         listing=_numbered("data/train/imgs/{i:03d}.tgz", range(200))),
     "diffusiondb": Dataset(None, hub_listing_parser("poloclub/diffusiondb", r"images/part-\d{6}\.zip"),
-                           "hub dataset poloclub/diffusiondb (CC0); each part zip holds 1000 images and a json of "
-                           "prompts; pass a listing of the repo's files as --manifest."),
+                           "DiffusionDB 2M, hub dataset poloclub/diffusiondb (CC0): 2,000 part zips of 1,000 PNGs "
+                           "each with a json of prompts, plus metadata.parquet (prompts and NSFW scores).",
+                           ("--format", "diffusiondb", "--input", "{out}/images/part-*.zip", "--annotations",
+                            "{out}/metadata.parquet"),
+                           extras=(_hub("poloclub/diffusiondb", "metadata.parquet"),),
+                           listing=_numbered("images/part-{i:06d}.zip", range(1, 2001))),
+    "diffusiondb-large": Dataset(
+        None, hub_listing_parser("poloclub/diffusiondb", r"diffusiondb-large-part-[12]/part-\d{6}\.zip"),
+        "DiffusionDB Large (14M WebP images, the one the paper's mix took 10.7M of), same hub dataset: 14,000 part "
+        "zips under diffusiondb-large-part-1/ (1-10000) and -part-2/, plus metadata-large.parquet.",
+        ("--format", "diffusiondb", "--input", "{out}/diffusiondb-large-part-*/part-*.zip", "--annotations",
+         "{out}/metadata-large.parquet"),
+        extras=(_hub("poloclub/diffusiondb", "metadata-large.parquet"),),
+        listing=_numbered("diffusiondb-large-part-{half}/part-{i:06d}.zip", range(1, 14001)), mds="diffusiondb"),
     "textcaps": Dataset("https://dl.fbaipublicfiles.com/textvqa/data/textcaps/TextCaps_0.1_train.json",
                         parse_textcaps, "images: one 7 GB zip (train_val_images.zip), fetched whole, selected images "
-                        "extracted; then: convert --format folder (captions.jsonl is written)."),
+                        "extracted; captions.jsonl is written beside them.",
+                        ("--format", "folder", "--input", "{out}/images")),
 }
+
+
+def convert_command(name: str, out: Path, output: Path | None = None) -> str:
+    """The convert command for what `download NAME --out OUT` lays out (default --output data/mds/NAME)."""
+    spec = DATASETS[name]
+    output = output if output is not None else Path("data") / "mds" / (spec.mds or name)
+    args = [a.replace("{out}", str(out)) for a in spec.convert] + ["--output", str(output)]
+    return "python -m data_prep.convert " + shlex.join(args)
 
 
 def fetch(url: str, dest: Path, token: bool = False) -> None:
@@ -153,11 +199,17 @@ def fetch(url: str, dest: Path, token: bool = False) -> None:
 
 
 def manifest_path(name: str, spec: Dataset, out: Path, given: Path | None) -> Path:
-    """The local manifest: --manifest if given, else downloaded (COCO's captions json is taken out of its zip)."""
+    """The local manifest: --manifest if given, else the hub's fixed file numbering written to OUT/manifest/files.txt,
+    else downloaded (COCO's captions json is taken out of its zip)."""
     if given is not None:
         if not given.is_file():
             raise SystemExit(f"download: --manifest {given}: no such file")
         return given
+    if spec.listing is not None:
+        listing = out / "manifest" / "files.txt"
+        listing.parent.mkdir(parents=True, exist_ok=True)
+        listing.write_text("".join(f"{n}\n" for n in spec.listing()), encoding="utf-8")
+        return listing
     if spec.manifest_url is None:
         raise SystemExit(f"download: {name} needs --manifest: {spec.note}")
     raw = out / "manifest" / spec.manifest_url.rsplit("/", 1)[1]
@@ -209,8 +261,8 @@ def download(name: str, items: list[Item], out: Path) -> None:
         return
     for it in tqdm(items, desc=name, unit="file"):
         fetch(it.url, out / it.dest, token=spec.token)
-    if name == "sa1b":
-        fetch(SA1B_CAPTIONS, out / "SA1B_caption.tar.gz")
+    for url, dest in spec.extras:
+        fetch(url, out / dest, token=spec.token)
     if name == "coco2014":
         ann = {"images": [{"id": int(it.key), "file_name": it.meta["file_name"]} for it in items],
                "annotations": [{"id": int(it.key) * 100 + j, "image_id": int(it.key), "caption": c}
@@ -237,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"download: {len(items)} items of {args.dataset} planned in {path}")
     if not args.plan_only:
         download(args.dataset, items, args.out)
+    print(f"download: {'after the download, ' if args.plan_only else ''}convert with:\n"
+          f"  {convert_command(args.dataset, args.out)}")
     return 0
 
 

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 
+from micro_diffusion.data.mix import register_mix
+
 
 def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add the `data` group; returns its sub-parsers for the commands below."""
     p = subparsers.add_parser("data", help="dataset tools: generated scenes, shard checks, the training mix")
     sub = p.add_subparsers(dest="data_command", required=True)
+    register_mix(sub)
     return sub
