@@ -19,6 +19,7 @@ import yaml
 from micro_diffusion.data.schema import ENCODERS_FILE, caption_spec, latent_column, latent_spec, read_index_columns
 from micro_diffusion.diffusion.edm import SIGMA_DATA
 from micro_diffusion.diffusion.sampling import DEFAULTS
+from micro_diffusion.models import MicroDiT, create_dit
 
 STREAM_KEYS = {"local": None, "remote": None, "proportion": None}
 
@@ -56,7 +57,7 @@ SCHEMA: dict[str, Any] = {
               "precision": "auto", "parallelism": "auto", "compile": False, "seed": 18, "log_interval": "100ba",
               "progress_bar": True},
     "checkpoint": {"save_folder": None, "save_interval": "2000ba", "keep": 3},
-    "eval": {"interval": "5000ba", "batches": 8, "batch_size": 32, "seed": 0},
+    "eval": {"interval": "5000ba", "batches": 8, "batch_size": 32, "seed": 0, "sigmas": None},
     "samples": {"interval": "10000ba", "prompts": [
         "a photo of a red fox sitting in the snow",
         "an astronaut riding a horse on the moon, digital art",
@@ -68,6 +69,14 @@ SCHEMA: dict[str, Any] = {
         "a mountain lake surrounded by pine trees in autumn",
     ], "steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "sampler": DEFAULTS.sampler, "seed": 0},
     "cost": {"usd_per_device_hour": None, "max_usd": None, "max_device_hours": None, "device_type": None},
+    "distill": None,  # a section (DISTILL's options) makes the stage a consistency distillation of its init weights
+}
+# Continuous-time consistency distillation (sCD) of the stage's starting weights, the teacher.
+DISTILL: dict[str, Any] = {
+    "guidance": DEFAULTS.guidance,  # the teacher's classifier-free guidance scale, baked into the student
+    "tangent_warmup": 1000,  # steps over which the tangent's second term rises from 0 to 1
+    "sigma_max": 80.0,  # the highest noise level trained and sampled from
+    "teacher_weights": "auto",  # auto (EMA weights when the teacher has them), ema or raw
 }
 OPEN_SECTIONS = ("model.overrides",)  # any keys (the model's own config checks them)
 STREAM_LISTS = ("data.streams", "data.val_streams")  # lists of {"local", "remote", "proportion"}
@@ -222,6 +231,8 @@ def validate(cfg: dict) -> dict:
         if options is not None:  # null switches off an algorithm a base file enabled
             algos[name] = _fill(options or {}, ALGORITHMS[name], f"algorithms.{name}")
     out["algorithms"] = algos
+    if given["distill"] is not None:
+        out["distill"] = _fill(given["distill"] or {}, DISTILL, "distill")
     if not out["stage"]:
         raise RecipeError("recipe has no `stage:` name")
     _check_values(out)
@@ -245,6 +256,25 @@ def _check_values(cfg: dict) -> None:
                           "eval.interval=null")
     if cfg["samples"]["interval"] and not cfg["samples"]["prompts"]:
         raise RecipeError("samples.interval is set but samples.prompts is empty")
+    sigmas = cfg["eval"]["sigmas"]
+    if sigmas is not None and (not isinstance(sigmas, int) or isinstance(sigmas, bool) or sigmas < 1):
+        raise RecipeError(f"eval.sigmas: a number of noise levels (a positive integer) or null, got {sigmas!r}")
+    if cfg["distill"] is not None:
+        _check_distill(cfg)
+
+
+def _check_distill(cfg: dict) -> None:
+    """A distillation stage needs a teacher, trains unmasked, and names known teacher weights."""
+    dis = cfg["distill"]
+    if cfg["init_from"] is None and cfg["init_checkpoint"] is None:
+        raise RecipeError("distill: the teacher is the stage's starting weights: set init_from or init_checkpoint")
+    if cfg["diffusion"]["mask_ratio"] != 0:
+        raise RecipeError(f"distill: consistency distillation trains unmasked; diffusion.mask_ratio is "
+                          f"{cfg['diffusion']['mask_ratio']}, set it to 0")
+    if dis["teacher_weights"] not in ("auto", "ema", "raw"):
+        raise RecipeError(f"distill.teacher_weights: unknown value {dis['teacher_weights']!r} (auto, ema or raw)")
+    if dis["guidance"] < 1 or dis["tangent_warmup"] < 0 or dis["sigma_max"] <= 0:
+        raise RecipeError(f"distill: need guidance >= 1, tangent_warmup >= 0 and sigma_max > 0, got {dis}")
 
 
 def check_stage_order(cfg: dict) -> None:
@@ -344,3 +374,13 @@ def shard_mismatches(cfg: dict, folder: Path) -> list[str]:
         problems.append(f"{index}: caption_emb holds {caption}, the recipe expects "
                         f"{(m['caption_len'], m['caption_dim'])} (model.caption_len, model.caption_dim)")
     return problems
+
+
+def build_network(cfg: dict) -> MicroDiT:
+    """The recipe's MicroDiT preset with its overrides, sized for the recipe's latents and captions."""
+    m = cfg["model"]
+    try:
+        return create_dit(m["preset"], latent_size=latent_size(cfg), in_channels=m["latent_channels"],
+                          caption_dim=m["caption_dim"], **m["overrides"])
+    except (KeyError, TypeError) as err:
+        raise RecipeError(f"model: {err}") from err

@@ -40,8 +40,8 @@ def demo(tmp_path_factory):
 
 def test_stage_figures_are_the_runs_own(demo):
     cfg, summary = demo
-    assert [s["name"] for s in summary["stages"]] == ["demo_masked", "demo_finetune"]
-    assert [s["mask_ratio"] for s in summary["stages"]] == [0.75, 0.0]
+    assert [s["name"] for s in summary["stages"]] == ["demo_masked", "demo_finetune", "demo_distill"]
+    assert [s["mask_ratio"] for s in summary["stages"]] == [0.75, 0.0, 0.0]
     for stage in summary["stages"]:
         run = Path(stage["run_dir"])
         losses = [r["loss/train/total"] for r in read_jsonl(run / "metrics.jsonl") if "loss/train/total" in r]
@@ -67,6 +67,27 @@ def test_caption_match_and_chance_are_what_the_reader_reads(demo):
     assert ev["caption_match"]["chance"] == shuffled_match(fake, labels, seed=cfg.seed)
     assert ev["caption_match_real"]["value"] == caption_match(real, labels) >= 0.9  # the reader reads real scenes
     assert ev["fid"]["images"] == ev["fid"]["reference_images"] == cfg.heldout_images
+
+
+def test_the_distilled_student_is_scored_like_its_teacher(demo):
+    cfg, summary = demo
+    _, captions = heldout_captions(cfg)
+    labels = [parse_caption(c) for c in captions]
+    dis = summary["distilled"]
+    assert sorted(dis["steps"]) == ["1", "2", "4"]
+    for k, entry in dis["steps"].items():
+        images = sorted((cfg.root / "eval" / f"student_{k}step").glob("*.png"))
+        fake = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
+        assert len(images) == cfg.heldout_images and entry["caption_match"] == caption_match(fake, labels)
+    assert dis["teacher"]["caption_match"] == summary["eval"]["caption_match"]["value"]
+    assert dis["teacher"]["sampling"] == {"steps": cfg.sample_steps, "guidance": cfg.guidance, "sampler": cfg.sampler,
+                                          "guidance_interval": None}
+    ledgers = {s["name"]: read_jsonl(Path(s["run_dir"]) / "cost.jsonl")[-1]["stage_totals"]["flops"]
+               for s in summary["stages"]}
+    assert dis["distill_flops"] == ledgers["demo_distill"]
+    assert dis["teacher_train_flops"] == ledgers["demo_masked"] + ledgers["demo_finetune"]
+    student = json.loads((Path(summary["student"]) / "config.json").read_text())
+    assert student["distilled"]["guidance"] == cfg.guidance
 
 
 def test_files_it_names_exist(demo):

@@ -66,11 +66,12 @@ def test_deterministic_samplers_recover_gaussian(name, std_tol):
 
 
 def test_evaluation_counts_follow_steps():
-    for name, evals in [("heun", 2 * 7 - 1), ("euler", 7), ("ddim", 7), ("dpmpp_2m", 7), ("stochastic", 13)]:
+    for name, steps, evals in [("heun", 7, 2 * 7 - 1), ("euler", 7, 7), ("ddim", 7, 7), ("dpmpp_2m", 7, 7),
+                               ("stochastic", 7, 13), ("consistency", 4, 4)]:
         d = Counting(ideal_denoiser)
-        sample(d, noise(8), steps=7, sampler=name)
-        assert d.calls == evals == network_evals(7, name), name
-    assert set(SAMPLERS) == {"heun", "euler", "ddim", "dpmpp_2m", "stochastic"}  # every sampler has a count above
+        sample(d, noise(8), steps=steps, sampler=name)
+        assert d.calls == evals == network_evals(steps, name), name
+    assert set(SAMPLERS) == {"heun", "euler", "ddim", "dpmpp_2m", "stochastic", "consistency"}  # each counted above
 
 
 def test_heun_beats_euler_at_equal_evaluations():

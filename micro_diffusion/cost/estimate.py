@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from ..models import create_dit
-from ..recipe import latent_size, load_recipe
-from .flops import train_flops_per_sample
+from ..diffusion.trigflow import AdaptiveWeight
+from ..models import MicroDiT
+from ..recipe import build_network, latent_size, load_recipe
+from .flops import distill_flops_per_sample, train_flops_per_sample
 from .prices import device_spec, usd_per_device_hour
 
 
@@ -37,23 +38,23 @@ class StageEstimate:
         return asdict(self)
 
 
-def stage_flops(
-    preset: str,
-    overrides: dict[str, Any],
-    latent_size: int | tuple[int, int],
-    caption_len: int,
-    mask_ratio: float,
-    steps: int,
-    global_batch: int,
-    in_channels: int = 4,
-    caption_dim: int = 1024,
-) -> tuple[float, float]:
+def flops_per_sample(net: MicroDiT, cfg: dict) -> int:
+    """Training FLOPs of one sample of a recipe's stage: forward+backward at its mask ratio, or a distillation step."""
+    size, length = latent_size(cfg), cfg["model"]["caption_len"]
+    if cfg["distill"] is None:
+        return train_flops_per_sample(net, size, length, cfg["diffusion"]["mask_ratio"])
+    with torch.device("meta"):
+        weight = AdaptiveWeight(cfg["diffusion"]["sigma_data"])  # the shape of the learned loss weighting
+    return distill_flops_per_sample(net, size, length, cfg["distill"]["guidance"] != 1.0, weight)
+
+
+def stage_flops(cfg: dict, steps: int, global_batch: int) -> tuple[float, float]:
     """(FLOPs per sample, total training FLOPs) of `steps` optimizer steps at `global_batch` samples each."""
     if steps < 1 or global_batch < 1:
         raise ValueError(f"steps and global_batch must be positive, got {steps} and {global_batch}")
     with torch.device("meta"):  # shapes only: XL costs no memory and no time to build
-        net = create_dit(preset, latent_size=latent_size, in_channels=in_channels, caption_dim=caption_dim, **overrides)
-    per_sample = float(train_flops_per_sample(net, latent_size, caption_len, mask_ratio))
+        net = build_network(cfg)
+    per_sample = float(flops_per_sample(net, cfg))
     return per_sample, per_sample * steps * global_batch
 
 
@@ -85,12 +86,10 @@ def estimate_recipe(path: str | os.PathLike, overrides: list[str], devices: int,
                     usd_per_hour: float | None = None) -> StageEstimate:
     """Estimate one stage from its recipe file (the recipe loader, with `key.sub=value` overrides)."""
     cfg = load_recipe(path, overrides)
-    model, train = cfg["model"], cfg["train"]
-    batch = int(train["global_batch"])
-    steps = steps_of(train["max_duration"], batch, f"{path}: train.max_duration")
+    batch = int(cfg["train"]["global_batch"])
+    steps = steps_of(cfg["train"]["max_duration"], batch, f"{path}: train.max_duration")
     mask = float(cfg["diffusion"]["mask_ratio"])
-    per_sample, flops = stage_flops(model["preset"], dict(model["overrides"]), latent_size(cfg), model["caption_len"],
-                                    mask, steps, batch, model["latent_channels"], model["caption_dim"])
+    per_sample, flops = stage_flops(cfg, steps, batch)
     cost = cost_of(flops, devices, device_type, mfu, usd_per_hour)
     return StageEstimate(cfg["stage"], steps, batch, cfg["data"]["resolution"], mask, per_sample, flops, **cost)
 

@@ -127,6 +127,32 @@ def train_flops_per_sample(
     return 3 * forward_flops(net, latent_size, caption_len, mask_ratio)
 
 
+def caption_only_flops(net: MicroDiT, caption_len: int = 77) -> int:
+    """Forward FLOPs that depend on the caption alone: its embedding, cross-attention keys and values, the mixer map."""
+    kv = sum(_linear(block.cross.kv, caption_len) for block in [*net.mixer, *net.blocks])
+    mixer = _linear(net.mixer_caption, caption_len) if len(net.mixer) else 0
+    return _caption_flops(net.caption_embed, caption_len) + kv + mixer
+
+
+def jvp_flops(net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77) -> int:
+    """One forward-mode JVP in (x, t) of the unmasked forward, as FlopCounterMode counts torch.func.jvp.
+
+    Every product on the path of x or t runs three times (the primal and the two tangent terms of its derivative);
+    what depends on the caption alone carries no tangent and runs once.
+    """
+    return 3 * forward_flops(net, latent_size, caption_len) - 2 * caption_only_flops(net, caption_len)
+
+
+def distill_flops_per_sample(net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77,
+                             guidance: bool = True, weight: nn.Module | None = None) -> int:
+    """One consistency-distillation sample: the teacher's forward (twice with guidance), the student's JVP, the
+    student's forward and backward, and the learned loss weighting's (Linear layers on one row per sample)."""
+    teacher = (2 if guidance else 1) * forward_flops(net, latent_size, caption_len)
+    weighting = 3 * sum(_linear(m, 1) for m in weight.modules() if isinstance(m, nn.Linear)) if weight else 0
+    return teacher + jvp_flops(net, latent_size, caption_len) + train_flops_per_sample(
+        net, latent_size, caption_len, 0.0) + weighting
+
+
 def sample_flops_per_image(
     net: MicroDiT,
     latent_size: int | tuple[int, int] = 32,

@@ -5,7 +5,8 @@
 Steps: generate captioned shape scenes -> convert to MDS -> precompute latents (the committed demo VAE) and caption
 embeddings (the packaged MiniLM) -> train demo_masked (75% deferred masking) then demo_finetune (unmasked) -> export ->
 sample a grid for held-out captions with guidance -> evaluate (caption match read back by a fixed reader, its chance
-level and its score on real images; FID against held-out real images) -> cost dashboard -> summary.json.
+level and its score on real images; FID against held-out real images) -> distil the finetuned model into a consistency
+student (demo_distill) and score it at 1, 2 and 4 steps beside the teacher -> cost dashboard -> summary.json.
 A finished step leaves a marker and is skipped on the next run, unless --fresh starts over.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from micro_diffusion.utils.images import grid
 from micro_diffusion.utils.jsonl import read_jsonl
 
 from . import DEFAULT_ROOT, demo_vae_path
+from .distilled import score_student
 from .reader import caption_match, shuffled_match
 from .shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
 
@@ -55,7 +57,8 @@ class DemoConfig:
     seed: int = 0
     masked_recipe: str = "recipes/demo_masked.yaml"
     finetune_recipe: str = "recipes/demo_finetune.yaml"
-    train_overrides: list[str] = field(default_factory=list)  # key=value applied to both stages
+    distill_recipe: str = "recipes/demo_distill.yaml"  # the finetuned model distilled into a 1-4 step student
+    train_overrides: list[str] = field(default_factory=list)  # key=value applied to every stage
     fresh: bool = False
 
     @classmethod
@@ -100,9 +103,9 @@ def make_data(cfg: DemoConfig) -> dict:
     return {"images": cfg.train_images, "heldout": cfg.heldout_images, "latents": str(data / "latents")}
 
 
-def train_stage(cfg: DemoConfig, recipe: str) -> dict:
+def train_stage(cfg: DemoConfig, recipe: str, extra: tuple[str, ...] = ()) -> dict:
     """Train one demo stage as `micro-diffusion train` does and read back its loss and cost."""
-    overrides = [f"runs_root={cfg.root}", f"data.root={cfg.root / 'data'}", *cfg.train_overrides]
+    overrides = [f"runs_root={cfg.root}", f"data.root={cfg.root / 'data'}", *cfg.train_overrides, *extra]
     if train(recipe, overrides) != 0:
         raise RuntimeError(f"training {recipe} failed")
     stage = load_recipe(recipe, overrides)
@@ -130,7 +133,7 @@ def heldout_captions(cfg: DemoConfig) -> tuple[list[Path], list[str]]:
 
 def generate(cfg: DemoConfig, model_dir: Path) -> dict:
     """Images for every held-out caption (evaluation) and a grid of the first few (the README's picture)."""
-    settings = SamplingSettings(steps=cfg.sample_steps, guidance=cfg.guidance, sampler=cfg.sampler)
+    settings = _teacher_settings(cfg)
     _, captions = heldout_captions(cfg)
     out = cfg.root / "eval" / "generated"
     render = TextToImage(model_dir, settings, cfg.seed)
@@ -167,6 +170,19 @@ def evaluate(cfg: DemoConfig, generated: Path) -> dict:
     }
 
 
+def distill_scores(cfg: DemoConfig, teacher_dir: Path, student_dir: Path, teacher_eval: dict,
+                   run_dirs: list[str]) -> dict:
+    """The student at 1, 2 and 4 steps beside the teacher, on the held-out captions the teacher was scored on."""
+    _, captions = heldout_captions(cfg)
+    teacher = TextToImage(teacher_dir, _teacher_settings(cfg), cfg.seed)
+    return score_student(cfg.root, captions, teacher, student_dir, cfg.seed, teacher_eval,
+                         lambda folder: evaluate(cfg, folder), run_dirs[:-1], run_dirs[-1])
+
+
+def _teacher_settings(cfg: DemoConfig) -> SamplingSettings:
+    return SamplingSettings(steps=cfg.sample_steps, guidance=cfg.guidance, sampler=cfg.sampler)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run (or finish) the demo and write summary.json; returns the summary."""
     start = time.perf_counter()
@@ -196,6 +212,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     metrics = step("evaluate", lambda: evaluate(cfg, Path(samples["generated"])))
     (Path(stages[-1]["run_dir"]) / "eval.json").write_text(json.dumps(
         {"fid": metrics["fid"]["value"], "caption_match": metrics["caption_match"]["value"]}) + "\n")
+    # the student learns the teacher as the demo samples it: guided at the demo's scale
+    stages.append(step("train_distill", lambda: train_stage(cfg, cfg.distill_recipe,
+                                                            (f"distill.guidance={cfg.guidance}",))))
+    student = step("export_student", lambda: {"model": str(export_run(stages[-1]["run_dir"], root / "student"))})
+    distilled = step("distilled", lambda: distill_scores(cfg, Path(model["model"]), Path(student["model"]), metrics,
+                                                         [s["run_dir"] for s in stages]))
 
     report = write_report([s["run_dir"] for s in stages], out=root / "report.html")
     reused = {line.split(":")[0] for line in log if line.endswith("reused")}
@@ -203,7 +225,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     wall = this_run + sum(sec for name, sec in seconds.items() if name in reused)  # reused: as measured when run
     summary = {"wall_clock_s": wall, "this_run_s": this_run, "step_seconds": seconds, "steps_log": log,
                "data": data, "stages": stages, "samples": samples["grid"], "model": model["model"],
-               "eval": metrics, "report": str(report.relative_to(root)),
+               "eval": metrics, "distilled": distilled, "student": student["model"],
+               "report": str(report.relative_to(root)),
                "config": {k: str(v) for k, v in asdict(cfg).items()}}
     (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, root)
@@ -219,6 +242,12 @@ def _print_summary(summary: dict, root: Path) -> None:
     print(f"[demo] caption match {ev['caption_match']['value']:.3f} (chance {ev['caption_match']['chance']:.3f}; "
           f"reader on real images {ev['caption_match_real']['value']:.3f}); "
           f"FID {ev['fid']['value']:.1f} over {ev['fid']['images']} images")
+    dis = summary["distilled"]
+    for k, entry in dis["steps"].items():
+        print(f"[demo] student, {k} step(s): caption match {entry['caption_match']:.3f}, FID {entry['fid']:.1f}, "
+              f"{entry['images_per_s'] / dis['teacher']['images_per_s']:.0f}x the teacher's images/s")
+    print(f"[demo] distillation FLOPs: {dis['distill_flops'] / dis['teacher_train_flops']:.0%} of the teacher's "
+          "training")
     print(f"[demo] sample grid  {root / summary['samples']}")
     print(f"[demo] dashboard    {root / summary['report']}")
     print(f"[demo] model        {summary['model']}")

@@ -1,6 +1,7 @@
 """EDM (Karras et al. 2022): preconditioning, training noise levels and the masked loss, as the paper writes them."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -40,6 +41,12 @@ def training_sigmas(
     """Log-normal noise levels: ln(sigma) ~ N(P_mean, P_std^2), shape (n,)."""
     gen_device = generator.device if generator is not None else device
     return (torch.randn(n, generator=generator, device=gen_device).to(device) * p_std + p_mean).exp()
+
+
+def sigma_grid(n: int, p_mean: float, p_std: float) -> torch.Tensor:
+    """n fixed noise levels: the (i + 1/2) / n quantiles of the training log-normal, (n,), for comparable losses."""
+    q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    return (p_mean + p_std * math.sqrt(2) * torch.erfinv(2 * q - 1)).exp().float()
 
 
 def per_sample(v: torch.Tensor) -> torch.Tensor:
@@ -89,6 +96,11 @@ class EDMPrecond(nn.Module):
         sigma = training_sigmas(x0.shape[0], p_mean, p_std, x0.device, noise_generator)  # (N,)
         gen_device = noise_generator.device if noise_generator is not None else x0.device
         noise = torch.randn(x0.shape, generator=noise_generator, device=gen_device).to(x0.device, x0.dtype)
+        return self.loss_at(x0, cond, sigma, noise, **net_kwargs).mean()
+
+    def loss_at(self, x0: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
+                **net_kwargs: Any) -> torch.Tensor:
+        """Per-sample weighted loss lambda(sigma) || D(x0 + sigma n; sigma) - x0 ||^2 at given sigma and noise: (N,)."""
         x = x0 + per_sample(sigma).to(x0.dtype) * noise  # (N, C, H, W)
         denoised, keep = self.denoise(x, sigma, cond, **net_kwargs)
-        return (loss_weight(sigma, self.sigma_data) * masked_mse(denoised, x0, keep)).mean()
+        return loss_weight(sigma, self.sigma_data) * masked_mse(denoised, x0, keep)

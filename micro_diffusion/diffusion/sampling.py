@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..utils.seeds import derive_seed
-from .edm import EDMPrecond
+from .edm import SIGMA_DATA, EDMPrecond
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Noise = torch.Generator | Sequence[torch.Generator] | None
@@ -129,13 +129,51 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
     return x
 
 
+def sample_consistency(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                       generator: Noise = None) -> torch.Tensor:
+    """Multistep consistency sampling (sCM): x_0 = f(x, sigma), re-noised to the next level, f applied again.
+
+    For a distilled student D(x; sigma) is the consistency function f; one step maps sigma_max straight to data.
+    """
+    x0 = x
+    for i in range(len(sigmas) - 1):
+        x0 = _call(denoiser, x, sigmas[i])  # f(x_t, t) in EDM terms: the student's D(x; sigma)
+        if sigmas[i + 1] > 0:  # re-noise the estimate to the next, lower level: x = x_0 + sigma n
+            x = x0 + sigmas[i + 1] * _randn_like(x0, generator)
+    return x0
+
+
+# TrigFlow times of the intermediate levels of multistep consistency sampling; 1.1 is the sCM paper's 2-step choice.
+CONSISTENCY_MID_TIMES: dict[int, tuple[float, ...]] = {1: (), 2: (1.1,), 4: (1.3, 1.1, 0.8)}
+
+
+def consistency_sigmas(steps: int, sigma_max: float = 80.0, sigma_data: float = SIGMA_DATA,
+                       mid_times: Sequence[float] | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(sigma_max, sigma_d tan(t_1), ..., 0): the levels of `steps`-step consistency sampling, (steps+1,)."""
+    if mid_times is None:
+        if steps not in CONSISTENCY_MID_TIMES:
+            raise ValueError(f"consistency sampling has default intermediate times for {sorted(CONSISTENCY_MID_TIMES)}"
+                             f" steps; give mid_times (TrigFlow times in (0, pi/2)) for {steps}")
+        mid_times = CONSISTENCY_MID_TIMES[steps]
+    if len(mid_times) != steps - 1:
+        raise ValueError(f"{steps} consistency steps need {steps - 1} intermediate times, got {list(mid_times)}")
+    mids = [sigma_data * math.tan(t) for t in mid_times]
+    levels = [sigma_max, *mids, 0.0]
+    if any(a <= b for a, b in zip(levels, levels[1:], strict=False)):
+        raise ValueError(f"consistency levels must decrease from sigma_max, got {levels} "
+                         f"(mid_times {list(mid_times)})")
+    return torch.tensor(levels, dtype=torch.float32, device=device)
+
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "heun": sample_heun,
     "euler": sample_euler,
     "ddim": sample_euler,  # DDIM's update in sigma space is Euler's (Karras et al. 2022, sec. 3): one implementation
     "stochastic": sample_stochastic,
     "dpmpp_2m": sample_dpmpp_2m,
+    "consistency": sample_consistency,  # for distilled students; noise levels from consistency_sigmas
 }
+SCHEDULE_OPTIONS = {"consistency": ("sigma_data", "mid_times")}  # options of the sampler's own noise levels
 # Network evaluations per image for `steps` noise levels, without guidance (it doubles them).
 EVALUATIONS: dict[str, Callable[[int], int]] = {
     "heun": lambda steps: 2 * steps - 1,
@@ -143,6 +181,7 @@ EVALUATIONS: dict[str, Callable[[int], int]] = {
     "ddim": lambda steps: steps,
     "stochastic": lambda steps: 2 * steps - 1,
     "dpmpp_2m": lambda steps: steps,
+    "consistency": lambda steps: steps,
 }
 
 
@@ -160,7 +199,8 @@ def sampler_options(sampler: str) -> dict[str, object]:
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
     params = list(inspect.signature(SAMPLERS[sampler]).parameters.values())[4:]  # after denoiser, x, sigmas, generator
-    return {p.name: p.default for p in params}
+    schedule = inspect.signature(consistency_sigmas).parameters
+    return {p.name: p.default for p in params} | {k: schedule[k].default for k in SCHEDULE_OPTIONS.get(sampler, ())}
 
 
 @torch.no_grad()
@@ -170,8 +210,9 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULTS.steps,
     """Integrate from standard-normal `noise` (N, C, H, W) to a sample x0 (float32) over `steps` noise levels.
 
     steps counts noise levels (Karras schedule), not network evaluations: Heun and the stochastic sampler spend
-    2*steps-1 evaluations, Euler/DDIM and DPM-Solver++(2M) spend `steps`. `generator` seeds the stochastic sampler's
-    churn noise (the deterministic samplers draw nothing). `options` go to the sampler (e.g. S_churn for "stochastic").
+    2*steps-1 evaluations, Euler/DDIM, DPM-Solver++(2M) and consistency sampling spend `steps`. `generator` seeds
+    the noise of the stochastic and the consistency samplers (the deterministic ones draw nothing). `options` go to
+    the sampler (e.g. S_churn for "stochastic"; sigma_data and mid_times for the consistency levels).
     """
     known = sampler_options(sampler)
     unknown = sorted(set(options) - set(known))
@@ -181,7 +222,11 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULTS.steps,
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device=noise.device)  # (steps+1,)
+    if sampler in SCHEDULE_OPTIONS:  # consistency sampling: sigma_max, the intermediate levels, 0
+        levels = {k: options.pop(k) for k in SCHEDULE_OPTIONS[sampler] if k in options}
+        sigmas = consistency_sigmas(steps, sigma_max, device=noise.device, **levels)
+    else:
+        sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device=noise.device)  # (steps+1,)
     x = noise.float() * sigmas[0]  # x_0 ~ N(0, sigma_max^2 I)
     return SAMPLERS[sampler](denoiser, x, sigmas, generator, **options)
 
@@ -246,4 +291,6 @@ def generate_latents(denoiser: EDMPrecond, cond: torch.Tensor, null_caption: tor
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])  # (N, C, H, W)
     churn = [torch.Generator().manual_seed(derive_seed(s, 1)) for s in seeds]
     guided = guided_denoiser(denoiser, cond, null_caption, settings.guidance, settings.guidance_interval)
-    return sample(guided, noise.to(cond.device), steps=settings.steps, sampler=settings.sampler, generator=churn)
+    levels = {"sigma_data": denoiser.sigma_data} if settings.sampler in SCHEDULE_OPTIONS else {}
+    return sample(guided, noise.to(cond.device), steps=settings.steps, sampler=settings.sampler, generator=churn,
+                  **levels)

@@ -19,7 +19,9 @@ from .sweep import run_sweep
 
 def _settings(args: argparse.Namespace) -> SamplingSettings:
     interval = tuple(args.guidance_interval) if args.guidance_interval else None
-    return SamplingSettings(steps=args.steps, guidance=args.guidance, sampler=args.sampler, guidance_interval=interval)
+    guidance = args.guidance if args.guidance is not None else 1.0 if args.sampler == "consistency" else \
+        DEFAULTS.guidance  # a distilled student has its teacher's guidance baked in
+    return SamplingSettings(steps=args.steps, guidance=guidance, sampler=args.sampler, guidance_interval=interval)
 
 
 def _use_ema(args: argparse.Namespace) -> bool | None:
@@ -28,9 +30,10 @@ def _use_ema(args: argparse.Namespace) -> bool | None:
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=DEFAULTS.steps, help="noise levels (Heun spends 2*steps-1 evaluations)")
-    p.add_argument("--guidance", type=float, default=DEFAULTS.guidance,
-                   help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--steps", type=int, default=DEFAULTS.steps,
+                   help="noise levels (Heun spends 2*steps-1 evaluations; a distilled student 1, 2 or 4)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"guidance scale (1 = none; default {DEFAULTS.guidance:g}, none for consistency)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
                    help="apply guidance only for sigma in [lo, hi]")
     p.add_argument("--sampler", default=DEFAULTS.sampler, choices=sorted(SAMPLERS))

@@ -16,6 +16,21 @@ from ..utils.images import to_pil
 from ..utils.sizes import as_hw
 
 
+def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None:
+    """A distilled student samples with `consistency` and no guidance (its teacher's is baked in); a diffusion model
+    never with `consistency`. Anything else is an error naming the export and what to ask for instead."""
+    student = config.get("distilled")
+    if student and settings.sampler != "consistency":
+        raise ValueError(f"{where} is a distilled student (guidance {student['guidance']} baked in): sample it with "
+                         f"--sampler consistency --steps 1, 2 or 4, not --sampler {settings.sampler}")
+    if student and settings.guidance != 1.0:
+        raise ValueError(f"{where} is a distilled student with its teacher's guidance {student['guidance']} baked "
+                         f"in: drop --guidance {settings.guidance:g}")
+    if not student and settings.sampler == "consistency":
+        raise ValueError(f"{where} is a diffusion model: consistency sampling needs a student made by "
+                         "`micro-diffusion distill`; use heun, euler, ddim, stochastic or dpmpp_2m")
+
+
 class TextToImage:
     """An exported network with the VAE and text encoder its config names, rendering captions from per-image seeds.
 
@@ -27,6 +42,7 @@ class TextToImage:
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
         self.settings, self.seed, self.device = settings, seed, torch_device(str(device) if device else None)
         self.net, self.config, null = load_exported(model_dir, use_ema, self.device)
+        check_sampling(self.config, settings, str(model_dir))
         self.denoiser = EDMPrecond(self.net, self.config["sigma_data"])
         enc = self.config["encoders"]
         self.text = load_text_encoder(enc["text_encoder"], device=self.device, dtype=dtype,
@@ -49,7 +65,10 @@ class TextToImage:
 
     def latents(self, captions: list[str], indices: list[int]) -> torch.Tensor:
         """Sampled latents (N, C, h, w) for captions, image k seeded by (seed, indices[k])."""
-        emb = self.text.encode(captions).to(self.device)  # (N, L, D)
+        return self.sample(self.text.encode(captions).to(self.device), indices)  # caption embeddings (N, L, D)
+
+    def sample(self, emb: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Sampled latents (N, C, h, w) for caption embeddings (N, L, D): the network's part of rendering."""
         shape = (self.net.in_channels, *self.latent_hw)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return generate_latents(self.denoiser, emb, self.null, self.settings, image_seeds(self.seed, indices),

@@ -1,6 +1,10 @@
 """Attention: xformers or torch's scaled_dot_product_attention on CUDA; three plain products on CPU."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,10 +15,24 @@ except ImportError:  # pragma: no cover - depends on the install
     xops = None
 
 EXPLICIT_MAX_SCORES = 1024 * 1024  # CPU: query x key tokens up to which the scores are materialised
+_PLAIN = ContextVar("plain_attention", default=False)
+
+
+@contextmanager
+def plain_attention() -> Iterator[None]:
+    """Attention as three plain products on every device inside the block: forward-mode AD (torch.func.jvp) needs
+    them, since the fused kernels (flash, memory-efficient, xformers) have no forward derivative."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (N, H, T, d) queries and (N, H, L, d) keys and values: (N, H, T, d)."""
+    if _PLAIN.get():
+        return _plain(q, k, v)
     if q.is_cuda:
         if xops is not None:
             out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N,T,H,d)
@@ -24,6 +42,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         return F.scaled_dot_product_attention(q, k, v)
     # On CPU, torch 2.7's fused SDPA kernel runs forward+backward 2-6x slower than these three ops at our sizes
     # (a few hundred tokens); bf16 softmax still computes in fp32 inside. tests/test_equivalence.py compares them.
+    return _plain(q, k, v)
+
+
+def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (N, H, T, L)
     return scores.softmax(dim=-1) @ v
 

@@ -46,9 +46,9 @@ class NoiseEmbed(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
-        half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=c_noise.device, dtype=torch.float32) / half)
-        args = self.scale * c_noise.float()[:, None] * freqs[None]  # (N, half)
+        half, dtype = self.freq_dim // 2, torch.promote_types(c_noise.dtype, torch.float32)  # never below fp32
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=c_noise.device, dtype=dtype) / half)
+        args = self.scale * c_noise.to(dtype)[:, None] * freqs[None]  # (N, half)
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))  # (N, D)
 
 

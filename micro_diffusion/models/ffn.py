@@ -47,7 +47,8 @@ class ExpertChoiceMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router probabilities and, per expert, its top-capacity tokens: gates and indices, each (N, E, C)."""
-        probs = self.router(x).float().softmax(dim=-1)  # (N, T, E): softmax over experts
+        logits = self.router(x)  # (N, T, E)
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1)  # over experts, >= fp32
         return probs.transpose(1, 2).topk(self.capacity(x.shape[1]), dim=-1)  # (N, E, C) each
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

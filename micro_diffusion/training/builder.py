@@ -15,15 +15,16 @@ from composer.optim import ConstantScheduler, ConstantWithWarmupScheduler, Cosin
 from composer.utils import dist, reproducibility
 
 from micro_diffusion.cost.callback import CostCallback
-from micro_diffusion.cost.flops import train_flops_per_sample
+from micro_diffusion.cost.estimate import flops_per_sample
 from micro_diffusion.data.loader import build_dataloader
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
+from micro_diffusion.diffusion.edm import sigma_grid
 from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.encoders import load_text_encoder, load_vae
-from micro_diffusion.models import MicroDiT, create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
-from micro_diffusion.recipe import RecipeError, latent_size, resolve_streams
+from micro_diffusion.recipe import RecipeError, build_network, latent_size, resolve_streams
 from micro_diffusion.training.callbacks import JSONLLogger, NaNGuard, Preemption, StepSeed
+from micro_diffusion.training.distill import DistillModel, TangentWarmup, teacher_state
 from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
 from micro_diffusion.training.run import RunPlan
@@ -31,21 +32,19 @@ from micro_diffusion.utils.devices import torch_device
 from micro_diffusion.utils.sizes import as_hw
 
 
-def build_network(cfg: dict) -> MicroDiT:
-    """The recipe's MicroDiT preset with its overrides, sized for the recipe's latents and captions."""
-    m = cfg["model"]
-    try:
-        return create_dit(m["preset"], latent_size=latent_size(cfg), in_channels=m["latent_channels"],
-                          caption_dim=m["caption_dim"], **m["overrides"])
-    except (KeyError, TypeError) as err:
-        raise RecipeError(f"model: {err}") from err
-
-
-def build_model(cfg: dict) -> DiffusionModel:
-    """The ComposerModel: network plus the stage's masking and EDM noise settings."""
+def build_model(cfg: dict, plan: RunPlan) -> DiffusionModel:
+    """The ComposerModel: network plus the stage's masking and EDM noise settings, or the distillation of a teacher."""
     d = cfg["diffusion"]
-    return DiffusionModel(build_network(cfg), mask_ratio=d["mask_ratio"], p_mean=d["p_mean"], p_std=d["p_std"],
-                          sigma_data=d["sigma_data"])
+    if cfg["distill"] is None:
+        return DiffusionModel(build_network(cfg), mask_ratio=d["mask_ratio"], p_mean=d["p_mean"], p_std=d["p_std"],
+                              sigma_data=d["sigma_data"])
+    dis, state = cfg["distill"], teacher_state(plan.init_checkpoint, cfg["distill"]["teacher_weights"])
+    student, teacher = build_network(cfg), build_network(cfg)
+    for net in (student, teacher):
+        net.load_state_dict(state)  # strict: a teacher of another shape is an error naming the tensors
+    null = np.load(_shard_dir(cfg) / NULL_CAPTION_FILE)
+    return DistillModel(student, teacher, null, d["sigma_data"], d["p_mean"], d["p_std"], dis["guidance"],
+                        dis["sigma_max"], dis["tangent_warmup"])
 
 
 def moe_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -143,10 +142,14 @@ def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
 def build_callbacks(cfg: dict, plan: RunPlan, model: DiffusionModel) -> list[Callback]:
     """Step seeds, NaN guard, preemption, validation loss and sample grids as the recipe asks, and the cost ledger."""
     callbacks: list[Callback] = [StepSeed(cfg["train"]["seed"]), NaNGuard(plan.save_folder), Preemption()]
+    if cfg["distill"]:
+        callbacks.append(TangentWarmup())
     ev = cfg["eval"]
     if ev["interval"]:
         loader = build_loader(cfg, plan, "val_streams", batch_size=ev["batch_size"])
-        callbacks.append(ValidationLoss(loader, ev["interval"], ev["batches"], ev["seed"]))
+        d = cfg["diffusion"]
+        grid = sigma_grid(ev["sigmas"], d["p_mean"], d["p_std"]) if ev["sigmas"] else None
+        callbacks.append(ValidationLoss(loader, ev["interval"], ev["batches"], ev["seed"], grid))
     if cfg["samples"]["interval"]:
         callbacks.append(sample_grid(cfg, plan, torch_device(plan.device, dist.get_local_rank())))
     callbacks.append(cost_callback(cfg, plan, model))
@@ -156,8 +159,7 @@ def build_callbacks(cfg: dict, plan: RunPlan, model: DiffusionModel) -> list[Cal
 def cost_callback(cfg: dict, plan: RunPlan, model: DiffusionModel) -> CostCallback:
     """The cost ledger (cost.jsonl), chained to the previous stage's run folder when the stage has one."""
     c = cfg["cost"]
-    flops = train_flops_per_sample(model.net, latent_size(cfg), cfg["model"]["caption_len"],
-                                   cfg["diffusion"]["mask_ratio"])
+    flops = flops_per_sample(model.net, cfg)
     carry = None
     if cfg["init_from"] is not None and cfg["init_checkpoint"] is None:
         carry = str(Path(cfg["runs_root"]) / cfg["init_from"])  # its cost.jsonl; a missing one is an error there
@@ -178,7 +180,7 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
     """
     t, ck = cfg["train"], cfg["checkpoint"]
     reproducibility.seed_all(t["seed"])  # the same initial weights on every rank and in every rerun
-    model = build_model(cfg)
+    model = build_model(cfg, plan)
     optimizer = build_optimizer(model, cfg["optimizer"], plan.device)
     return Trainer(
         model=model,
@@ -194,7 +196,7 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         progress_bar=t["progress_bar"],
         log_to_console=not t["progress_bar"],
         console_log_interval=t["log_interval"],
-        load_path=plan.init_checkpoint,
+        load_path=None if cfg["distill"] else plan.init_checkpoint,  # a distillation loaded its teacher itself
         load_weights_only=True,  # the previous stage's weights, never its optimizer or schedule
         load_strict_model_weights=True,
         save_folder=plan.save_folder,

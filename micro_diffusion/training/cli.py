@@ -15,28 +15,33 @@ NAN_EXIT = 3  # the loss went NaN/inf: the last checkpoint is the last good one
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `train` subcommand."""
-    p = subparsers.add_parser("train", help="train one stage from a YAML recipe (Composer)",
-                              description="Train one stage. Launch on several devices with Composer's launcher: "
-                                          "composer -n 8 -m micro_diffusion.cli train RECIPE ...")
-    p.add_argument("recipe", help="recipe file, e.g. recipes/res256_masked.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="recipe overrides, values parsed as YAML (e.g. train.max_duration=100ba)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved recipe, run plan, version and git revision, list missing inputs, exit")
-    p.add_argument("--run-dir", default=None, help="run folder (default: RUNS_ROOT/STAGE from the recipe)")
-    p.set_defaults(func=run_train)
+    """Add the `train` and `distill` subcommands."""
+    launch = "Launch on several devices with Composer's launcher: composer -n 8 -m micro_diffusion.cli {} RECIPE ..."
+    for name, helptext, example in [
+            ("train", "train one stage from a YAML recipe (Composer)", "recipes/res256_masked.yaml"),
+            ("distill", "distil a trained model into a 1-4 step consistency student", "recipes/distill_512.yaml")]:
+        p = subparsers.add_parser(name, help=helptext, description=f"{helptext}. {launch.format(name)}")
+        p.add_argument("recipe", help=f"recipe file, e.g. {example}")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                       help="recipe overrides, values parsed as YAML (e.g. train.max_duration=100ba)")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved recipe, run plan, version and git revision, list missing inputs, exit")
+        p.add_argument("--run-dir", default=None, help="run folder (default: RUNS_ROOT/STAGE from the recipe)")
+        p.set_defaults(func=lambda args, distill=name == "distill": train(args.recipe, args.overrides, args.run_dir,
+                                                                           args.dry_run, distill))
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """The `train` subcommand."""
-    return train(args.recipe, args.overrides, args.run_dir, args.dry_run)
+def train(recipe: str, overrides: list[str] | None = None, run_dir: str | None = None, dry_run: bool = False,
+          distill: bool = False) -> int:
+    """Resolve a recipe, then print it (dry run) or train the stage; returns the command's exit code.
 
-
-def train(recipe: str, overrides: list[str] | None = None, run_dir: str | None = None, dry_run: bool = False) -> int:
-    """Resolve a recipe, then print it (dry run) or train the stage; returns the command's exit code."""
+    distill=True (the `distill` command) insists on a recipe with a `distill:` section; `train` runs either kind.
+    """
     try:
         cfg = load_recipe(recipe, overrides)
+        if distill and cfg["distill"] is None:
+            raise RecipeError(f"{recipe} has no distill: section; `micro-diffusion distill` runs a consistency "
+                              "distillation recipe (e.g. recipes/distill_512.yaml)")
         plan = plan_run(cfg, run_dir)
         info = run_info(cfg, plan)
         if dry_run:

@@ -11,8 +11,7 @@ import yaml
 
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
 from micro_diffusion.exported import export_model
-from micro_diffusion.recipe import resolve_streams
-from micro_diffusion.training.builder import build_network
+from micro_diffusion.recipe import build_network, resolve_streams
 from micro_diffusion.training.run import LATEST
 from micro_diffusion.version import __version__
 
@@ -94,6 +93,9 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
                   "encoders": json.loads((shards / ENCODERS_FILE).read_text()), "recipe": cfg.get("stage"),
                   "sigma_data": cfg["diffusion"]["sigma_data"], "source_checkpoint": str(ckpt),
                   "git_revision": info.get("git_revision"), "micro_diffusion_version": __version__}
+    if cfg.get("distill"):  # a consistency student: sampled in 1-4 steps, its teacher's guidance baked in
+        export_cfg["distilled"] = {"guidance": cfg["distill"]["guidance"], "sigma_max": cfg["distill"]["sigma_max"],
+                                   "teacher": cfg.get("init_from") or cfg.get("init_checkpoint")}
     return export_model(raw, ema, export_cfg, np.load(shards / NULL_CAPTION_FILE), out_dir)
 
 

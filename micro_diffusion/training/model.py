@@ -68,9 +68,17 @@ class DiffusionModel(ComposerModel):
         return outputs
 
     @torch.no_grad()
-    def validation_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """Unmasked EDM loss of a held-out batch, with noise levels and noise from `generator`."""
-        return self.denoiser.loss(batch["latents"], batch["caption_emb"], self.p_mean, self.p_std, generator)
+    def validation_loss(self, batch: dict[str, Any], generator: torch.Generator,
+                        sigmas: torch.Tensor | None = None) -> torch.Tensor:
+        """Unmasked EDM loss of a held-out batch, noise from `generator`: at log-normal noise levels drawn from it,
+        or averaged over a fixed grid of noise levels `sigmas` (K,) when given."""
+        x0, cond = batch["latents"], batch["caption_emb"]
+        if sigmas is None:
+            return self.denoiser.loss(x0, cond, self.p_mean, self.p_std, generator)
+        losses = [self.denoiser.loss_at(x0, cond, s.expand(x0.shape[0]).to(x0.device),
+                                        torch.randn(x0.shape, generator=generator, device=generator.device).to(x0))
+                  for s in sigmas]
+        return torch.stack(losses).mean()
 
     def attach_ema(self, ema: Any) -> None:
         """Remember Composer's EMA algorithm so sampling can use its weights."""

@@ -22,11 +22,13 @@ class ValidationLoss(Callback):
     """Logs `val/loss` (and `val/loss_ema` once EMA runs): unmasked EDM loss on `max_batches` held-out batches.
 
     The batches are read once and kept, and every evaluation draws noise from a generator reset to the same seed,
-    so successive values differ only because the weights changed.
+    so successive values differ only because the weights changed. With `sigmas` (K,) the loss is the mean over that
+    fixed grid of noise levels instead of over log-normal draws.
     """
 
-    def __init__(self, loader: Iterable[dict[str, Any]], interval: str, max_batches: int, seed: int = 0):
-        self.loader, self.max_batches, self.seed = loader, max_batches, seed
+    def __init__(self, loader: Iterable[dict[str, Any]], interval: str, max_batches: int, seed: int = 0,
+                 sigmas: torch.Tensor | None = None):
+        self.loader, self.max_batches, self.seed, self.sigmas = loader, max_batches, seed, sigmas
         self.due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
         self._batches: list[dict[str, Any]] | None = None
         self.history: list[tuple[int, float]] = []
@@ -52,7 +54,7 @@ class ValidationLoss(Callback):
             for batch in self._held_out():
                 batch = {k: v.to(device) for k, v in batch.items()}
                 n = batch["latents"].shape[0]
-                total += torch.stack([model.validation_loss(batch, gen).float() * n,
+                total += torch.stack([model.validation_loss(batch, gen, self.sigmas).float() * n,
                                       torch.tensor(float(n), device=device)])
         dist.all_reduce(total, reduce_operation="SUM")
         return float(total[0] / total[1])

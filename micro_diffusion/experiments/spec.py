@@ -1,0 +1,151 @@
+"""Experiment files: one schema (docs/interfaces.md, "Experiments"), checked key by key like recipes.
+
+    base_recipe: ../demo_masked.yaml           # the recipe every run starts from (path relative to this file)
+    data: {size: 64, count: 4000, heldout: 256, seed: 0}       # compositional scenes, generated once
+    budget: {flops: 1.0e15}                    # analytic training FLOPs of every run (or {steps: N})
+    seeds: [0, 1]
+    eval: {...}                                # EVAL below: validation points and noise grid, sampling, FID, GenEval
+    variants:
+      - {name: deferred_75, overrides: {diffusion.mask_ratio: 0.75}}
+      - {name: downscaled, overrides: {diffusion.mask_ratio: 0.0}, narrow_to: deferred_75}
+      - {name: deferred_75_ft, overrides: {...}, then: {fraction: 0.1, overrides: {diffusion.mask_ratio: 0.0}}}
+    claims:
+      - {name: ..., kind: beats | within, a: VARIANT, b: VARIANT, metric: val_loss | fid | geneval}
+    quick: {data: {...}, budget: {...}, eval: {...}, overrides: {...}}   # what --quick changes, over the above
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..recipe import RecipeError
+from .verdict import LOWER_IS_BETTER
+
+DATA = {"size": 64, "count": 4000, "heldout": 256, "seed": 0}
+EVAL = {
+    "val_points": 10,  # validation losses logged over each run's budget
+    "val_sigmas": 12,  # the fixed grid of noise levels (quantiles of the training log-normal)
+    "val_samples": 256,  # held-out latents of the validation loss
+    "sampling": {"sampler": "heun", "steps": 20, "guidance": 4.0},  # for FID and the GenEval-style score
+    "fid_images": 256,
+    "geneval_prompts": 96,
+    "images_per_prompt": 2,
+}
+KEYS = {"base_recipe", "data", "budget", "seeds", "eval", "variants", "claims", "quick"}
+VARIANT_KEYS = {"name", "overrides", "narrow_to", "then"}
+
+
+@dataclass
+class Variant:
+    """One recipe variant: overrides of the base recipe, optionally narrowed, optionally followed by a second stage."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    narrow_to: str | None = None  # narrow the network until its FLOPs per sample equal this variant's
+    then: dict[str, Any] | None = None  # {fraction: share of the budget, overrides: {...}}: a finetune stage
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment file."""
+
+    name: str
+    path: Path
+    base_recipe: Path
+    data: dict[str, Any]
+    budget: dict[str, float]
+    seeds: list[int]
+    eval: dict[str, Any]
+    variants: list[Variant]
+    claims: list[dict[str, str]]
+
+    def variant(self, name: str) -> Variant:
+        """The variant of that name."""
+        return next(v for v in self.variants if v.name == name)
+
+
+def _section(given: Any, schema: dict, where: str) -> dict:
+    if not isinstance(given, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {given!r}")
+    unknown = sorted(set(given) - set(schema))
+    if unknown:
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(schema))})")
+    out = copy.deepcopy(schema)
+    for key, value in given.items():
+        out[key] = _section(value, schema[key], f"{where}.{key}") if isinstance(schema[key], dict) else value
+    return out
+
+
+def _variant(raw: Any, where: str) -> Variant:
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise RecipeError(f"{where}: a variant is a mapping with a name, got {raw!r}")
+    unknown = sorted(set(raw) - VARIANT_KEYS)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(VARIANT_KEYS))})")
+    then = raw.get("then")
+    if then is not None and (set(then) - {"fraction", "overrides"} or not 0 < then.get("fraction", 0) < 1):
+        raise RecipeError(f"{where}.then: needs a fraction in (0, 1) and overrides, got {then!r}")
+    return Variant(str(raw["name"]), dict(raw.get("overrides") or {}), raw.get("narrow_to"), then)
+
+
+def _check_claims(claims: list, names: set[str], where: str) -> list[dict[str, str]]:
+    out = []
+    for i, c in enumerate(claims):
+        if set(c) != {"name", "kind", "a", "b", "metric"}:
+            raise RecipeError(f"{where}.claims[{i}]: needs exactly name, kind, a, b, metric; got {sorted(c)}")
+        if c["kind"] not in ("beats", "within") or c["metric"] not in LOWER_IS_BETTER:
+            raise RecipeError(f"{where}.claims[{i}]: kind must be beats or within, metric one of "
+                              f"{sorted(LOWER_IS_BETTER)}; got {c['kind']!r}, {c['metric']!r}")
+        for side in ("a", "b"):
+            if c[side] not in names:
+                raise RecipeError(f"{where}.claims[{i}].{side}: no variant {c[side]!r} (variants: {sorted(names)})")
+        out.append(dict(c))
+    return out
+
+
+def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
+    """Read and check an experiment file; quick=True applies its `quick:` section (a toy size of the same chain)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"experiment file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    where = str(path)
+    unknown = sorted(set(raw) - KEYS)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(sorted(KEYS))})")
+    missing = sorted({"base_recipe", "budget", "variants"} - set(raw))
+    if missing:
+        raise RecipeError(f"{where}: missing key {missing[0]!r}")
+    small = raw.get("quick") or {}
+    if quick:
+        raw = {**raw, **{k: {**(raw.get(k) or {}), **v} for k, v in small.items() if k in ("data", "budget", "eval")}}
+        if "seeds" in small:
+            raw["seeds"] = small["seeds"]
+    budget = raw["budget"]
+    if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("flops", "steps"):
+        raise RecipeError(f"{where}.budget: give exactly one of flops or steps, got {budget!r}")
+    variants = [_variant(v, f"{where}.variants[{i}]") for i, v in enumerate(raw["variants"])]
+    extra = dict(small.get("overrides") or {}) if quick else {}
+    for v in variants:
+        v.overrides = {**v.overrides, **extra}
+    names = {v.name for v in variants}
+    if len(names) != len(variants):
+        raise RecipeError(f"{where}.variants: names must differ, got {[v.name for v in variants]}")
+    for v in variants:
+        if v.narrow_to is not None and v.narrow_to not in names:
+            raise RecipeError(f"{where}: variant {v.name} narrows to unknown variant {v.narrow_to!r}")
+    return Experiment(name=path.stem, path=path, base_recipe=(path.parent / raw["base_recipe"]).resolve(),
+                      data=_section(raw.get("data", {}), DATA, f"{where}.data"),
+                      budget={k: float(v) for k, v in budget.items()}, seeds=[int(s) for s in raw.get("seeds", [0])],
+                      eval=_section(raw.get("eval", {}), EVAL, f"{where}.eval"), variants=variants,
+                      claims=_check_claims(raw.get("claims", []), names, where))
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """{"a.b": value} -> ["a.b=<value as YAML>"], the recipe loader's command-line form."""
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for k, v in overrides.items()]
