@@ -10,6 +10,7 @@ from .cost.cli import register as register_cost
 from .data.cli import register as register_data
 from .demo.cli import register as register_demo
 from .eval.cli import register as register_eval
+from .experiments.cli import register as register_experiment
 from .models import create_dit, list_presets
 from .training.cli import register as register_train
 from .version import __version__
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="list model presets and their sizes").set_defaults(func=_presets)
     register_data(sub)
-    for register in (register_train, register_cost, register_eval, register_demo):
+    for register in (register_train, register_cost, register_eval, register_experiment, register_demo):
         register(sub)
     return parser
 

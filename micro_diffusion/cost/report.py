@@ -168,7 +168,8 @@ def _fmt(value: Any, spec: str) -> str:
     return "" if value is None or not np.isfinite(value) else format(value, spec)
 
 
-def _img(path: Path, alt: str) -> str:
+def img_tag(path: Path, alt: str) -> str:
+    """An <img> tag holding the PNG inline (base64), so the page needs no other file."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
@@ -195,14 +196,14 @@ def render_html(runs: list[RunData], plots: list[Path]) -> str:
              "analytically (micro_diffusion.cost.flops).</p>"]
     if plots:
         parts.append("<h2>Loss and evaluations against cost</h2>")
-        parts += [_img(p, p.stem) for p in plots]
+        parts += [img_tag(p, p.stem) for p in plots]
     else:
         parts.append('<p class="note">No training loss or evaluation results to plot yet.</p>')
     sampled = [r for r in runs if r.sample is not None]
     if sampled:
         latest = max(sampled, key=lambda r: r.sample.stat().st_mtime)
         parts += [f"<h2>Latest samples ({html.escape(latest.name)}: {html.escape(latest.sample.name)})</h2>",
-                  _img(latest.sample, "latest sample grid")]
+                  img_tag(latest.sample, "latest sample grid")]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<link rel="icon" href="data:,"><title>micro_diffusion cost report</title>'
             f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>")

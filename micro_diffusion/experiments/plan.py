@@ -35,6 +35,12 @@ class RunPlan:
     seed: int
     stages: list[StagePlan]
     parameters: int
+    batch: int  # global batch of every stage
+
+    @property
+    def flops(self) -> int:
+        """Analytic training FLOPs of the whole run (every stage's steps x batch x FLOPs per sample)."""
+        return sum(s.steps * self.batch * s.flops_per_sample for s in self.stages)
 
     @property
     def name(self) -> str:
@@ -44,7 +50,12 @@ class RunPlan:
 
 def stage_config(exp: Experiment, overrides: dict[str, Any], extra: list[str] | None = None) -> dict:
     """The base recipe with a variant's overrides (and any extra key=value) applied and checked."""
-    return load_recipe(exp.base_recipe, override_args(overrides) + list(extra or []))
+    return load_recipe(exp.base_recipe, stage_overrides(exp, overrides) + list(extra or []))
+
+
+def stage_overrides(exp: Experiment, overrides: dict[str, Any]) -> list[str]:
+    """A variant's overrides as key=value, at the experiment's image size."""
+    return [f"data.resolution={exp.data['size']}", *override_args(overrides)]
 
 
 def _cost(cfg: dict) -> tuple[int, int]:
@@ -92,8 +103,9 @@ def plan_runs(exp: Experiment, seeds: list[int] | None = None) -> list[RunPlan]:
             f2, _ = _cost(stage_config(exp, second))
             stages.append((second, _steps(exp.budget, variant.then["fraction"], f2, batch), f2))
         for seed in seeds if seeds is not None else exp.seeds:
-            out.append(RunPlan(variant.name, seed, [StagePlan(override_args(o) + [f"train.seed={seed}"], s, f)
-                                                    for o, s, f in stages], params))
+            seeded = [f"train.seed={seed}", f"data.seed={seed}"]  # weights, noise, masks and data order
+            out.append(RunPlan(variant.name, seed, [StagePlan(stage_overrides(exp, o) + seeded, s, f)
+                                                    for o, s, f in stages], params, batch))
     return out
 
 

@@ -25,7 +25,10 @@ import yaml
 from ..recipe import RecipeError
 from .verdict import LOWER_IS_BETTER
 
-DATA = {"size": 64, "count": 4000, "heldout": 256, "seed": 0}
+# the demo's encoders: its small VAE (shipped with the package) and the packaged MiniLM, 16 caption tokens
+DEMO_VAE = str(Path(__file__).resolve().parents[1] / "demo" / "assets" / "vae")
+DATA = {"size": 64, "count": 4000, "heldout": 256, "seed": 0, "vae": DEMO_VAE, "text_encoder": "minilm",
+        "caption_len": 16}
 EVAL = {
     "val_points": 10,  # validation losses logged over each run's budget
     "val_sigmas": 12,  # the fixed grid of noise levels (quantiles of the training log-normal)

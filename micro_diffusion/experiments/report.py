@@ -1,0 +1,113 @@
+"""An experiment's results.json, its verdicts, PNG plots and report.html (the cost dashboard's page and table)."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ..cost.report import CSS, cost_table, img_tag, load_run, stage_row  # noqa: E402
+from .spec import Experiment  # noqa: E402
+from .verdict import mean_and_var, verdict  # noqa: E402
+
+
+def claim_value(metrics: dict[str, Any], metric: str) -> float:
+    """A run's value of a claim metric: val_loss, fid, or the GenEval-style overall."""
+    return float(metrics["geneval"]["overall"] if metric == "geneval" else metrics[metric])
+
+
+def judge(exp: Experiment, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every claim's means, gap, standard error and verdict from the runs' final metrics."""
+    out = []
+    for claim in exp.claims:
+        a = [claim_value(r["metrics"], claim["metric"]) for r in rows if r["name"] == claim["a"]]
+        b = [claim_value(r["metrics"], claim["metric"]) for r in rows if r["name"] == claim["b"]]
+        out.append({"name": claim["name"], "kind": claim["kind"], "metric": claim["metric"],
+                    **verdict(claim["kind"], claim["metric"], a, b)})
+    return out
+
+
+def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """results.json: every run's steps, FLOPs, dollars and metrics, and the claims' verdicts."""
+    results = {"experiment": exp.name, "variants": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
+               "claims": judge(exp, rows)}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _curves_plot(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path) -> Path:
+    """Validation loss against x_key, one line a variant (mean over seeds) with the seeds' range shaded."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    for name in dict.fromkeys(r["name"] for r in rows):
+        curves = [r["curve"] for r in rows if r["name"] == name]
+        n = min(len(c["val_loss"]) for c in curves)
+        xs = np.mean([c[x_key][:n] for c in curves], axis=0)
+        ys = np.array([c["val_loss"][:n] for c in curves])
+        ax.plot(xs, ys.mean(0), label=name, linewidth=1.2)
+        if len(curves) > 1:
+            ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
+    ax.set(title=f"validation loss against {xlabel}", xlabel=xlabel, ylabel="validation loss (unmasked)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt_spread(values: list[float]) -> str:
+    mean, var = mean_and_var(values)
+    return f"{mean:.4g}" if not np.isfinite(var) else f"{mean:.4g} &plusmn; {np.sqrt(var):.2g}"
+
+
+def metrics_table(rows: list[dict[str, Any]]) -> str:
+    """Final metrics per variant as mean +- standard deviation over seeds, with steps, FLOPs and parameters."""
+    cols = ["variant", "seeds", "steps", "training FLOPs", "parameters", "val loss", "FID", "GenEval-style overall"]
+    body = []
+    for name in dict.fromkeys(r["name"] for r in rows):
+        runs = [r for r in rows if r["name"] == name]
+        cells = [html.escape(name), str(len(runs)), str(runs[0]["steps"]), f"{runs[0]['flops']:.3g}",
+                 f"{runs[0]['parameters']:,}", _fmt_spread([r["metrics"]["val_loss"] for r in runs]),
+                 _fmt_spread([r["metrics"]["fid"] for r in runs]),
+                 _fmt_spread([r["metrics"]["geneval"]["overall"] for r in runs])]
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    return f'<table id="metrics-table"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def claims_table(claims: list[dict[str, Any]]) -> str:
+    """Each claim with its means, gap (positive favours a), standard error and verdict."""
+    cols = ["claim", "kind", "metric", "a mean", "b mean", "gap", "2 se", "verdict"]
+    body = ["<tr>" + "".join(f"<td>{c}</td>" for c in [
+        html.escape(c["name"]), c["kind"], c["metric"], f"{c['a_mean']:.4g}", f"{c['b_mean']:.4g}",
+        f"{c['gap']:.3g}", f"{2 * c['se']:.3g}", f"<b>{c['verdict']}</b>"]) + "</tr>" for c in claims]
+    head = "".join(f"<th>{c}</th>" for c in cols)
+    return f'<table id="claims-table"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path:
+    """results.json, the plots and report.html in `out`."""
+    results = write_results(exp, rows, out)
+    plots = [_curves_plot(rows, "flops", "training FLOPs", out / "val_loss_flops.png"),
+             _curves_plot(rows, "usd", "dollars", out / "val_loss_usd.png")]
+    stages = []
+    for r in rows:
+        for folder in sorted(Path(r["run_dir"]).glob("stage*")):
+            stages.append({**stage_row(load_run(folder)), "stage": f"{r['name']} seed {r['seed']} {folder.name}"})
+    parts = [f"<h1>Experiment: {html.escape(exp.name)}</h1>",
+             f'<p class="note">Budget {html.escape(json.dumps(exp.budget))} per run; seeds {exp.seeds}; '
+             "verdicts by the rule in docs/interfaces.md (2 standard errors; within: and 5% of b).</p>",
+             "<h2>Claims</h2>", claims_table(results["claims"]), "<h2>Final metrics</h2>", metrics_table(rows),
+             "<h2>Validation loss against compute</h2>", *[img_tag(p, p.stem) for p in plots],
+             "<h2>Cost of every run</h2>", cost_table(stages)]
+    page = out / "report.html"
+    page.write_text("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+                    f'<link rel="icon" href="data:,"><title>micro_diffusion experiment {html.escape(exp.name)}</title>'
+                    f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>", encoding="utf-8")
+    return page

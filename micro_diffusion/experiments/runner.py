@@ -1,0 +1,163 @@
+"""Run an experiment: its data once, every (variant, seed)'s stages one after another, then the same evaluation.
+
+    DIR/data/            compositional scenes (train, held-out, GenEval-format prompts), converted and precomputed once
+    DIR/runs/<variant>_s<seed>/stage<k>/   one Composer run folder a stage (ledger, metrics, checkpoints)
+    DIR/runs/<variant>_s<seed>/eval/       the run's evaluation: samples, FID, GenEval-style scores, metrics.json
+
+Every step leaves its result on disk and is skipped when found: a finished run is reused, a killed stage resumes
+from its last checkpoint (Composer's autoresume), so running the same command again finishes a killed experiment.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep import convert, precompute
+
+from ..cost.ledger import read_records
+from ..data.compose import write_folder, write_geneval
+from ..diffusion.sampling import SamplingSettings
+from ..eval.coco import generate_missing
+from ..data.geneval import read_prompts_file
+from ..eval.compose import score_folder, write_scores
+from ..eval.fid import fid_kid
+from ..eval.generate import TextToImage, sample_geneval
+from ..recipe import RecipeError
+from ..training.cli import train
+from ..training.export import export_run
+from ..utils.jsonl import read_jsonl
+from .plan import RunPlan, stage_dirs
+from .spec import Experiment
+
+VAL_KEY = "val/loss"
+VAL_BATCH = 32  # held-out latents a validation batch
+STAGE_DONE = "stage_done.json"  # written beside a stage's run folder files once its training returned 0
+
+
+def prepare_data(exp: Experiment, root: Path) -> Path:
+    """Scenes, held-out scenes and prompts, converted to MDS and precomputed: the latents root every run reads."""
+    data = root / "data"
+    marker = data / "prepared.json"
+    want = {"data": exp.data}
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved != want:
+            raise RecipeError(f"{data} was prepared for {saved['data']}, the experiment asks for {exp.data}: "
+                              f"give another --out, or delete {data}")
+        return data / "latents"
+    d = exp.data
+    write_folder(data / "images" / "train", d["count"], seed=d["seed"], size=d["size"], split="train")
+    write_folder(data / "images" / "val", d["heldout"], seed=d["seed"] + 1, size=d["size"], split="train")
+    write_geneval(data / "prompts", exp.eval["geneval_prompts"], seed=d["seed"], size=d["size"], split="heldout",
+                  images_per_prompt=1)
+    reference = data / "fid_reference"  # PNGs alone: the folder writer puts captions beside its images
+    reference.mkdir(parents=True, exist_ok=True)
+    for png in sorted((data / "images" / "val").glob("*.png")):
+        shutil.copyfile(png, reference / png.name)
+    for split in ("train", "val"):
+        if convert.main(["--format", "folder", "--input", str(data / "images" / split), "--output",
+                         str(data / "mds" / split), "--workers", "0", "--min-size", str(d["size"])]) != 0:
+            raise RuntimeError(f"convert failed on {data / 'images' / split}")
+        if precompute.main(["--input", str(data / "mds" / split), "--output", str(data / "latents" / split),
+                            "--resolution", str(d["size"]), "--vae", str(d["vae"]), "--text-encoder",
+                            d["text_encoder"], "--caption-len", str(d["caption_len"]), "--batch-size", "256"]) != 0:
+            raise RuntimeError(f"precompute failed on {data / 'mds' / split}")
+    write_scores(data / "prompts")  # the reader's trust figures on these prompts, once (scores.json beside them)
+    marker.write_text(json.dumps(want, indent=2) + "\n")
+    return data / "latents"
+
+
+def stage_args(exp: Experiment, run: RunPlan, k: int, root: Path, latents: Path) -> list[str]:
+    """The recipe overrides of stage k of a run: its variant's keys, steps, data, validation and run folder."""
+    stage, dirs = run.stages[k], stage_dirs(root, run)
+    e = exp.eval
+    args = [*stage.overrides, f"runs_root={dirs[k].parent}", f"stage={dirs[k].name}", "stages=[]",
+            f"data.root={latents}", "data.streams=[{local: train}]", "data.val_streams=[{local: val}]",
+            f"train.max_duration={stage.steps}ba", f"eval.interval={max(1, stage.steps // e['val_points'])}ba",
+            f"eval.sigmas={e['val_sigmas']}", f"eval.batch_size={VAL_BATCH}",
+            f"eval.batches={max(1, e['val_samples'] // VAL_BATCH)}", "samples.interval=null",
+            f"checkpoint.save_interval={max(1, stage.steps // 4)}ba", "checkpoint.keep=1", "train.progress_bar=false"]
+    if k:  # a later stage starts from the weights the one before ended with
+        args += ["init_from=null", f"init_checkpoint={dirs[k - 1] / 'checkpoints' / 'latest-rank0.pt'}"]
+    return args
+
+
+def train_run(exp: Experiment, run: RunPlan, root: Path, latents: Path) -> list[Path]:
+    """Train a run's stages in order, skipping those already finished; returns their run folders."""
+    dirs = stage_dirs(root, run)
+    for k, stage in enumerate(run.stages):
+        done = dirs[k] / STAGE_DONE
+        if done.is_file():
+            print(f"[experiment] {run.name} stage{k}: finished earlier, reused", flush=True)
+            continue
+        print(f"[experiment] {run.name} stage{k}: {stage.steps} steps", flush=True)
+        code = train(str(exp.base_recipe), stage_args(exp, run, k, root, latents))
+        if code != 0:
+            raise RuntimeError(f"training {run.name} stage{k} exited with {code} (see {dirs[k]})")
+        done.write_text(json.dumps({"steps": stage.steps, "flops_per_sample": stage.flops_per_sample}) + "\n")
+    return dirs
+
+
+def val_curve(run: RunPlan, dirs: list[Path]) -> dict[str, list[float]]:
+    """Validation loss of a run against its cumulative training FLOPs, dollars and steps, over all its stages."""
+    curve: dict[str, list[float]] = {"steps": [], "flops": [], "usd": [], "val_loss": []}
+    flops0 = usd0 = steps0 = 0.0
+    for stage, folder in zip(run.stages, dirs, strict=True):
+        records = read_records(folder)
+        by_batch = {int(r["batch"]): float(r["stage_totals"]["usd"]) for r in records}
+        xs = np.array(sorted(by_batch), dtype=float)
+        ys = np.maximum.accumulate(np.array([by_batch[int(x)] for x in xs])) if len(xs) else xs
+        rows = {int(r["step"]): float(r[VAL_KEY]) for r in read_jsonl(folder / "metrics.jsonl") if VAL_KEY in r}
+        for step, loss in sorted(rows.items()):
+            curve["steps"].append(steps0 + step)
+            curve["flops"].append(flops0 + step * run.batch * stage.flops_per_sample)
+            curve["usd"].append(usd0 + (float(np.interp(step, xs, ys)) if len(xs) else float("nan")))
+            curve["val_loss"].append(loss)
+        steps0 += stage.steps
+        flops0 += stage.steps * run.batch * stage.flops_per_sample
+        usd0 += float(ys[-1]) if len(xs) else 0.0
+    if not curve["val_loss"]:
+        raise RuntimeError(f"{dirs[-1] / 'metrics.jsonl'} has no {VAL_KEY}: the validation loss did not run")
+    return curve
+
+
+def evaluate_run(exp: Experiment, run: RunPlan, dirs: list[Path], root: Path) -> dict[str, Any]:
+    """FID against held-out real scenes and the GenEval-style score of the held-out prompts (cached on disk)."""
+    out = dirs[-1].parent / "eval"
+    saved = out / "metrics.json"
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    model = export_run(dirs[-1], out / "model")
+    e, data = exp.eval, root / "data"
+    settings = SamplingSettings(**e["sampling"])
+    seed = int(exp.data["seed"])
+    captions = [p.read_text(encoding="utf-8").strip() for p in sorted((data / "images" / "val").glob("*.txt"))]
+    draw = [{"index": i, "caption": c} for i, c in enumerate(captions[: e["fid_images"]])]
+    render = TextToImage(model, settings, seed)
+    generate_missing(draw, out / "fid_images", render, batch_size=64)
+    fid = fid_kid(out / "fid_images", data / "fid_reference", kid_subsets=10)["fid"]
+    lines = read_prompts_file(data / "prompts" / "evaluation_metadata.jsonl")
+    sample_geneval(render, lines, out / "geneval", e["images_per_prompt"], progress=False)
+    scores = score_folder(out / "geneval", trust=False)  # the reader's trust: data/prompts/scores.json
+    metrics = {"fid": fid, "geneval": {"overall": scores["overall"],
+                                       **{k: v["accuracy"] for k, v in scores["tasks"].items()}}}
+    saved.write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def run_experiment(exp: Experiment, plans: list[RunPlan], root: Path) -> list[dict[str, Any]]:
+    """Every run trained and evaluated, in plan order; returns results.json's variant rows."""
+    latents = prepare_data(exp, root)
+    rows = []
+    for run in plans:
+        dirs = train_run(exp, run, root, latents)
+        curve = val_curve(run, dirs)
+        metrics = {"val_loss": curve["val_loss"][-1], **evaluate_run(exp, run, dirs, root)}
+        rows.append({"name": run.variant, "seed": run.seed, "run_dir": str(dirs[-1].parent),
+                     "steps": sum(s.steps for s in run.stages), "flops": run.flops,
+                     "usd": curve["usd"][-1], "parameters": run.parameters, "metrics": metrics, "curve": curve})
+    return rows

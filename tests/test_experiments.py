@@ -1,0 +1,135 @@
+"""Experiments: equal-FLOP plans, the verdict rule, experiment-file errors, and the whole chain through
+`make ablation QUICK=1` / `make ablation-arch QUICK=1` (resumed, reported, rendered in Chromium)."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+from test_cost import render
+from test_demo import make
+
+from micro_diffusion.experiments.plan import plan_runs, stage_dirs
+from micro_diffusion.experiments.spec import load_experiment
+from micro_diffusion.experiments.verdict import verdict
+from micro_diffusion.recipe import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+MASKING = REPO / "recipes" / "experiments" / "masking.yaml"
+ARCH = REPO / "recipes" / "experiments" / "architecture.yaml"
+
+
+@pytest.mark.parametrize("path", [MASKING, ARCH])
+def test_every_run_spends_the_same_flops(path):
+    exp = load_experiment(path)
+    plans = plan_runs(exp, [0])
+    budget = exp.budget["flops"]
+    for p in plans:  # steps round to whole numbers: every run lands within half a step of each stage of the budget
+        slack = sum(0.5 * p.batch * s.flops_per_sample for s in p.stages)
+        assert abs(p.flops - budget) <= slack, (p.name, p.flops, budget)
+    by_name = {p.variant: p for p in plans}
+    if path == MASKING:
+        # cheaper per sample buys more steps: naive 75% > deferred 75% > no masking
+        steps = {n: sum(s.steps for s in p.stages) for n, p in by_name.items()}
+        assert steps["naive_75"] > steps["deferred_75"] > steps["no_masking"]
+        ft = by_name["deferred_75_finetune"].stages
+        assert len(ft) == 2 and "diffusion.mask_ratio=0.75" in ft[0].overrides and "diffusion.mask_ratio=0.0" in ft[1].overrides
+        assert ft[1].steps * ft[1].flops_per_sample == pytest.approx(0.1 * budget / 32, rel=0.02)
+        down, deferred = by_name["downscaled"], by_name["deferred_75"]
+        assert down.parameters < deferred.parameters
+        assert abs(down.stages[0].flops_per_sample / deferred.stages[0].flops_per_sample - 1) < 0.25
+
+
+def test_seeds_vary_weights_noise_and_data_order():
+    plans = plan_runs(load_experiment(MASKING), [3, 4])
+    assert {p.seed for p in plans} == {3, 4}
+    assert "train.seed=3" in plans[0].stages[0].overrides and "data.seed=3" in plans[0].stages[0].overrides
+    assert stage_dirs(Path("x"), plans[0])[0] == Path("x/runs/no_masking_s3/stage0")
+
+
+@pytest.mark.parametrize("kind,a,b,want", [
+    ("beats", [1.0, 1.1], [2.0, 2.1], "reproduced"),        # val_loss: lower is better, a far ahead
+    ("beats", [2.0, 2.1], [1.0, 1.1], "not reproduced"),
+    ("beats", [1.0, 2.0], [1.2, 2.2], "inconclusive"),      # gap 0.2, 2 se = 1.41
+    ("within", [1.00, 1.01], [1.005, 1.015], "reproduced"),  # gap 0.005 within 2 se and 5%
+    ("within", [1.0, 1.01], [2.0, 2.01], "not reproduced"),
+    ("within", [1.0, 1.6], [1.5, 2.1], "inconclusive"),      # |gap| 0.5 <= 2 se 0.85 but above 5% of b
+])
+def test_verdict_rule(kind, a, b, want):
+    out = verdict(kind, "val_loss", a, b)
+    assert out["verdict"] == want, out
+    assert out["gap"] == pytest.approx(sum(b) / 2 - sum(a) / 2)
+
+
+def test_higher_is_better_for_geneval_and_one_seed_is_inconclusive():
+    assert verdict("beats", "geneval", [0.8, 0.82], [0.4, 0.41])["verdict"] == "reproduced"
+    one = verdict("beats", "val_loss", [0.1], [0.9])
+    assert one["verdict"] == "inconclusive" and math.isnan(one["se"])
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
+    (lambda d: d.update(budget={"flops": 1, "steps": 2}), "exactly one of flops or steps"),
+    (lambda d: d["claims"][0].update(b="nope"), r"claims\[0\].b: no variant 'nope'"),
+    (lambda d: d["variants"][6].update(narrow_to="nope"), "narrows to unknown variant 'nope'"),
+])
+def test_experiment_file_errors_name_the_key(tmp_path, edit, match):
+    import yaml
+
+    raw = yaml.safe_load(MASKING.read_text())
+    raw["base_recipe"] = str(REPO / "recipes" / "demo_masked.yaml")
+    edit(raw)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=match):
+        load_experiment(path)
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("experiments")
+    make("ablation", "QUICK=1", f"EXP_OUT={out}")
+    make("ablation-arch", "QUICK=1", f"EXP_OUT={out}")
+    return out
+
+
+@pytest.mark.parametrize("name,exp_file", [("masking", MASKING), ("architecture", ARCH)])
+def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file):
+    exp = load_experiment(exp_file, quick=True)
+    results = json.loads((quick_runs / name / "results.json").read_text())
+    assert results["experiment"] == exp_file.stem
+    assert [v["name"] for v in results["variants"]] == [v.name for v in exp.variants]
+    for row, plan in zip(results["variants"], plan_runs(exp), strict=True):
+        assert row["steps"] == sum(s.steps for s in plan.stages) and row["flops"] == plan.flops
+        m = row["metrics"]
+        assert math.isfinite(m["val_loss"]) and m["val_loss"] > 0 and math.isfinite(m["fid"])
+        assert 0 <= m["geneval"]["overall"] <= 1
+        assert (Path(row["run_dir"]) / "eval" / "geneval" / "00000" / "metadata.jsonl").is_file()
+        assert row["usd"] > 0
+    assert [c["name"] for c in results["claims"]] == [c["name"] for c in exp.claims]
+    assert {c["verdict"] for c in results["claims"]} == {"inconclusive"}  # one seed in quick mode
+    for png in ("val_loss_flops.png", "val_loss_usd.png"):
+        assert (quick_runs / name / png).stat().st_size > 1000
+
+
+def test_a_half_finished_experiment_reuses_finished_runs(quick_runs):
+    root = quick_runs / "masking"
+    redo = root / "runs" / "naive_75_s0"
+    kept = root / "runs" / "no_masking_s0" / "stage0" / "metrics.jsonl"
+    before = kept.stat().st_mtime_ns
+    (redo / "stage0" / "stage_done.json").unlink()  # as if killed after its last checkpoint
+    (redo / "eval" / "metrics.json").unlink()
+    out = make("ablation", "QUICK=1", f"EXP_OUT={quick_runs}").stdout
+    assert "no_masking_s0 stage0: finished earlier, reused" in out
+    assert "naive_75_s0 stage0: " in out and "naive_75_s0 stage0: finished earlier" not in out
+    assert kept.stat().st_mtime_ns == before
+    assert (redo / "eval" / "metrics.json").is_file()
+
+
+def test_experiment_report_renders_in_chromium(quick_runs):
+    page = quick_runs / "masking" / "report.html"
+    html = page.read_text()
+    assert "https://" not in html and 'id="claims-table"' in html and 'id="metrics-table"' in html
+    dom, console = render(page)
+    assert console == [], console
+    assert 'data-images="2/2"' in dom
+    assert "deferred beats naive (loss)" in dom and "inconclusive" in dom
