@@ -20,9 +20,9 @@ from data_prep import convert, precompute
 
 from ..cost.ledger import read_records
 from ..data.compose import write_folder, write_geneval
+from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import SamplingSettings
 from ..eval.coco import generate_missing
-from ..data.geneval import read_prompts_file
 from ..eval.compose import score_folder, write_scores
 from ..eval.fid import fid_kid
 from ..eval.generate import TextToImage, sample_geneval
