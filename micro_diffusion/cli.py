@@ -28,7 +28,7 @@ def _import_reference(args: argparse.Namespace) -> int:
 
     out, summary = import_reference(args.checkpoint, args.out, args.in_channels, args.latent_size)
     skipped = ", ".join(f"{k} ({n} tensors)" for k, n in summary["skipped_subtrees"].items()) or "none"
-    print(f"imported {summary['tensors']} tensors of {summary['preset']} ({summary['in_channels']} channels, "
+    print(f"converted the {summary['tensors']} DiT tensors of {summary['preset']} ({summary['in_channels']} channels, "
           f"positions uninterpolated at a {summary['pos_base_grid']}-patch grid) into {out}; other subtrees "
           f"left out: {skipped}")
     return 0

@@ -214,3 +214,10 @@ def test_parity_with_the_reference_network(tmp_path, case, latent, interp):
             errors[ratio] = err.item()
     print(f"\nparity {case} latent {latent} pos_interp_scale {interp}: max relative error on kept patches {errors}")
     assert max(errors.values()) < 1e-4
+
+
+def test_hub_paths_are_parsed_before_any_download(tmp_path):
+    with pytest.raises(ReferenceImportError, match="expected hf://OWNER/REPO/PATH"):
+        import_reference("hf://VSehwag24/MicroDiT", tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        import_reference(str(tmp_path / "nowhere.pt"), tmp_path / "x")
