@@ -24,12 +24,29 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_reference(args: argparse.Namespace) -> int:
+    from .reference import import_reference  # the converter needs torch's loader only when asked
+
+    out, summary = import_reference(args.checkpoint, args.out, args.in_channels, args.latent_size)
+    skipped = ", ".join(f"{k} ({n} tensors)" for k, n in summary["skipped_subtrees"].items()) or "none"
+    print(f"converted the {summary['tensors']} DiT tensors of {summary['preset']} ({summary['in_channels']} channels, "
+          f"positions uninterpolated at a {summary['pos_base_grid']}-patch grid) into {out}; other subtrees "
+          f"left out: {skipped}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Top-level parser; each subcommand registers its own arguments."""
     parser = argparse.ArgumentParser(prog="micro-diffusion", description=__doc__)
     parser.add_argument("--version", action="version", version=f"micro_diffusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="list model presets and their sizes").set_defaults(func=_presets)
+    ref = sub.add_parser("import-reference", help="the paper's released weights as an exported-model folder")
+    ref.add_argument("checkpoint", help="a released .pt file, local or hf://VSehwag24/MicroDiT/ckpts/NAME.pt")
+    ref.add_argument("--out", required=True, help="export folder to write")
+    ref.add_argument("--in-channels", type=int, choices=(4, 16), help="VAE channels (default: the file's)")
+    ref.add_argument("--latent-size", type=int, help="latent side to sample at (default: the file's, 64)")
+    ref.set_defaults(func=_import_reference)
     register_data(sub)
     for register in (register_train, register_cost, register_eval, register_experiment, register_demo):
         register(sub)

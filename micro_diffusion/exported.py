@@ -18,6 +18,10 @@ from .models import MicroDiT, create_dit
 
 MODEL_FILE, EMA_FILE, CONFIG_FILE, NULL_FILE = "model.safetensors", "ema.safetensors", "config.json", "null_caption.npy"
 REQUIRED_KEYS = ("preset", "network", "sigma_data", "encoders")
+# The network's math, versioned: weights of another format compute something else in this code. 1: exports before
+# the released MicroDiT's math (no "network_format" key); 2: q/k LayerNorms, column-first positions, features of
+# c_noise itself with GELU, zero mask token in output space (docs/interfaces.md, "Exported models").
+NETWORK_FORMAT = 2
 
 
 def _tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,23 +48,46 @@ def export_model(net_state: dict[str, torch.Tensor], ema_state: dict[str, torch.
         save_file(_tensors(ema_state), str(out / EMA_FILE), metadata=meta)
     elif (out / EMA_FILE).exists():  # a stale EMA file from an earlier export would be loaded as this model's
         (out / EMA_FILE).unlink()
-    (out / CONFIG_FILE).write_text(json.dumps({**config, "has_ema": ema_state is not None}, indent=2))
+    record = {**config, "network_format": NETWORK_FORMAT, "has_ema": ema_state is not None}
+    (out / CONFIG_FILE).write_text(json.dumps(record, indent=2))
     np.save(out / NULL_FILE, null)
     return out
+
+
+def is_export(path: str | Path) -> bool:
+    """True for a folder with an exported model's config.json and weights."""
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file() and (Path(path) / MODEL_FILE).is_file()
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """An export's config.json, refused (naming both versions) when its network format is not this code's."""
+    cfg_file = Path(model_dir) / CONFIG_FILE
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} does not exist: not an exported model folder (micro-diffusion export)")
+    config = json.loads(cfg_file.read_text())
+    found = config.get("network_format", 1)
+    if found != NETWORK_FORMAT:
+        raise ValueError(f"{model_dir} holds network format {found}, this micro_diffusion reads format "
+                         f"{NETWORK_FORMAT}: its weights were trained for another network's math (no exact "
+                         "conversion exists); retrain, or sample it with the micro_diffusion version that wrote it")
+    return config
+
+
+def load_weights(model_dir: str | Path, use_ema: bool | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config with "weights_file") of an export; use_ema=None takes EMA when present."""
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    weights = model_dir / (EMA_FILE if (use_ema is None and (model_dir / EMA_FILE).exists()) or use_ema
+                           else MODEL_FILE)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} does not exist" + (" (this export has no EMA)" if use_ema else ""))
+    return load_file(str(weights)), {**config, "weights_file": weights.name}
 
 
 def load_exported(model_dir: str | Path, use_ema: bool | None = None, device: str | torch.device = "cpu"
                   ) -> tuple[MicroDiT, dict, np.ndarray]:
     """(network in eval mode, config, null caption) from an exported folder; use_ema=None takes EMA when present."""
-    model_dir = Path(model_dir)
-    cfg_file = model_dir / CONFIG_FILE
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} does not exist: not an exported model folder (micro-diffusion export)")
-    config = json.loads(cfg_file.read_text())
-    weights = model_dir / (EMA_FILE if (use_ema is None and (model_dir / EMA_FILE).exists()) or use_ema
-                           else MODEL_FILE)
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} does not exist" + (" (this export has no EMA)" if use_ema else ""))
+    state, config = load_weights(model_dir, use_ema)
     net = create_dit(config["preset"], **config["network"])
-    net.load_state_dict(load_file(str(weights)))  # strict: a mismatch names the missing/unexpected keys
-    return net.to(device).eval(), {**config, "weights_file": weights.name}, np.load(model_dir / NULL_FILE)
+    net.load_state_dict(state)  # strict: a mismatch names the missing/unexpected keys
+    return net.to(device).eval(), config, np.load(Path(model_dir) / NULL_FILE)

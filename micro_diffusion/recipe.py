@@ -42,13 +42,14 @@ SCHEMA: dict[str, Any] = {
     "stage": None,  # this stage's name; also the default run folder name
     "stages": ["res256_masked", "res256_finetune", "res512_masked", "res512_finetune"],  # init_from follows this
     "init_from": None,  # stage whose latest checkpoint gives the starting weights (not its optimizer)
-    "init_checkpoint": None,  # explicit path or URI of those weights (e.g. s3://...); overrides init_from's folder
+    "init_checkpoint": None,  # instead of init_from: a Composer checkpoint (path or URI) or an export folder
     "runs_root": "runs",
     "model": {"preset": "MicroDiT_XL_2", "overrides": {}, "latent_channels": 4, "caption_len": 77,
               "caption_dim": 1024},
     "data": {"root": "data/latents", "resolution": 256, "vae_downsample": 8,
              "streams": [{"local": name} for name in ("sa1b", "cc12m", "textcaps", "journeydb", "diffusiondb")],
-             "val_streams": [{"local": "val"}], "caption_drop_prob": 0.1, "num_workers": 8, "seed": 17},
+             "val_streams": [{"local": "val"}], "caption_drop_prob": 0.1, "null_caption": "shards", "num_workers": 8,
+             "seed": 17},
     "diffusion": {"mask_ratio": 0.75, "p_mean": -0.6, "p_std": 1.2, "sigma_data": SIGMA_DATA},
     "optimizer": {"lr": 2.4e-4, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.1, "moe_lr_scale": 0.5},
     "scheduler": {"name": "cosine_warmup", "warmup": "2500ba", "alpha_f": 0.33},  # options: SCHEDULERS[name]
@@ -78,6 +79,7 @@ DISTILL: dict[str, Any] = {
     "sigma_max": 80.0,  # the highest noise level trained and sampled from
     "teacher_weights": "auto",  # auto (EMA weights when the teacher has them), ema or raw
 }
+NULL_CAPTIONS = ("shards", "zeros")  # data.null_caption: null_caption.npy beside the shards, or all zeros
 OPEN_SECTIONS = ("model.overrides",)  # any keys (the model's own config checks them)
 STREAM_LISTS = ("data.streams", "data.val_streams")  # lists of {"local", "remote", "proportion"}
 NAMED_SECTIONS = ("scheduler",)  # a `name:` picks a registry entry; a section naming one replaces the old whole
@@ -259,6 +261,12 @@ def _check_values(cfg: dict) -> None:
     sigmas = cfg["eval"]["sigmas"]
     if sigmas is not None and (not isinstance(sigmas, int) or isinstance(sigmas, bool) or sigmas < 1):
         raise RecipeError(f"eval.sigmas: a number of noise levels (a positive integer) or null, got {sigmas!r}")
+    if d["null_caption"] not in NULL_CAPTIONS:
+        raise RecipeError(f"data.null_caption: unknown value {d['null_caption']!r} (allowed: "
+                          f"{', '.join(NULL_CAPTIONS)})")
+    if cfg["init_from"] is not None and cfg["init_checkpoint"] is not None:
+        raise RecipeError(f"init_from ({cfg['init_from']}) and init_checkpoint ({cfg['init_checkpoint']}) are both "
+                          "set: a stage starts from one of them (set init_from=null to start from init_checkpoint)")
     if cfg["distill"] is not None:
         _check_distill(cfg)
 
@@ -280,6 +288,8 @@ def _check_distill(cfg: dict) -> None:
 def check_stage_order(cfg: dict) -> None:
     """`init_from` must name the stage right before this one in `stages` (none for the first stage)."""
     stage, stages, init = cfg["stage"], cfg["stages"], cfg["init_from"]
+    if cfg["init_checkpoint"] is not None:  # explicit starting weights: any stage may start from them
+        return
     if not stages:
         if init is not None:
             raise RecipeError(f"stage {stage!r} starts from {init!r} but the recipe lists no `stages:` order")

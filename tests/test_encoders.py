@@ -77,3 +77,16 @@ def test_open_clip_text_tower_offline(tmp_path):
 def test_bad_text_spec_is_named():
     with pytest.raises(ValueError, match="no-such-encoder"):
         load_text_encoder("no-such-encoder")
+
+
+def test_a_hub_vae_inside_a_pipeline_repo_loads_from_its_subfolder(monkeypatch):
+    seen = []
+
+    def from_pretrained(repo, subfolder=None, **kwargs):
+        seen.append((repo, subfolder))
+        return tiny_vae()
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    load_vae("stabilityai/stable-diffusion-xl-base-1.0/vae")
+    load_vae("ostris/vae-kl-f8-d16")
+    assert seen == [("stabilityai/stable-diffusion-xl-base-1.0", "vae"), ("ostris/vae-kl-f8-d16", None)]

@@ -18,7 +18,7 @@ def moe_reference(moe: ExpertChoiceMoE, x: torch.Tensor) -> torch.Tensor:
         probs = (x[n] @ moe.router.weight.T).softmax(dim=-1)  # (T, E)
         for e in range(moe.num_experts):
             gate, idx = probs[:, e].topk(moe.capacity(T))  # this expert's top tokens
-            hidden = F.gelu(x[n, idx] @ moe.w_in[e], approximate="tanh")
+            hidden = F.gelu(x[n, idx] @ moe.w_in[e])  # exact GELU
             out[n].index_add_(0, idx, gate[:, None] * (hidden @ moe.w_out[e]))
     return out
 
@@ -36,7 +36,9 @@ def test_attention_matches_explicit_softmax():
     torch.manual_seed(0)
     attn = SelfAttention(dim=32, attn_dim=48, head_dim=16)
     x = torch.randn(2, 9, 32)
-    q, k, v = attn.qkv(x).view(2, 9, 3, 3, 16).permute(2, 0, 3, 1, 4)  # 3 x (N, H, T, d)
+    q, k, v = attn.qkv(x).view(2, 9, 3, 48).unbind(2)  # 3 x (N, T, A)
+    q, k = (F.layer_norm(t, (48,), eps=1e-6) for t in (q, k))  # q/k norms over all heads together
+    q, k, v = (t.view(2, 9, 3, 16).transpose(1, 2) for t in (q, k, v))  # 3 x (N, H, T, d)
     weights = (q @ k.transpose(-1, -2) / math.sqrt(16)).softmax(dim=-1)  # (N, H, T, T)
     expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 9, 48))
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)

@@ -70,7 +70,8 @@ def test_masking_cuts_backbone_not_mixer():
     assert masked["mixer"] < full["mixer"]  # only the map back to backbone width runs on fewer tokens
     assert masked["mixer"] > 0.95 * full["mixer"]
     assert 0.2 < masked["backbone"] / full["backbone"] < 0.3
-    assert masked["caption"] == full["caption"] and masked["final"] == full["final"]
+    assert masked["caption"] == full["caption"]
+    assert masked["final"] < full["final"]  # the final layer runs on kept tokens only
 
 
 def test_sampling_flops_count_network_evaluations():

@@ -17,7 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("micro_diffusion.models",)),
     ("diffusion", ("micro_diffusion.diffusion",)),
     ("data, encoders", ("micro_diffusion.data", "micro_diffusion.encoders", "micro_diffusion.recipe",
-                        "micro_diffusion.exported", "data_prep")),
+                        "micro_diffusion.exported", "micro_diffusion.reference", "data_prep")),
     ("training, eval, cost", ("micro_diffusion.training", "micro_diffusion.eval", "micro_diffusion.cost")),
     ("experiments", ("micro_diffusion.experiments",)),
     ("demo", ("micro_diffusion.demo",)),

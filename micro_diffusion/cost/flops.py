@@ -109,7 +109,7 @@ def forward_flops_breakdown(
         "caption": _caption_flops(net.caption_embed, caption_len),
         "mixer": mixer,
         "backbone": sum(block_flops(b, K, caption_len) for b in net.blocks),
-        "final": _final_flops(net.final, T),  # after the mask tokens are scattered back: all T tokens
+        "final": _final_flops(net.final, K),  # on the kept tokens; dropped ones get zeros afterwards
     }
 
 

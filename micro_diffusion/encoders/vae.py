@@ -61,6 +61,12 @@ class FrozenVAE(nn.Module):
         return torch.cat(out)
 
 
+def hub_subfolder(hub_id: str) -> tuple[str, str | None]:
+    """'org/name' -> ('org/name', None); 'org/name/sub/dir' -> ('org/name', 'sub/dir'): a VAE inside a pipeline repo."""
+    parts = hub_id.split("/", 2)
+    return ("/".join(parts[:2]), parts[2]) if len(parts) == 3 else (hub_id, None)
+
+
 def load_vae(
     id_or_path: str = DEFAULT_VAE,
     device: str | torch.device = "cpu",
@@ -70,7 +76,8 @@ def load_vae(
     """Load a frozen AutoencoderKL.
 
     Args:
-        id_or_path: a Hugging Face hub id (needs the network or a filled cache) or a local folder written by
+        id_or_path: a Hugging Face hub id (needs the network or a filled cache), optionally with a subfolder
+            ("stabilityai/stable-diffusion-xl-base-1.0/vae", the released models' VAE), or a local folder written by
             `save_pretrained` (config.json + weights). Default: the fp16-safe SDXL VAE.
         device: where the weights live and the computation runs.
         dtype: weight and compute dtype (torch.bfloat16 or float16 on GPUs; outputs are always float32).
@@ -86,5 +93,6 @@ def load_vae(
         raise FileNotFoundError(f"VAE folder {id_or_path} has no config.json (write it with save_pretrained)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    vae = AutoencoderKL.from_pretrained(id_or_path, torch_dtype=dtype, low_cpu_mem_usage=False)
+    repo, subfolder = (id_or_path, None) if looks_local else hub_subfolder(id_or_path)
+    vae = AutoencoderKL.from_pretrained(repo, subfolder=subfolder, torch_dtype=dtype, low_cpu_mem_usage=False)
     return FrozenVAE(vae.to(device), name=id_or_path, batch_size=batch_size)

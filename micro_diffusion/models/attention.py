@@ -50,24 +50,41 @@ def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return scores.softmax(dim=-1) @ v
 
 
+def qk_norm(width: int) -> nn.LayerNorm:
+    """LayerNorm without parameters over the whole attention width (all heads together), as the released network."""
+    return nn.LayerNorm(width, eps=1e-6, elementwise_affine=False, bias=False)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(N, T, H*d) -> (N, H, T, d)."""
+    N, T, _ = x.shape
+    return x.view(N, T, heads, -1).transpose(1, 2)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention whose inner width may differ from the block width (layer-wise scaling)."""
+    """Multi-head self-attention whose inner width may differ from the block width (layer-wise scaling).
+
+    q and k are normalised over the full attention width before the split into heads (the released network's
+    q/k LayerNorms); the normalised values return to v's dtype, as bf16 autocast would run the norm in fp32.
+    """
 
     def __init__(self, dim: int, attn_dim: int, head_dim: int):
         super().__init__()
         self.heads, self.head_dim = attn_dim // head_dim, head_dim
-        self.qkv = nn.Linear(dim, 3 * attn_dim, bias=False)  # one fused projection
+        self.qkv = nn.Linear(dim, 3 * attn_dim, bias=False)  # one fused projection: [q | k | v]
         self.proj = nn.Linear(attn_dim, dim, bias=False)
+        self.q_norm, self.k_norm = qk_norm(attn_dim), qk_norm(attn_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, T, _ = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (N, H, T, d)
-        out = attention(q, k, v)  # (N, H, T, d)
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (N, T, A)
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # (N, T, A) each
+        out = attention(*(split_heads(t, self.heads) for t in (q, k, v)))  # (N, H, T, d)
         return self.proj(out.transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention from image tokens to caption tokens, at the full block width."""
+    """Multi-head attention from image tokens to caption tokens, at the full block width, q and k normalised."""
 
     def __init__(self, dim: int, head_dim: int):
         super().__init__()
@@ -75,11 +92,11 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm, self.k_norm = qk_norm(dim), qk_norm(dim)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         N, T, _ = x.shape
-        L = y.shape[1]
-        q = self.q(x).view(N, T, self.heads, self.head_dim).transpose(1, 2)  # (N, H, T, d)
-        k, v = self.kv(y).view(N, L, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 2 x (N, H, L, d)
-        out = attention(q, k, v)  # (N, H, T, d)
+        k, v = self.kv(y).chunk(2, dim=-1)  # 2 x (N, L, D): [k | v]
+        q, k = self.q_norm(self.q(x)).to(v.dtype), self.k_norm(k).to(v.dtype)  # (N, T, D), (N, L, D)
+        out = attention(*(split_heads(t, self.heads) for t in (q, k, v)))  # (N, H, T, d)
         return self.proj(out.transpose(1, 2).reshape(N, T, -1))  # (N, T, D)

@@ -15,7 +15,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 def attention_width(dim: int, mult: float, head_dim: int) -> int:
     """Self-attention width of a block: the block width at multiplier 1, else rounded up to 2 x head_dim."""
-    return dim if mult == 1 else round_up(dim * mult, 2 * head_dim)
+    return dim if mult == 1 else round_up(int(dim * mult), 2 * head_dim)
 
 
 class DiTBlock(nn.Module):

@@ -55,6 +55,26 @@ class DiTOutput:
     keep: torch.Tensor | None  # (N, 1, H, W) float, 1 on pixels of kept patches; None without masking
 
 
+def _trunc(w: torch.Tensor, std: float) -> None:
+    nn.init.trunc_normal_(w, std=std)
+
+
+def _init_block(attn: nn.Module, cross: nn.Module | None, ffn: nn.Module, std: float) -> None:
+    """Inputs of attention and FFN (and MoE router) at std 0.02; output projections (and SwiGLU's up half) at std."""
+    _trunc(attn.qkv.weight, 0.02)
+    _trunc(attn.proj.weight, std)
+    if cross is not None:
+        for w, s in ((cross.q.weight, 0.02), (cross.kv.weight, 0.02), (cross.proj.weight, std)):
+            _trunc(w, s)
+    if isinstance(ffn, ExpertChoiceMoE):
+        for w, s in ((ffn.router.weight, 0.02), (ffn.w_in, 0.02), (ffn.w_out, std)):
+            _trunc(w, s)
+    else:
+        gate, up = ffn.w_in.weight.data.chunk(2, dim=0)  # (hidden, D) each: views into the fused matrix
+        for w, s in ((gate, 0.02), (up, std), (ffn.w_out.weight, std)):
+            _trunc(w, s)
+
+
 def _width_map(d_in: int, d_out: int) -> nn.Module:
     """LayerNorm then a bias-free linear between widths; nothing when the widths agree."""
     if d_in == d_out:
@@ -84,7 +104,6 @@ class MicroDiT(nn.Module):
         self.blocks = nn.ModuleList(
             self._block(D, float(attn_mults[i]), float(ffn_mults[i]), self._backbone_moe(i)) for i in range(cfg.depth)
         )
-        self.mask_token = nn.Parameter(torch.zeros(D))  # learned, fills dropped positions after the backbone
         self.final = FinalLayer(D, p, cfg.in_channels)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
@@ -98,25 +117,27 @@ class MicroDiT(nn.Module):
         return DiTBlock(dim, c.width, c.head_dim, attn_mult, ffn_mult, moe, c.num_experts, c.capacity_factor)
 
     def initialize_weights(self) -> None:
-        """Xavier linears; zero adaLN and output layer; depth-scaled std for block output projections."""
+        """The released network's init: xavier linears, then std 0.02 (truncated normal) for inputs and routers,
+        the block's std for output projections, zero adaLN, zero caption-block outputs and a zero output layer."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, ExpertChoiceMoE):
-                for w in (m.w_in, m.w_out):
-                    bound = math.sqrt(6.0 / (w.shape[1] + w.shape[2]))
-                    nn.init.uniform_(w, -bound, bound)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for layer, block in enumerate([*self.mixer, *self.blocks]):
-            std = 0.02 / math.sqrt(2 * (layer + 1))
-            ffn_out = block.ffn.w_out if isinstance(block.ffn, ExpertChoiceMoE) else block.ffn.w_out.weight
-            for weight in (block.attn.proj.weight, block.cross.proj.weight, ffn_out):
-                nn.init.normal_(weight, std=std)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        ce = self.caption_embed
+        for lin in (self.noise_embed.mlp[0], self.noise_embed.mlp[2], ce.proj[0], ce.proj[3], ce.pool[0], ce.pool[3]):
+            nn.init.normal_(lin.weight, std=0.02)
+        mixer_std = 0.02 / math.sqrt(2 * self.cfg.depth)  # mixer blocks: not depth-scaled
+        for std, block in [(mixer_std, b) for b in self.mixer] + [
+                (0.02 / math.sqrt(2 * (i + 1)), b) for i, b in enumerate(self.blocks)]:
+            _init_block(block.attn, block.cross, block.ffn, std)
             nn.init.zeros_(block.adaLN[-1].weight)
-            nn.init.zeros_(block.adaLN[-1].bias)
+        _init_block(ce.block.attn, None, ce.block.ffn, 0.02)
+        for weight in (ce.block.attn.proj.weight, ce.block.ffn.w_out.weight):  # the caption block starts as identity
+            nn.init.zeros_(weight)
         for lin in (self.final.adaLN[-1], self.final.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
@@ -154,8 +175,8 @@ class MicroDiT(nn.Module):
             x = self.mixer_out(x)  # (N, K, D): back to backbone width after masking
         for block in self.blocks:
             x = block(x, c, y)  # (N, K, D)
-        if keep is not None:
-            x = scatter_tokens(x, keep, gh * gw, self.mask_token)  # (N, T, D)
-        x = self.final(x, c)  # (N, T, p*p*C)
+        x = self.final(x, c)  # (N, K, p*p*C)
+        if keep is not None:  # dropped patches predict zeros, as the released network's zero mask token
+            x = scatter_tokens(x, keep, gh * gw, x.new_zeros(x.shape[-1]))  # (N, T, p*p*C)
         keep_px = None if mask is None else keep_pixels(mask, (gh, gw), self.patch_size)  # (N, 1, H, W)
         return DiTOutput(sample=unpatchify(x, (gh, gw), self.patch_size, self.in_channels), mask=mask, keep=keep_px)

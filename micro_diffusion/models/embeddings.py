@@ -18,11 +18,12 @@ def sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
 
 
 def sincos_2d(dim: int, grid_h: int, grid_w: int, interpolation_scale: float = 1.0) -> torch.Tensor:
-    """Row-major (grid_h * grid_w, dim) 2D sin-cos table; half the channels encode rows, half columns."""
+    """Row-major (grid_h * grid_w, dim) 2D sin-cos table: the first half of the channels encodes the column index,
+    the second half the row index (the released network's layout), each index divided by interpolation_scale."""
     ys = torch.arange(grid_h, dtype=torch.float64) / interpolation_scale
     xs = torch.arange(grid_w, dtype=torch.float64) / interpolation_scale
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
-    return torch.cat([sincos_1d(dim // 2, yy.flatten()), sincos_1d(dim // 2, xx.flatten())], dim=1)  # (h*w, dim)
+    return torch.cat([sincos_1d(dim // 2, xx.flatten()), sincos_1d(dim // 2, yy.flatten())], dim=1)  # (h*w, dim)
 
 
 class PatchEmbed(nn.Module):
@@ -37,18 +38,18 @@ class PatchEmbed(nn.Module):
 
 
 class NoiseEmbed(nn.Module):
-    """Sinusoidal features of the noise conditioning c_noise, then an MLP: (N,) -> (N, D)."""
+    """Sin-cos features of c_noise itself (cosines first, max period 10000), then Linear, GELU(tanh), Linear:
+    (N,) -> (N, D). As the released network: c_noise is not scaled (ln(sigma)/4 spans about [-1.6, 1.1])."""
 
-    def __init__(self, dim: int, freq_dim: int = 512, scale: float = 1000.0):
+    def __init__(self, dim: int, freq_dim: int = 512):
         super().__init__()
-        # c_noise = ln(sigma)/4 spans about [-1.6, 1.1]; scaling it spreads it over the sinusoid's frequency range
-        self.freq_dim, self.scale = freq_dim, scale
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
 
     def forward(self, c_noise: torch.Tensor) -> torch.Tensor:
         half, dtype = self.freq_dim // 2, torch.promote_types(c_noise.dtype, torch.float32)  # never below fp32
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=c_noise.device, dtype=dtype) / half)
-        args = self.scale * c_noise.to(dtype)[:, None] * freqs[None]  # (N, half)
+        args = c_noise.to(dtype)[:, None] * freqs[None]  # (N, half)
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))  # (N, D)
 
 
@@ -67,18 +68,23 @@ class CaptionBlock(nn.Module):
         return y + self.ffn(self.norm2(y))  # (N, L, D)
 
 
+def _mlp(d_in: int, dim: int) -> nn.Sequential:
+    """Linear (bias), GELU(tanh), LayerNorm without bias, Linear (bias)."""
+    return nn.Sequential(nn.Linear(d_in, dim), nn.GELU(approximate="tanh"), nn.LayerNorm(dim, eps=1e-6, bias=False),
+                         nn.Linear(dim, dim))
+
+
 class CaptionEmbed(nn.Module):
-    """Caption tokens (N, L, caption_dim) -> projected tokens (N, L, D) and a pooled vector (N, D)."""
+    """Caption tokens (N, L, caption_dim) -> projected tokens (N, L, D) and a pooled vector (N, D).
+
+    Projection and pooled MLP are both Linear, GELU(tanh), LayerNorm (no bias), Linear, as in the released network.
+    """
 
     def __init__(self, caption_dim: int, dim: int, head_dim: int):
         super().__init__()
-        self.proj = nn.Sequential(
-            nn.Linear(caption_dim, dim), nn.GELU(approximate="tanh"), nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, dim)
-        )
+        self.proj = _mlp(caption_dim, dim)
         self.block = CaptionBlock(dim, head_dim)
-        self.pool = nn.Sequential(
-            nn.Linear(dim, dim), nn.LayerNorm(dim, eps=1e-6), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
-        )
+        self.pool = _mlp(dim, dim)
 
     def forward(self, caption_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.block(self.proj(caption_tokens))  # (N, L, D)

@@ -14,7 +14,7 @@ def round_up(x: int, multiple: int) -> int:
 
 
 class SwiGLU(nn.Module):
-    """Gated FFN: w_out(silu(x W_gate) * (x W_up)); gate and up projections fused in one matrix."""
+    """Gated FFN: w_out(silu(x W_gate) * (x W_up)); gate and up projections fused in one matrix [gate; up]."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -42,8 +42,9 @@ class ExpertChoiceMoE(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
     def capacity(self, tokens: int) -> int:
-        """Tokens each expert takes from a sample of `tokens` tokens."""
-        return max(1, min(tokens, int(round(self.capacity_factor * tokens / self.num_experts))))
+        """Tokens each expert takes from a sample of `tokens` tokens: int(factor x T / E), as the released network
+        truncates it (at least one, at most T)."""
+        return max(1, min(tokens, int(self.capacity_factor * tokens / self.num_experts)))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router probabilities and, per expert, its top-capacity tokens: gates and indices, each (N, E, C)."""
@@ -59,7 +60,7 @@ class ExpertChoiceMoE(nn.Module):
         # than gather / scatter with (N, E*C, D) expanded indices plus the transposes between layouts
         rows = (idx + T * torch.arange(N, device=x.device).view(N, 1, 1)).transpose(0, 1).reshape(-1)  # (E*N*C,)
         h = x.reshape(N * T, D).index_select(0, rows).view(E, N * C, D)  # (E, N*C, D)
-        h = F.gelu(torch.bmm(h, self.w_in), approximate="tanh")  # (E, N*C, hidden)
+        h = F.gelu(torch.bmm(h, self.w_in))  # (E, N*C, hidden): exact GELU, as the released experts
         h = torch.bmm(h, self.w_out)  # (E, N*C, D)
         h = h * gates.transpose(0, 1).reshape(E, N * C, 1).to(h.dtype)  # weighted by the router
         out = torch.zeros(N * T, D, dtype=h.dtype, device=x.device)

@@ -5,8 +5,8 @@ import torch
 
 
 def num_kept(tokens: int, mask_ratio: float) -> int:
-    """Tokens kept per sample at a mask ratio: round((1 - r) * T), at least one."""
-    return max(1, int(round((1.0 - mask_ratio) * tokens)))
+    """Tokens kept per sample at a mask ratio: int(T x (1 - r)) as the released network truncates it, at least one."""
+    return max(1, int(tokens * (1 - mask_ratio)))
 
 
 def draw_keep(

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from composer import Trainer
 from composer.algorithms import EMA, GradientClipping, LowPrecisionLayerNorm
@@ -17,17 +16,18 @@ from composer.utils import dist, reproducibility
 from micro_diffusion.cost.callback import CostCallback
 from micro_diffusion.cost.estimate import flops_per_sample
 from micro_diffusion.data.loader import build_dataloader
-from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
+from micro_diffusion.data.schema import ENCODERS_FILE
 from micro_diffusion.diffusion.edm import sigma_grid
 from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.encoders import load_text_encoder, load_vae
+from micro_diffusion.exported import is_export, load_weights
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 from micro_diffusion.recipe import RecipeError, build_network, latent_size, resolve_streams
 from micro_diffusion.training.callbacks import JSONLLogger, NaNGuard, Preemption, StepSeed
 from micro_diffusion.training.distill import DistillModel, TangentWarmup, teacher_state
 from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
-from micro_diffusion.training.run import RunPlan
+from micro_diffusion.training.run import RunPlan, null_caption
 from micro_diffusion.utils.devices import torch_device
 from micro_diffusion.utils.sizes import as_hw
 
@@ -35,16 +35,36 @@ from micro_diffusion.utils.sizes import as_hw
 def build_model(cfg: dict, plan: RunPlan) -> DiffusionModel:
     """The ComposerModel: network plus the stage's masking and EDM noise settings, or the distillation of a teacher."""
     d = cfg["diffusion"]
+    if plan.init_checkpoint is not None and is_export(plan.init_checkpoint):
+        check_export_fits(cfg, plan.init_checkpoint)
     if cfg["distill"] is None:
-        return DiffusionModel(build_network(cfg), mask_ratio=d["mask_ratio"], p_mean=d["p_mean"], p_std=d["p_std"],
+        net = build_network(cfg)
+        if plan.init_checkpoint is not None and is_export(plan.init_checkpoint):
+            net.load_state_dict(load_weights(plan.init_checkpoint)[0])  # EMA weights when the export has them
+        return DiffusionModel(net, mask_ratio=d["mask_ratio"], p_mean=d["p_mean"], p_std=d["p_std"],
                               sigma_data=d["sigma_data"])
     dis, state = cfg["distill"], teacher_state(plan.init_checkpoint, cfg["distill"]["teacher_weights"])
     student, teacher = build_network(cfg), build_network(cfg)
     for net in (student, teacher):
         net.load_state_dict(state)  # strict: a teacher of another shape is an error naming the tensors
-    null = np.load(_shard_dir(cfg) / NULL_CAPTION_FILE)
+    null = null_caption(cfg, _shard_dir(cfg))
     return DistillModel(student, teacher, null, d["sigma_data"], d["p_mean"], d["p_std"], dis["guidance"],
                         dis["sigma_max"], dis["tangent_warmup"])
+
+
+def check_export_fits(cfg: dict, model_dir: str) -> None:
+    """An export a stage starts from has the recipe's network (any latent size) and null-caption convention."""
+    _, config = load_weights(model_dir, use_ema=False)  # reads and checks the network format
+    with torch.device("meta"):
+        want = json.loads(json.dumps(build_network(cfg).cfg.to_dict()))  # as config.json holds it: tuples as lists
+    diff = {k: (v, want[k]) for k, v in config["network"].items() if k != "latent_size" and want.get(k) != v}
+    if diff:
+        raise RecipeError(f"init_checkpoint {model_dir}: its network differs from the recipe's "
+                          f"(export, recipe): {diff}")
+    theirs, ours = config.get("null_caption", "shards"), cfg["data"]["null_caption"]
+    if theirs != ours:
+        raise RecipeError(f"init_checkpoint {model_dir} was trained with null captions {theirs!r}, the recipe's "
+                          f"data.null_caption is {ours!r}: set data.null_caption={theirs}")
 
 
 def moe_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -103,7 +123,8 @@ def build_loader(cfg: dict, plan: RunPlan, key: str = "streams", batch_size: int
     train = key == "streams"
     return build_dataloader(resolve_streams(cfg, key), batch_size=batch_size or plan.device_batch,
                             resolution=d["resolution"], caption_drop_prob=d["caption_drop_prob"] if train else 0.0,
-                            shuffle=train, seed=d["seed"], num_workers=d["num_workers"])
+                            null_caption=null_caption(cfg, None), shuffle=train, seed=d["seed"],
+                            num_workers=d["num_workers"])
 
 
 def parallelism_config(plan: RunPlan) -> dict | None:
@@ -135,7 +156,7 @@ def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
     s = cfg["samples"]
     settings = SamplingSettings(steps=s["steps"], guidance=s["guidance"], sampler=s["sampler"])
     shape = (cfg["model"]["latent_channels"], *as_hw(latent_size(cfg)))
-    return SampleGrid(prompt_emb, np.load(folder / NULL_CAPTION_FILE), decode, Path(plan.run_dir) / "samples",
+    return SampleGrid(prompt_emb, null_caption(cfg, folder), decode, Path(plan.run_dir) / "samples",
                       s["interval"], shape, settings, s["seed"])
 
 
@@ -196,7 +217,9 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         progress_bar=t["progress_bar"],
         log_to_console=not t["progress_bar"],
         console_log_interval=t["log_interval"],
-        load_path=None if cfg["distill"] else plan.init_checkpoint,  # a distillation loaded its teacher itself
+        # a distillation loaded its teacher itself, and build_model the weights of an export folder
+        load_path=None if cfg["distill"] or (plan.init_checkpoint and is_export(plan.init_checkpoint))
+        else plan.init_checkpoint,
         load_weights_only=True,  # the previous stage's weights, never its optimizer or schedule
         load_strict_model_weights=True,
         save_folder=plan.save_folder,

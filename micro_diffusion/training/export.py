@@ -5,14 +5,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
 from micro_diffusion.exported import export_model
 from micro_diffusion.recipe import build_network, resolve_streams
-from micro_diffusion.training.run import LATEST
+from micro_diffusion.training.run import LATEST, null_caption
 from micro_diffusion.version import __version__
 
 
@@ -92,10 +91,11 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
     export_cfg = {"preset": cfg["model"]["preset"], "network": net.cfg.to_dict(),
                   "encoders": json.loads((shards / ENCODERS_FILE).read_text()), "recipe": cfg.get("stage"),
                   "sigma_data": cfg["diffusion"]["sigma_data"], "source_checkpoint": str(ckpt),
-                  "git_revision": info.get("git_revision"), "micro_diffusion_version": __version__}
+                  "git_revision": info.get("git_revision"), "micro_diffusion_version": __version__,
+                  "null_caption": cfg["data"]["null_caption"]}
     if cfg.get("distill"):  # a consistency student: sampled in 1-4 steps, its teacher's guidance baked in
         export_cfg["distilled"] = {"guidance": cfg["distill"]["guidance"], "sigma_max": cfg["distill"]["sigma_max"],
                                    "teacher": cfg.get("init_from") or cfg.get("init_checkpoint")}
-    return export_model(raw, ema, export_cfg, np.load(shards / NULL_CAPTION_FILE), out_dir)
+    return export_model(raw, ema, export_cfg, null_caption(cfg, shards), out_dir)
 
 

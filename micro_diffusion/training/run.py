@@ -6,8 +6,10 @@ import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from micro_diffusion.data.schema import NULL_CAPTION_FILE
 from micro_diffusion.recipe import RecipeError, is_remote, latent_size, missing_inputs
 from micro_diffusion.utils.devices import composer_device, torch_device
 from micro_diffusion.version import __version__
@@ -82,6 +84,14 @@ def plan_run(cfg: dict, run_dir: str | os.PathLike | None = None, world_size: in
                    device=device, precision=_precision(t["precision"], device),
                    parallelism=_parallelism(t["parallelism"], device, world), device_batch=device_batch,
                    device_microbatch=t["device_microbatch"], latent_size=latent_size(cfg))
+
+
+def null_caption(cfg: dict, shard_dir: str | os.PathLike | None) -> np.ndarray | None:
+    """The stage's null caption (L, D) per data.null_caption: zeros, or null_caption.npy in shard_dir (None without a
+    folder: the loader then reads the first stream's own, remote ones included)."""
+    if cfg["data"]["null_caption"] == "zeros":
+        return np.zeros((cfg["model"]["caption_len"], cfg["model"]["caption_dim"]), dtype=np.float16)
+    return None if shard_dir is None else np.load(Path(shard_dir) / NULL_CAPTION_FILE)
 
 
 def check_inputs(cfg: dict, plan: RunPlan) -> None:
