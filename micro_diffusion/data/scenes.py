@@ -98,7 +98,7 @@ def relative_position(box_a: tuple[float, ...], box_b: tuple[float, ...],
                       threshold: float = POSITION_THRESHOLD) -> set[str]:
     """Relations of box A to box B by GenEval's rule: the centre offset, each axis shrunk by threshold times the two
     boxes' summed extent on that axis (clipped at zero), then divided by the unshrunk offset's length; a relation holds
-    where that axis's share exceeds 0.5 (image y grows downwards: above is negative). None when the shrunk offset is 0."""
+    where that axis's share exceeds 0.5 (image y grows downwards: above is negative). None when nothing is left."""
     a, b = np.asarray(box_a[:4], float), np.asarray(box_b[:4], float)
     offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2  # (dx, dy) of the centres
     extent = (a[2:] - a[:2]) + (b[2:] - b[:2])
@@ -148,7 +148,8 @@ def prompt_metadata(task: str, rng: np.random.Generator, include_novel: bool = F
             (ca, sa), (cb, sb) = (pairs[i] for i in rng.choice(len(pairs), size=2, replace=False))
             if ca != cb and sa != sb:
                 break
-        return {"tag": task, "include": [{"class": sa, "count": 1, "color": ca}, {"class": sb, "count": 1, "color": cb}],
+        include = [{"class": sa, "count": 1, "color": ca}, {"class": sb, "count": 1, "color": cb}]
+        return {"tag": task, "include": include,
                 "prompt": f"a photo of {with_article(ca)} {sa} and {with_article(cb)} {sb}"}
     raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
 
