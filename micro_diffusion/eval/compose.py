@@ -27,7 +27,7 @@ from micro_diffusion.eval.compose_reader import Detection, by_class, read_object
 from micro_diffusion.eval.geneval_rules import evaluate
 
 TRUST_SEED = 0  # the ground-truth renders of a folder's prompts are drawn from (TRUST_SEED, prompt, image)
-_CHANCE_IMAGES = 256  # images each prompt is paired with for the chance level
+_CHANCE_IMAGES = 50  # random images each line is paired with for the chance level
 
 
 def summarise(tags: Sequence[str], correct: Sequence[bool]) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def through_vae(images: np.ndarray, vae: Any, batch_size: int = 64) -> np.ndarra
 
 
 def chance(metadata: Sequence[dict[str, Any]], scenes: Sequence[Scene], seed: int = TRUST_SEED) -> dict[str, Any]:
-    """Accuracy of random prompt/image pairs judged on the drawn objects: each prompt against up to 256 scenes."""
+    """Accuracy of random prompt/image pairs judged on the drawn objects: each line against up to 50 scenes."""
     rng = np.random.default_rng([seed, 1])
     objects = [truth_objects(s) for s in scenes]
     tags, correct = [], []

@@ -38,32 +38,29 @@ class Detection:
     mass: float
 
 
-def _box_blur(values: np.ndarray) -> np.ndarray:
-    """3x3 mean of a (H, W) map, edges repeated: a template as a slightly blurry decoder would draw it."""
-    return ndimage.uniform_filter(values, size=3, mode="nearest")
-
-
-def _templates(hw: tuple[int, int], centre: tuple[float, float], mass: float) -> list[tuple[str, np.ndarray]]:
-    """(shape, coverage (H, W)) of every ideal shape and scale with this mass and centroid, sharp and blurred."""
+def _templates(hw: tuple[int, int], centre: tuple[float, float], mass: float) -> tuple[list[str], np.ndarray]:
+    """Every ideal shape and scale with this mass and centroid: their names and coverage maps (2 * 12, H, W), sharp
+    and blurred by a 3x3 mean (as a slightly blurry decoder would draw them)."""
     ys = (np.arange(hw[0] * _SUB) + 0.5) / _SUB - centre[1]
     xs = (np.arange(hw[1] * _SUB) + 0.5) / _SUB - centre[0]
     y, x = np.meshgrid(ys, xs, indexing="ij")  # (H*SUB, W*SUB) offsets from the centroid
-    out = []
+    names, inside = [], []
     for shape, area, drop in _GEOMETRY:
         for scale in _SCALES:
             side = scale * np.sqrt(mass / area)
             half, yb = side / 2, y + drop * side  # yb: offset from the box centre
             if shape == "circle":
-                inside = x**2 + yb**2 <= half**2
+                inside.append(x**2 + yb**2 <= half**2)
             elif shape == "square":
-                inside = (np.abs(x) <= half) & (np.abs(yb) <= half)
+                inside.append((np.abs(x) <= half) & (np.abs(yb) <= half))
             elif shape == "triangle":  # apex at the top centre, base along the bottom
-                inside = (yb <= half) & (np.abs(x) <= (yb + half) / 2)
+                inside.append((yb <= half) & (np.abs(x) <= (yb + half) / 2))
             else:  # diamond
-                inside = np.abs(x) + np.abs(yb) <= half
-            sharp = inside.reshape(hw[0], _SUB, hw[1], _SUB).mean(axis=(1, 3))
-            out += [(shape, sharp), (shape, _box_blur(sharp))]
-    return out
+                inside.append(np.abs(x) + np.abs(yb) <= half)
+            names.append(shape)
+    sharp = np.stack(inside).reshape(len(names), hw[0], _SUB, hw[1], _SUB).mean(axis=(2, 4))  # (T, H, W)
+    blurred = ndimage.uniform_filter(sharp, size=(1, 3, 3), mode="nearest")
+    return names * 2, np.concatenate([sharp, blurred])
 
 
 def read_shape(coverage: np.ndarray) -> str:
@@ -71,8 +68,8 @@ def read_shape(coverage: np.ndarray) -> str:
     mass = float(coverage.sum())
     ys, xs = np.indices(coverage.shape) + 0.5
     centre = (float((xs * coverage).sum() / mass), float((ys * coverage).sum() / mass))
-    errors = [(float(np.sum((t - coverage) ** 2)), shape) for shape, t in _templates(coverage.shape, centre, mass)]
-    return min(errors)[1]
+    names, templates = _templates(coverage.shape, centre, mass)
+    return names[int(np.argmin(((templates - coverage) ** 2).sum(axis=(1, 2))))]
 
 
 def nearest_colour(rgb: np.ndarray) -> str:
