@@ -43,7 +43,7 @@ def test_counts_and_excludes_with_counts():
     assert evaluate(objs(circle=[("red", B1), ("red", B2), ("red", B3)], square=[("red", B4)]), three)[0]
     two = {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}],
            "prompt": "a photo of a circle and a square"}
-    assert evaluate(objs(circle=[("red", B1)], square=[("red", B2)], diamond=[("red", B3)]), two)[0]
+    assert evaluate(objs(circle=[("red", B1)], square=[("red", B2)], rectangle=[("red", B3)]), two)[0]
     assert not evaluate(objs(circle=[("red", B1), ("red", B2)]), two)[0]
 
 
@@ -78,12 +78,12 @@ def test_position_with_the_margin_rule():
 def test_reader_reads_hand_drawn_scenes():
     scene = Scene({"tag": "two_object", "include": [], "prompt": ""},
                   (SceneObject("triangle", "pink", (245, 135, 205), (6, 6, 24, 24)),
-                   SceneObject("diamond", "brown", (130, 75, 30), (40, 8, 58, 26)),
+                   SceneObject("rectangle", "brown", (130, 75, 30), (40, 8, 58, 17)),
                    SceneObject("circle", "green", (40, 175, 65), (8, 40, 21, 53)),
                    SceneObject("square", "blue", (40, 85, 230), (40, 40, 53, 53))),
                   {"level": 120.0, "gradient": 12.0, "angle": 1.0, "noise": 3.0, "noise_seed": 0}, 64)
     found = {(d.shape, d.colour) for d in read_objects(render_scene(scene))}
-    assert found == {("triangle", "pink"), ("diamond", "brown"), ("circle", "green"), ("square", "blue")}
+    assert found == {("triangle", "pink"), ("rectangle", "brown"), ("circle", "green"), ("square", "blue")}
     (square,) = by_class(read_objects(render_scene(scene)))["square"]
     assert np.allclose(square.box, (40, 40, 53, 53), atol=1)
     grey = np.full((64, 64, 3), 128, np.uint8)

@@ -19,12 +19,10 @@ def outline(obj: SceneObject, scale: float = 1.0) -> tuple[str, list[tuple[float
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     if obj.shape == "circle":
         return "ellipse", [(x0, y0), (x1, y1)]
-    if obj.shape == "square":
+    if obj.shape in ("square", "rectangle"):
         return "polygon", [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
     if obj.shape == "triangle":  # upright: apex at the top centre, base along the bottom
         return "polygon", [(cx, y0), (x1, y1), (x0, y1)]
-    if obj.shape == "diamond":  # a square turned 45 degrees: corners at the middle of the box's sides
-        return "polygon", [(cx, y0), (x1, cy), (cx, y1), (x0, cy)]
     raise ValueError(f"unknown shape {obj.shape!r}")
 
 

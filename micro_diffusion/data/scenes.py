@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "rectangle")
+ASPECT = {"rectangle": 0.5}  # height over width of a shape's box (others 1): an elongation that no blur hides
 # Eight of GenEval's ten colours: black and white are left out so that every object is saturated and the background
 # (achromatic grey) leaves all eight visible; the reader segments by chroma.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -40,14 +41,14 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "brown": (130, 75, 30),
 }
 COLOURS = tuple(PALETTE)
-SIZES = {"small": 0.20, "large": 0.30}  # side of an object's bounding box, as a fraction of the image side
+SIZES = {"small": 0.20, "large": 0.30}  # width of an object's bounding box, as a fraction of the image side
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 GENEVAL_TASK_PROMPTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
                         "color_attr": 100}  # GenEval's 553 prompts by task: the held-out split's proportions
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBERS = ("zero", "one", "two", "three", "four")
 # Colour-shape pairs the training split leaves out: the novel split prompts for them (one pair per shape and colour).
-NOVEL_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "diamond"))
+NOVEL_PAIRS = (("red", "triangle"), ("blue", "circle"), ("yellow", "square"), ("purple", "rectangle"))
 SPLITS = ("train", "heldout", "novel")
 HELDOUT_SEED = 1
 NOVEL_SEED = 2
@@ -234,11 +235,13 @@ def place_objects(metadata: dict[str, Any], rng: np.random.Generator, size: int,
     border, gap = _BORDER * size, _GAP * size
     for _ in range(200):
         boxes: list[np.ndarray] = []
-        for _shape in wanted:
+        for shape, _colour in wanted:
             side = SIZES[("small", "large")[rng.integers(2)]] * size * (1 + rng.uniform(-1, 1) * _JITTER["size"])
+            height = side * ASPECT.get(shape, 1.0)
             for _try in range(50):
-                x0, y0 = rng.uniform(border, size - border - side, size=2)
-                box = np.array([x0, y0, x0 + side, y0 + side])
+                x0 = rng.uniform(border, size - border - side)
+                y0 = rng.uniform(border, size - border - height)
+                box = np.array([x0, y0, x0 + side, y0 + height])
                 if _separate(box, boxes, gap):
                     boxes.append(box)
                     break

@@ -5,7 +5,7 @@ background, however it is shaded. Pixels of chroma above a floor form connected 
 object unless it is too small to be one (noise). Its colour is the palette colour nearest the mean of its core (its
 most saturated pixels: edge pixels are mixed with grey). Its coverage of each pixel is chroma over the core's chroma;
 its box is where that coverage reaches one half; its shape is the ideal shape (circle, square, upright triangle,
-diamond) whose drawing, fitted to the component's mass and centroid, differs least from the coverage.
+rectangle of aspect 2:1) whose drawing, fitted to the component's mass and centroid, differs least from the coverage.
 Objects of a class are listed largest first, as GenEval lists detections by confidence.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from micro_diffusion.data.scenes import PALETTE, SIZES
 _PALETTE = np.array(list(PALETTE.values()), np.float32)  # (K, 3)
 _COLOUR_NAMES = list(PALETTE)
 _CHROMA_FLOOR = 30.0  # grey backgrounds (and their VAE reconstructions) stay well below; every fill is above 100
-_MIN_MASS = 0.25  # an object covers at least this share of the smallest drawn object's area (a small diamond)
+_MIN_MASS = 0.25  # an object covers at least this share of the smallest drawn object's area (a small rectangle)
 # (shape, area / side**2, centroid below the box centre in sides) of each ideal shape, as data.drawing draws it
-_GEOMETRY = (("circle", np.pi / 4, 0.0), ("square", 1.0, 0.0), ("triangle", 0.5, 1 / 6), ("diamond", 0.5, 0.0))
+_GEOMETRY = (("circle", np.pi / 4, 0.0), ("square", 1.0, 0.0), ("triangle", 0.5, 1 / 6), ("rectangle", 0.5, 0.0))
 _SCALES = (0.9, 1.0, 1.1)
 _SUB = 4  # subpixel samples per pixel side when drawing a template
 _EIGHT = np.ones((3, 3), bool)
@@ -55,8 +55,8 @@ def _templates(hw: tuple[int, int], centre: tuple[float, float], mass: float) ->
                 inside.append((np.abs(x) <= half) & (np.abs(yb) <= half))
             elif shape == "triangle":  # apex at the top centre, base along the bottom
                 inside.append((yb <= half) & (np.abs(x) <= (yb + half) / 2))
-            else:  # diamond
-                inside.append(np.abs(x) + np.abs(yb) <= half)
+            else:  # rectangle: twice as wide as high
+                inside.append((np.abs(x) <= half) & (np.abs(yb) <= half / 2))
             names.append(shape)
     sharp = np.stack(inside).reshape(len(names), hw[0], _SUB, hw[1], _SUB).mean(axis=(2, 4))  # (T, H, W)
     blurred = ndimage.uniform_filter(sharp, size=(1, 3, 3), mode="nearest")
