@@ -16,7 +16,7 @@ SUPERSAMPLE = 4
 def outline(obj: SceneObject, scale: float = 1.0) -> tuple[str, list[tuple[float, float]]]:
     """How PIL draws an object: ("ellipse" | "polygon", points), in pixels times scale."""
     x0, y0, x1, y1 = (v * scale for v in obj.box)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    cx = (x0 + x1) / 2
     if obj.shape == "circle":
         return "ellipse", [(x0, y0), (x1, y1)]
     if obj.shape in ("square", "rectangle"):
