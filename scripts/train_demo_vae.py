@@ -9,8 +9,8 @@ Reproduce the committed weights (float rounding may differ with another thread c
     .venv/bin/python scripts/train_demo_vae.py --out micro_diffusion/demo/assets/vae
 
 32x32 px images -> 4x8x8 latents, 64x64 -> 4x16x16 (three blocks: 4x downsampling). Loss: L1 reconstruction plus
-a small KL term; no GAN or perceptual loss, as those need downloaded weights. The saved config's scaling_factor is 1/std of the latents on
-training scenes, so scaled latents have about unit std (EDM sigma_data ~ 1.0).
+a small KL term; no GAN or perceptual loss, as those need downloaded weights. The saved config's scaling_factor is
+1/std of the latents on the demo's training scenes, so scaled latents have about unit std (EDM sigma_data ~ 1.0).
 """
 from __future__ import annotations
 
