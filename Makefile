@@ -88,6 +88,7 @@ bench: install
 	$(PY) -m benchmarks.bench_sample --out $(BENCH_OUT) $(if $(QUICK),--quick)
 	$(PY) -m benchmarks.bench_data --out $(BENCH_OUT) $(if $(QUICK),--quick --samples 64 --images 8 --workers 0)
 	$(PY) -m benchmarks.bench_convert --out $(BENCH_OUT) $(if $(QUICK),--quick --images 8)
+	$(PY) -m benchmarks.bench_compose --out $(BENCH_OUT) $(if $(QUICK),--quick --scenes 16)
 	$(if $(QUICK),,$(PY) -m benchmarks.report --out $(BENCH_OUT))
 
 # The whole pipeline on CPU on the embedded shapes dataset, under runs/demo/; FRESH=1 starts over;

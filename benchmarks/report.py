@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         lines += ["### Data", "", "```", json.dumps(d, indent=1), "```", ""]
     if (c := _load(folder, "convert")) is not None:
         lines += ["### Convert", "", "```", json.dumps(c, indent=1), "```", ""]
+    if (g := _load(folder, "compose")) is not None:
+        lines += [f"### Compositional scenes (one core, target {g['target_scenes_per_s']} scenes/s)", "",
+                  "| size | scenes | scenes/s drawn | reader images/s |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['size']} px | {r['scenes']} | {r['scenes_per_s']:.0f} | {r['reader_images_per_s']:.0f} |"
+                  for r in g["runs"]] + [""]
     (folder / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

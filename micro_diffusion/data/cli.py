@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from micro_diffusion.data.compose import register_compose
 from micro_diffusion.data.mix import register_mix
 
 
@@ -10,5 +11,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     """Add the `data` group; returns its sub-parsers for the commands below."""
     p = subparsers.add_parser("data", help="dataset tools: generated scenes, shard checks, the training mix")
     sub = p.add_subparsers(dest="data_command", required=True)
+    register_compose(sub)
     register_mix(sub)
     return sub

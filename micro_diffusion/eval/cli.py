@@ -1,4 +1,4 @@
-"""Subcommands `export`, `sample` and `eval {fid, coco, sweep}` of the micro-diffusion console script."""
+"""Subcommands `export`, `sample` and `eval {fid, coco, sweep, compose}` of the micro-diffusion console script."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +9,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import DEFAULTS, SAMPLERS, SamplingSettings
 from ..utils.images import grid, save_atomic, to_pil
 from .coco import evaluate_coco, rank_world
 from .fid import fid_kid
-from .generate import TextToImage
+from .generate import TextToImage, sample_geneval
 from .sweep import run_sweep
 
 
@@ -55,17 +56,43 @@ def _export(args: argparse.Namespace) -> int:
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += [line["prompt"] for line in read_prompts_file(args.prompts_file)]
     if args.prompts:
         path = Path(args.prompts)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {path} does not exist")
         prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
-        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (one per line)")
+        raise ValueError("no prompts: give --prompt TEXT (repeatable), --prompts FILE (one per line) or "
+                         "--prompts-file evaluation_metadata.jsonl")
     return prompts
 
 
+def _sample_geneval(args: argparse.Namespace) -> int:
+    """`sample --layout geneval`: GenEval's layout for a GenEval prompt file, one seed an image."""
+    if not args.prompts_file or args.prompt or args.prompts or args.save_latents:
+        raise ValueError("--layout geneval takes its prompts from --prompts-file evaluation_metadata.jsonl alone "
+                         "(no --prompt, --prompts or --save-latents)")
+    k = 4 if args.images_per_prompt is None else args.images_per_prompt
+    if k < 1:
+        raise ValueError(f"--images-per-prompt must be at least 1, got {k}")
+    lines = read_prompts_file(args.prompts_file)
+    render = TextToImage(args.model, _settings(args), args.seed, _use_ema(args), args.device)
+    out = Path(args.out)
+    written = sample_geneval(render, lines, out, k, args.batch_size)
+    (out / "sampling.json").write_text(json.dumps({"model": str(args.model), **render.record(),
+                                                   "vae": render.config["encoders"]["vae"], "images_per_prompt": k,
+                                                   "prompts_file": str(args.prompts_file)}, indent=2))
+    print(f"wrote {written} images ({len(lines)} prompts x {k}, GenEval's layout) to {out}")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
+    if args.layout == "geneval":
+        return _sample_geneval(args)
+    if args.images_per_prompt is not None:
+        raise ValueError("--images-per-prompt only applies to --layout geneval")
     prompts = _read_prompts(args)
     render = TextToImage(args.model, _settings(args), args.seed, _use_ema(args), args.device)
     out = Path(args.out)
@@ -122,6 +149,28 @@ def _eval_coco(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_compose(args: argparse.Namespace) -> int:
+    from .compose import write_scores  # the scorer and its reader: only this command needs them
+
+    folder = Path(args.dir)
+    vae_spec = args.vae
+    if vae_spec is None and (folder / "sampling.json").is_file():  # samples of a model: its VAE's ceiling
+        vae_spec = json.loads((folder / "sampling.json").read_text()).get("vae")
+    vae = None
+    if vae_spec:
+        from ..encoders import load_vae
+
+        vae = load_vae(vae_spec, device="cpu")
+    path, scores = write_scores(folder, args.out, vae)
+    rows = {"scores": scores, **{k: v for k, v in scores.get("reader", {}).items() if isinstance(v, dict)}}
+    print(f"{'':14s}" + "".join(f"{t:>14s}" for t in scores["tasks"]) + f"{'overall':>10s}")
+    for name, part in rows.items():
+        print(f"{name:14s}" + "".join(f"{part['tasks'][t]['accuracy']:14.3f}" for t in scores["tasks"])
+              + f"{part['overall']:10.3f}")
+    print(f"wrote {path}")
+    return 0
+
+
 def _eval_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(args.model, args.annotations, args.images, args.out, num=args.num,
                        guidances=args.guidances, presets=args.presets, seed=args.seed, use_ema=_use_ema(args),
@@ -142,12 +191,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="folder written by micro-diffusion export")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--prompts-file", default=None, help="GenEval metadata file (evaluation_metadata.jsonl)")
+    p.add_argument("--layout", choices=("flat", "geneval"), default="flat",
+                   help="flat: OUT/<00000>.png + grid.png; geneval: OUT/<00000>/samples/<0000>.png + metadata.jsonl")
+    p.add_argument("--images-per-prompt", type=int, default=None, help="--layout geneval: images a prompt (default 4)")
     p.add_argument("--out", required=True)
     p.add_argument("--save-latents", action="store_true", help="also write the sampled latents as latents.npy")
     _add_sampling(p)
     p.set_defaults(func=_sample)
 
-    ev = subparsers.add_parser("eval", help="FID/KID, the COCO zero-shot protocol, sampling sweeps")
+    ev = subparsers.add_parser("eval", help="FID/KID, the COCO zero-shot protocol, sampling sweeps, GenEval-style "
+                               "scores of compositional scenes")
     sub = ev.add_subparsers(dest="eval_command", required=True)
     p = sub.add_parser("fid", help="FID and KID between two image folders")
     p.add_argument("--gen", required=True)
@@ -168,6 +222,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--draw-seed", type=int, default=2014)
         _add_sampling(p)
         p.set_defaults(func=fn)
+    p = sub.add_parser("compose", help="GenEval-style scores of a GenEval-layout folder of compositional scenes")
+    p.add_argument("dir", help="GenEval layout: <00000>/metadata.jsonl, <00000>/samples/<0000>.png")
+    p.add_argument("--out", default=None, help="scores file (default DIR/scores.json)")
+    p.add_argument("--vae", default=None, help="VAE whose reconstructions of the ground truth to score too "
+                   "(default: the sampling model's, named in DIR/sampling.json, if any)")
+    p.set_defaults(func=_eval_compose)
     coco = sub.choices["coco"]
     coco.add_argument("--resolution", type=int, default=None, help="default: the model's (latent size x VAE factor)")
     coco.add_argument("--clip-model", default="ViT-L-14")

@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
+from ..data.geneval import sample_path, write_prompt, write_sample
 from ..diffusion.edm import EDMPrecond
 from ..diffusion.sampling import SamplingSettings, generate_latents, image_seeds
 from ..encoders import load_text_encoder, load_vae
@@ -78,3 +80,19 @@ class TextToImage:
     def __call__(self, captions: list[str], indices: list[int]) -> list[Image.Image]:
         """Render captions (one image each) to PIL images."""
         return to_pil(self.vae.decode(self.latents(captions, indices)))
+
+
+def sample_geneval(render: TextToImage, lines: list[dict], out: str | Path, images_per_prompt: int = 4,
+                   batch_size: int = 16, progress: bool = True) -> int:
+    """Render GenEval metadata lines into GenEval's layout: image k of prompt p is image p*K+k of the run (its own seed
+    from image_seeds); images already on disk are kept, so an interrupted run resumes. Returns images written."""
+    todo = []
+    for p, line in enumerate(lines):
+        write_prompt(out, p, line)
+        todo += [(p, k) for k in range(images_per_prompt) if not sample_path(out, p, k).is_file()]
+    for i in tqdm(range(0, len(todo), batch_size), desc="sample", disable=not progress):
+        batch = todo[i : i + batch_size]
+        images = render([lines[p]["prompt"] for p, _ in batch], [p * images_per_prompt + k for p, k in batch])
+        for (p, k), image in zip(batch, images, strict=True):
+            write_sample(out, p, k, image)
+    return len(todo)

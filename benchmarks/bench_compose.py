@@ -1,0 +1,51 @@
+"""Benchmark: compositional scenes drawn per second and the GenEval-style reader's images per second (one core).
+
+    .venv/bin/python -m benchmarks.bench_compose [--scenes 2000] [--sizes 64 32]
+
+Writes OUT/compose.json (`--out`, default benchmarks/results). Issue 14's target: at least 500 scenes/s on one core
+at 64 px (drawing only: the prompt, the layout and the raster, no file writes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+from benchmarks.common import add_out_argument, write_result
+from micro_diffusion.data.drawing import render_scene
+from micro_diffusion.data.scenes import split_scene
+from micro_diffusion.eval.compose_reader import read_objects
+
+
+def measure(scenes: int, size: int) -> dict:
+    """Scenes/s of drawing (train split) and images/s of the reader on them, at one size."""
+    start = time.perf_counter()
+    images = [render_scene(split_scene("train", 0, i, size)) for i in range(scenes)]
+    draw_s = time.perf_counter() - start
+    start = time.perf_counter()
+    objects = sum(len(read_objects(im)) for im in images)
+    read_s = time.perf_counter() - start
+    return {"size": size, "scenes": scenes, "objects": objects, "draw_seconds": round(draw_s, 3),
+            "scenes_per_s": round(scenes / draw_s, 1), "read_seconds": round(read_s, 3),
+            "reader_images_per_s": round(scenes / read_s, 1)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Time drawing and reading at each size; write the JSON result."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scenes", type=int, default=2000)
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 32])
+    p.add_argument("--quick", action="store_true", help="name the result compose_quick.json (a harness check)")
+    add_out_argument(p)
+    args = p.parse_args(argv)
+    runs = [measure(args.scenes, size) for size in args.sizes]  # one process: one core
+    result = {"benchmark": "compose", "cpu_count": os.cpu_count(),
+              "machine": platform.processor() or platform.machine(), "target_scenes_per_s": 500, "runs": runs}
+    write_result(args.out, "compose_quick" if args.quick else "compose", result)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
