@@ -75,11 +75,12 @@ def stage_args(exp: Experiment, run: RunPlan, k: int, root: Path, latents: Path)
     """The recipe overrides of stage k of a run: its variant's keys, steps, data, validation and run folder."""
     stage, dirs = run.stages[k], stage_dirs(root, run)
     e = exp.eval
+    batch = min(VAL_BATCH, e["val_samples"])
     args = [*stage.overrides, f"runs_root={dirs[k].parent}", f"stage={dirs[k].name}", "stages=[]",
             f"data.root={latents}", "data.streams=[{local: train}]", "data.val_streams=[{local: val}]",
             f"train.max_duration={stage.steps}ba", f"eval.interval={max(1, stage.steps // e['val_points'])}ba",
-            f"eval.sigmas={e['val_sigmas']}", f"eval.batch_size={VAL_BATCH}",
-            f"eval.batches={max(1, e['val_samples'] // VAL_BATCH)}", "samples.interval=null",
+            f"eval.sigmas={e['val_sigmas']}", f"eval.batch_size={batch}",
+            f"eval.batches={e['val_samples'] // batch}", "samples.interval=null",
             f"checkpoint.save_interval={max(1, stage.steps // 4)}ba", "checkpoint.keep=1", "train.progress_bar=false"]
     if k:  # a later stage starts from the weights the one before ended with
         args += ["init_from=null", f"init_checkpoint={dirs[k - 1] / 'checkpoints' / 'latest-rank0.pt'}"]
