@@ -27,8 +27,8 @@ def measure(scenes: int, size: int) -> dict:
     start = time.perf_counter()
     objects = sum(len(read_objects(im)) for im in images)
     read_s = time.perf_counter() - start
-    return {"size": size, "scenes": scenes, "objects": objects, "draw_seconds": round(draw_s, 3),
-            "scenes_per_s": round(scenes / draw_s, 1), "read_seconds": round(read_s, 3),
+    return {"size": size, "scenes": scenes, "objects": objects, "draw_seconds": round(draw_s, 4),
+            "scenes_per_s": round(scenes / draw_s, 1), "read_seconds": round(read_s, 4),
             "reader_images_per_s": round(scenes / read_s, 1)}
 
 

@@ -35,6 +35,7 @@ from micro_diffusion.eval.compose import reader_trust
 
 COMPOSE_SIZE = 64  # the compositional benchmark's image size
 
+
 def build_vae() -> AutoencoderKL:
     """A 0.65M-parameter AutoencoderKL: 3 -> 4 channels, 4x downsampling, no mid-block attention (speed on CPU)."""
     return AutoencoderKL(

@@ -168,8 +168,13 @@ def test_make_bench_quick_writes_consistent_results_into_its_folder(tmp_path):
     net = create_dit(sample["preset"], latent_size=8, caption_dim=32, **QUICK)
     assert sample["network_evaluations"] == 2 * sample["steps"] - 1 and sample["sampler"] == DEFAULTS.sampler
     assert sample["gflop_per_image"] == pytest.approx(sample_flops_per_image(net, 8, 7, sample["steps"]) / 1e9)
-    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["convert_quick.json", "data_quick.json",
-                                                               "sample_quick.json", "train_quick.json"]
+    compose = json.loads((tmp_path / "compose_quick.json").read_text())
+    for r in compose["runs"]:
+        assert r["scenes_per_s"] == pytest.approx(r["scenes"] / r["draw_seconds"], rel=0.05)
+        assert r["objects"] >= r["scenes"]  # every scene holds at least one object, and the reader finds it
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["compose_quick.json", "convert_quick.json",
+                                                               "data_quick.json", "sample_quick.json",
+                                                               "train_quick.json"]
 
 
 def test_make_eval_coco_dry_run_prints_the_protocol_and_lint_passes():
