@@ -114,14 +114,14 @@ def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file)
 
 def test_a_half_finished_experiment_reuses_finished_runs(quick_runs):
     root = quick_runs / "masking"
-    redo = root / "runs" / "naive_75_s0"
+    redo = root / "runs" / "deferred_75_s0"
     kept = root / "runs" / "no_masking_s0" / "stage0" / "metrics.jsonl"
     before = kept.stat().st_mtime_ns
     (redo / "stage0" / "stage_done.json").unlink()  # as if killed after its last checkpoint
     (redo / "eval" / "metrics.json").unlink()
     out = make("ablation", "QUICK=1", f"EXP_OUT={quick_runs}").stdout
     assert "no_masking_s0 stage0: finished earlier, reused" in out
-    assert "naive_75_s0 stage0: " in out and "naive_75_s0 stage0: finished earlier" not in out
+    assert "deferred_75_s0 stage0: " in out and "deferred_75_s0 stage0: finished earlier" not in out
     assert kept.stat().st_mtime_ns == before
     assert (redo / "eval" / "metrics.json").is_file()
 
@@ -133,4 +133,4 @@ def test_experiment_report_renders_in_chromium(quick_runs):
     dom, console = render(page)
     assert console == [], console
     assert 'data-images="2/2"' in dom
-    assert "deferred beats naive (loss)" in dom and "inconclusive" in dom
+    assert "deferred beats downscaling (loss)" in dom and "inconclusive" in dom

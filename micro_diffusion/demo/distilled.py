@@ -1,4 +1,4 @@
-"""The demo's distilled student beside its teacher: caption match, FID and images/s at 1, 2 and 4 consistency steps."""
+"""The demo's distilled student beside its teacher: caption match, GenEval-style score, FID and images/s at 1, 2, 4 steps."""
 from __future__ import annotations
 
 import time
@@ -43,8 +43,9 @@ def score_student(root: Path, captions: list[str], teacher: TextToImage, student
         generate_missing(draw, out, render, batch_size=64)
         scores = evaluate(out)
         steps[str(k)] = {"caption_match": scores["caption_match"]["value"], "fid": scores["fid"]["value"],
-                         "images_per_s": images_per_s(render, captions)}
+                         "geneval": scores["geneval"]["overall"], "images_per_s": images_per_s(render, captions)}
     teacher_entry = {"caption_match": teacher_eval["caption_match"]["value"], "fid": teacher_eval["fid"]["value"],
-                     "images_per_s": images_per_s(teacher, captions), "sampling": teacher.settings.to_dict()}
+                     "geneval": teacher_eval["geneval"]["overall"], "images_per_s": images_per_s(teacher, captions),
+                     "sampling": teacher.settings.to_dict()}
     return {"steps": steps, "teacher": teacher_entry, "distill_flops": stage_flops(student_run),
             "teacher_train_flops": sum(stage_flops(r) for r in teacher_runs), "speed_batch": SPEED_BATCH}

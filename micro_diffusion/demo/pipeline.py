@@ -35,6 +35,7 @@ from micro_diffusion.utils.jsonl import read_jsonl
 
 from . import DEFAULT_ROOT, demo_vae_path
 from .distilled import score_student
+from .geneval import geneval_score
 from .reader import caption_match, shuffled_match
 from .shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
 
@@ -167,6 +168,10 @@ def evaluate(cfg: DemoConfig, generated: Path) -> dict:
         "caption_match": {"value": caption_match(fake, labels), "chance": shuffled_match(fake, labels, seed=cfg.seed),
                           "images": len(gen_paths)},
         "caption_match_real": {"value": caption_match(real, labels), "images": len(real_paths)},
+        "geneval": geneval_score(fake, labels),  # the reader's trust: the real images, and shuffled pairs
+        "geneval_real": geneval_score(real, labels),
+        "geneval_shuffled": geneval_score(real, [labels[i] for i in
+                                                 np.random.default_rng(cfg.seed).permutation(len(labels))]),
     }
 
 
@@ -242,9 +247,14 @@ def _print_summary(summary: dict, root: Path) -> None:
     print(f"[demo] caption match {ev['caption_match']['value']:.3f} (chance {ev['caption_match']['chance']:.3f}; "
           f"reader on real images {ev['caption_match_real']['value']:.3f}); "
           f"FID {ev['fid']['value']:.1f} over {ev['fid']['images']} images")
+    g = ev["geneval"]
+    tasks = ", ".join(f"{t} {v['accuracy']:.3f}" for t, v in g["tasks"].items())
+    print(f"[demo] GenEval-style overall {g['overall']:.3f} ({tasks}; real images "
+          f"{ev['geneval_real']['overall']:.3f}, shuffled pairs {ev['geneval_shuffled']['overall']:.3f})")
     dis = summary["distilled"]
     for k, entry in dis["steps"].items():
-        print(f"[demo] student, {k} step(s): caption match {entry['caption_match']:.3f}, FID {entry['fid']:.1f}, "
+        print(f"[demo] student, {k} step(s): caption match {entry['caption_match']:.3f}, GenEval-style "
+              f"{entry['geneval']:.3f}, FID {entry['fid']:.1f}, "
               f"{entry['images_per_s'] / dis['teacher']['images_per_s']:.0f}x the teacher's images/s")
     print(f"[demo] distillation FLOPs: {dis['distill_flops'] / dis['teacher_train_flops']:.0%} of the teacher's "
           "training")

@@ -11,7 +11,8 @@
       - {name: deferred_75_ft, overrides: {...}, then: {fraction: 0.1, overrides: {diffusion.mask_ratio: 0.0}}}
     claims:
       - {name: ..., kind: beats | within, a: VARIANT, b: VARIANT, metric: val_loss | fid | geneval}
-    quick: {data: {...}, budget: {...}, eval: {...}, overrides: {...}}   # what --quick changes, over the above
+    quick: {data: {...}, budget: {...}, eval: {...}, seeds: [...], overrides: {...}, variants: [NAME, ...]}
+                                               # what --quick changes; variants keeps a subset (and their claims)
 """
 from __future__ import annotations
 
@@ -132,6 +133,14 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
     if not isinstance(budget, dict) or len(budget) != 1 or next(iter(budget)) not in ("flops", "steps"):
         raise RecipeError(f"{where}.budget: give exactly one of flops or steps, got {budget!r}")
     variants = [_variant(v, f"{where}.variants[{i}]") for i, v in enumerate(raw["variants"])]
+    claims = raw.get("claims", [])
+    if quick and small.get("variants"):
+        kept = set(small["variants"])
+        missing_names = sorted(kept - {v.name for v in variants})
+        if missing_names:
+            raise RecipeError(f"{where}.quick.variants: no variant {missing_names[0]!r}")
+        variants = [v for v in variants if v.name in kept]
+        claims = [c for c in claims if isinstance(c, dict) and c.get("a") in kept and c.get("b") in kept]
     extra = dict(small.get("overrides") or {}) if quick else {}
     for v in variants:
         v.overrides = {**v.overrides, **extra}
@@ -145,7 +154,7 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
                       data=_section(raw.get("data", {}), DATA, f"{where}.data"),
                       budget={k: float(v) for k, v in budget.items()}, seeds=[int(s) for s in raw.get("seeds", [0])],
                       eval=_section(raw.get("eval", {}), EVAL, f"{where}.eval"), variants=variants,
-                      claims=_check_claims(raw.get("claims", []), names, where))
+                      claims=_check_claims(claims, names, where))
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
