@@ -57,7 +57,9 @@ def check_sizes(samples: dict[str, dict], max_side: int) -> None:
 
 
 def run_convert(*argv: str) -> dict:
-    """Run convert in this process; return its summary."""
+    """Run convert in this process; return its summary. Test images are small on purpose: no --min-size unless given."""
+    if "--min-size" not in argv:
+        argv = (*argv, "--min-size", 0)
     assert convert.main(["--no-progress", *map(str, argv)]) == 0
     out = Path(argv[argv.index("--output") + 1])
     return json.loads((out / "convert_summary.json").read_text())
@@ -260,7 +262,7 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path):
     (src / "zz_bad.jpg").write_bytes(b"not an image")
     (src / "zz_bad.txt").write_text("bad")
     argv = ["--format", "folder", "--input", str(src), "--max-side", 96, "--chunk-size", 4, "--workers", 1,
-            "--no-progress"]
+            "--min-size", 64, "--no-progress"]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep.convert", *map(str, argv), "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

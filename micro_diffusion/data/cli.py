@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from micro_diffusion.data.mix import register_mix
+from micro_diffusion.data.verify import register_verify
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -11,4 +12,5 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     p = subparsers.add_parser("data", help="dataset tools: generated scenes, shard checks, the training mix")
     sub = p.add_subparsers(dest="data_command", required=True)
     register_mix(sub)
+    register_verify(sub)
     return sub
