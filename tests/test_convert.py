@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from data_prep import convert
+from micro_diffusion.data.integrity import SHARD_HASH, check_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,6 +90,15 @@ def test_folder_txt_and_captions_jsonl(tmp_path):
     crop = tmp_path / "crop"
     run_convert("--format", "folder", "--input", src, "--output", crop, "--center-crop-resize", 32, "--workers", 0)
     assert {(s["width"], s["height"]) for s in read_mds(crop).values()} == {(32, 32)}
+
+    # The default --min-size (64 px, for photographs) rejects the 40x50 and 70x60 images; the shards carry hashes.
+    default = tmp_path / "default"
+    assert convert.main(["--no-progress", "--format", "folder", "--input", str(src), "--output", str(default),
+                         "--workers", "0"]) == 0
+    assert set(read_mds(default)) == {"a/b/big"} and convert.MIN_SIZE >= 64
+    rejected = [json.loads(x) for x in (default / "rejected.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["reason"]) for r in rejected) == [("only_jsonl", "too_small"), ("small", "too_small")]
+    assert check_folder(default, hashes=True) == [] and SHARD_HASH in (default / "index.json").read_text()
 
 
 def test_coco_first_caption_and_all_captions(tmp_path):
