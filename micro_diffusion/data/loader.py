@@ -10,6 +10,7 @@ from streaming import Stream, StreamingDataLoader
 
 from micro_diffusion.data.dataset import LatentDataset, collate_latents
 from micro_diffusion.data.integrity import check_streams
+from micro_diffusion.utils.devices import loader_workers
 
 STREAM_KEYS = frozenset({"local", "remote", "proportion"})
 # Arguments build_dataloader sets itself; passing them again through **streaming_options would be ambiguous.
@@ -60,7 +61,8 @@ def build_dataloader(
         null_caption: (L, D) embedding of the empty caption; default: null_caption.npy beside the first stream.
         shuffle: shuffle samples each epoch (Streaming's shuffle, seeded by `seed`).
         seed: seed of the shuffle and of the caption dropout.
-        num_workers: DataLoader worker processes per rank.
+        num_workers: DataLoader worker processes per rank, at most this rank's share of the machine's usable CPUs
+            (utils.devices.loader_workers); 0 loads in the main process.
         drop_last: drop the last incomplete batch.
         verify: "size" checks every local shard's size against its index before anything is read; "hashes" also
             checks each shard's recorded hash (reads every local shard once). Damage raises DamagedShardError.
@@ -95,7 +97,7 @@ def build_dataloader(
     return StreamingDataLoader(
         dataset,
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers),
         drop_last=drop_last,
         collate_fn=collate_latents,
         pin_memory=torch.cuda.is_available(),  # page-locked batches make the host-to-GPU copy asynchronous
