@@ -34,9 +34,10 @@ def image_bytes(w: int, h: int, fmt: str = "JPEG", mode: str = "RGB", seed: int 
 def read_mds(out: Path) -> dict[str, dict]:
     """All samples of an MDS output folder by id, read with StreamingDataset (fails on duplicate ids)."""
     from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()
+    from micro_diffusion.data.shm import remove_dead_leftovers  # Streaming's own cleaner would unlink live runs' too
+
+    remove_dead_leftovers()
     ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
     samples = {}
     for s in ds:
@@ -45,7 +46,7 @@ def read_mds(out: Path) -> dict[str, dict]:
         samples[s["id"]] = s
     assert len(samples) == ds.num_samples
     del ds
-    clean_stale_shared_memory()
+    remove_dead_leftovers()
     return samples
 
 

@@ -170,3 +170,96 @@ def test_kill9_mid_interval_then_resume_logs_each_step_once(tmp_path, shards):
     assert redone and all(s > resumed_from for s in redone)
     loss = {r["step"]: r.get("loss/train/total") for r in rows}
     assert all(loss[s] == pytest.approx(v, rel=1e-6) for s, v in redone.items()), "the resumed run redid them"
+
+
+HOLDER = """
+import sys, time
+from micro_diffusion.data.loader import build_dataloader
+loader = build_dataloader([{{"local": {local!r}}}], batch_size=8, resolution={res}, num_workers=1)
+next(iter(loader))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _streaming_files() -> set[Path]:
+    from micro_diffusion.data.shm import FILELOCKS, SHM_DIR, _by_prefix, _shm_names
+
+    found = [*_by_prefix(SHM_DIR, _shm_names()).values(), *_by_prefix(Path("/tmp"), FILELOCKS).values()]
+    return {f for files in found for f in files}
+
+
+def _mapped(pids: list[int] | None = None) -> set[tuple[str, int]]:
+    """(path, inode) of the /dev/shm files the given processes (default: all readable ones) map."""
+    out = set()
+    for proc in [Path(f"/proc/{p}") for p in pids] if pids else Path("/proc").glob("[0-9]*"):
+        try:
+            lines = (proc / "maps").read_text().splitlines()
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        out |= {(f[5].strip(), int(f[4])) for f in map(str.split, lines, [None] * len(lines), [5] * len(lines))
+                if len(f) == 6 and f[5].startswith("/dev/shm/")}
+    return out
+
+
+def _same_file(path: str, inode: int) -> bool:
+    return os.path.exists(path) and os.stat(path).st_ino == inode
+
+
+def _holder(local: Path) -> subprocess.Popen:
+    """A process group holding a loader over `local` (main process and one worker), once it has read a batch."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(local=str(local), res=RESOLUTION)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stdout:  # after any "removed ... left by dead processes" line of its own start
+        if line.strip() == "ready":
+            return proc
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"the loader process ended with code {proc.wait()}")
+
+
+def test_dead_runs_shared_memory_is_removed_and_a_new_run_does_not_stall(tmp_path, shards):
+    from micro_diffusion.data.shm import _files_in_use, remove_dead_leftovers
+
+    live = _holder(Path(write_shards(tmp_path / "other", 16, prefix="o")))
+    held = _mapped([live.pid])
+    try:
+        before = _streaming_files()
+        dead = _holder(shards)
+        left = _mapped([dead.pid]) - held  # its own files (path, inode); other jobs on this machine come and go
+        job = [int(p.name) for p in Path("/proc").glob("[0-9]*") if _pgid(int(p.name)) == dead.pid]
+        os.killpg(dead.pid, signal.SIGKILL)  # the whole job, loader worker included: nothing unlinks anything
+        dead.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while _mapped(job) & left:
+            assert time.monotonic() < deadline, "the killed processes still map their shared memory"
+            time.sleep(0.1)
+        assert left and all(_same_file(*f) for f in left), "SIGKILL leaves Streaming's entries behind"
+        # Every StreamingDataset maps the entries of all others that existed when it started: a Streaming process
+        # that another job here started meanwhile keeps them in use, and a cleaner must then leave them.
+        probed = bool(_mapped() & left)
+
+        run = subprocess.run([str(Path(sys.executable).parent / "micro-diffusion"), "train", RECIPE,
+                              *tiny_overrides(tmp_path / "data", tmp_path / "runs", steps=2), "data.num_workers=1"],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert all(_same_file(*f) for f in held), "a live job's memory is never touched"
+        if not probed:
+            assert "Streaming shared-memory files left by dead processes" in run.stdout
+            assert not any(_same_file(*f) for f in left), "the dead job's memory is gone"
+        live_prefixes = {Path(f).name[:6] for f in _files_in_use() if f.startswith("/dev/shm/")}
+        own = [f for f in _streaming_files() - before if f.name[:6] not in live_prefixes]
+        assert own == [], f"the run that ended normally left {own} (memory or file locks)"
+    finally:
+        os.killpg(live.pid, signal.SIGKILL)
+        live.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while any(_same_file(*f) for f in held) and time.monotonic() < deadline:
+        remove_dead_leftovers()  # the live holder's memory, once its processes are gone
+        time.sleep(0.1)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

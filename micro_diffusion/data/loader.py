@@ -10,6 +10,7 @@ from streaming import Stream, StreamingDataLoader
 
 from micro_diffusion.data.dataset import LatentDataset, collate_latents
 from micro_diffusion.data.integrity import check_streams
+from micro_diffusion.data.shm import remove_dead_leftovers
 from micro_diffusion.utils.devices import loader_workers
 
 STREAM_KEYS = frozenset({"local", "remote", "proportion"})
@@ -83,6 +84,10 @@ def build_dataloader(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     stream_objs = make_streams(streams)
     check_streams(streams, verify)  # before Streaming reads an index or a shard
+    removed = remove_dead_leftovers()  # a killed run's shared memory would pile up (and can stall a new one)
+    if removed:
+        print(f"removed {len(removed)} Streaming shared-memory files left by dead processes "
+              f"({', '.join(sorted({p.name[:6] for p in removed}))})", flush=True)
     dataset = LatentDataset(
         streams=stream_objs,
         resolution=resolution,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import sys
 
 import yaml
@@ -65,9 +66,13 @@ def _fit(cfg: dict, plan: RunPlan, info: dict) -> int:
 
     from micro_diffusion.data.dataset import BadSampleError, bad_sample_message
     from micro_diffusion.data.integrity import DamagedShardError
+    from micro_diffusion.data.shm import remove_dead_leftovers
     from micro_diffusion.training.builder import build_trainer
     from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
 
+    # Registered before the loaders exist, so it runs after Streaming's own exit handlers have unlinked their shared
+    # memory: it then removes the file locks they leave in the temp folder (and anything a dead worker left).
+    atexit.register(remove_dead_leftovers)
     if plan.device == "cpu":
         keep_freed_memory()  # each step re-allocates its gradients; see cpu_malloc
     if dist.get_global_rank() == 0:
