@@ -7,6 +7,10 @@ and a process killed with SIGKILL unlinks nothing, so its entries stay and pile 
 owner as dead is that no process maps or holds open any of the prefix's files any more (every process of a run,
 loader workers included, maps them while it lives): /proc says so. Streaming's own clean_stale_shared_memory() would
 unlink live runs' memory too (it unlinks every prefix from 0 up), so it is not used.
+
+The test errs on the safe side: each new StreamingDataset maps the entries of every prefix that exists when it starts
+(Streaming's prefix search opens them and keeps them open), so a dead job's entries stay while a Streaming process
+started after the crash lives; the next run after it removes them.
 """
 from __future__ import annotations
 
