@@ -183,9 +183,9 @@ time.sleep(600)
 
 
 def _streaming_files() -> set[Path]:
-    from micro_diffusion.data.shm import FILELOCKS, SHM_DIR, _by_prefix, _shm_names
+    from micro_diffusion.data.shm import FILELOCKS, SHM_DIR, SHM_TO_CLEAN, _by_prefix
 
-    found = [*_by_prefix(SHM_DIR, _shm_names()).values(), *_by_prefix(Path("/tmp"), FILELOCKS).values()]
+    found = [*_by_prefix(SHM_DIR, tuple(SHM_TO_CLEAN)).values(), *_by_prefix(Path("/tmp"), FILELOCKS).values()]
     return {f for files in found for f in files}
 
 

@@ -20,14 +20,10 @@ from collections import defaultdict
 from pathlib import Path
 from tempfile import gettempdir
 
+from streaming.base.constant import SHM_TO_CLEAN  # Streaming's own list of the shared-memory names it creates
+
 SHM_DIR = Path("/dev/shm")
 FILELOCKS = ("barrier_filelock", "cache_filelock")
-
-
-def _shm_names() -> tuple[str, ...]:
-    from streaming.base.constant import SHM_TO_CLEAN  # Streaming's own list of the names it creates
-
-    return tuple(SHM_TO_CLEAN)
 
 
 def _files_in_use() -> set[str]:
@@ -66,7 +62,7 @@ def _by_prefix(folder: Path, names: tuple[str, ...]) -> dict[int, list[Path]]:
 def remove_dead_leftovers(shm_dir: Path = SHM_DIR, lock_dir: str | os.PathLike | None = None) -> list[Path]:
     """Unlink this user's Streaming shared memory that no live process uses, and the unheld file locks of prefixes
     without live shared memory; return what was removed."""
-    shm = _by_prefix(shm_dir, _shm_names())
+    shm = _by_prefix(shm_dir, tuple(SHM_TO_CLEAN))
     locks = _by_prefix(Path(lock_dir or gettempdir()), FILELOCKS)
     if not shm and not locks:
         return []
