@@ -101,6 +101,15 @@ def test_folder_txt_and_captions_jsonl(tmp_path):
     assert sorted((r["id"], r["reason"]) for r in rejected) == [("only_jsonl", "too_small"), ("small", "too_small")]
     assert check_folder(default, hashes=True) == [] and SHARD_HASH in (default / "index.json").read_text()
 
+    # Bit rot in a committed chunk: the same command with --verify-hashes writes that chunk again.
+    shard = next((default / "part-00000").glob("*.mds"))
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-16] + b"\xff" * 16)
+    assert "(corrupted)" in check_folder(default, hashes=True)[0]
+    assert convert.main(["--no-progress", "--format", "folder", "--input", str(src), "--output", str(default),
+                         "--workers", "0", "--verify-hashes"]) == 0
+    assert check_folder(default, hashes=True) == [] and shard.read_bytes() == good
+
 
 def test_coco_first_caption_and_all_captions(tmp_path):
     images = tmp_path / "val2014"
