@@ -140,6 +140,23 @@ def test_skipping_depends_on_the_data_alone(shards):
     assert [(r["id"], r["index"]) for r in listed] == [("s9", 9)]
 
 
+def test_overwritten_sample_headers_name_the_sample_without_numpy_warnings(shards):
+    import warnings
+
+    from micro_diffusion.data.dataset import BadSampleError
+    from micro_diffusion.data.loader import build_dataloader
+
+    first = shard_files(shards)[0]
+    data = first.read_bytes()
+    first.write_bytes(data[:len(data) // 2] + b"\xff" * 8000 + data[len(data) // 2 + 8000:])  # headers hit too
+    loader = build_dataloader([{"local": str(shards)}], batch_size=8, resolution=RESOLUTION, num_workers=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Streaming's reader would warn of integer overflows in the sizes it reads
+        with pytest.raises(BadSampleError, match=f"shard {first.name}, sample \\d+ .*(does not decode|non-finite)"):
+            for _ in loader:
+                pass
+
+
 def test_kill9_mid_interval_then_resume_logs_each_step_once(tmp_path, shards):
     steps = 12
     args = tiny_overrides(tmp_path / "data", tmp_path / "runs", steps=steps) + ["checkpoint.save_interval=4ba"]

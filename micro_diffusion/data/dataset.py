@@ -28,8 +28,10 @@ def dropout_draw(seed: int, epoch: int, sample_id: int) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
-# What a damaged sample raises while Streaming decodes it (offsets, lengths or text that are not what was written).
-DECODE_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError, struct.error)
+# What a damaged sample raises while Streaming decodes it (offsets, lengths or text that are not what was written;
+# FloatingPointError: column sizes that overflow, raised instead of numpy's overflow warning).
+DECODE_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, FloatingPointError, UnicodeDecodeError,
+                 struct.error)
 
 
 class BadSampleError(ValueError):
@@ -140,7 +142,8 @@ class LatentDataset(StreamingDataset):
     def _read_checked(self, sample_id: int, retry: int) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """(sample, None) for a good sample, (None, a record naming stream, shard, sample and problem) for a bad one."""
         try:
-            sample = super().get_item(sample_id, retry)
+            with np.errstate(over="raise", invalid="raise"):
+                sample = super().get_item(sample_id, retry)
         except DECODE_ERRORS as err:
             return None, {**self._where(sample_id), "id": None,
                           "problem": f"does not decode ({type(err).__name__}: {err})"}
