@@ -140,6 +140,19 @@ def test_skipping_depends_on_the_data_alone(shards):
     assert [(r["id"], r["index"]) for r in listed] == [("s9", 9)]
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_finite_check_on_the_bits_agrees_with_numpy(dtype):
+    from micro_diffusion.data.dataset import all_finite
+
+    a = np.random.default_rng(0).standard_normal((77, 64)).astype(dtype)
+    a[0, :3] = np.finfo(dtype).max, -np.finfo(dtype).max, np.finfo(dtype).tiny / 4  # extremes and a subnormal
+    assert all_finite(a) and all_finite(a[:, ::3])
+    for bad in (np.nan, np.inf, -np.inf):
+        b = a.copy()
+        b[40, 5] = bad
+        assert not all_finite(b) and not all_finite(b[:, ::5])
+
+
 def test_overwritten_sample_headers_name_the_sample_without_numpy_warnings(shards):
     import warnings
 
