@@ -62,6 +62,8 @@ def _by_prefix(folder: Path, names: tuple[str, ...]) -> dict[int, list[Path]]:
 def remove_dead_leftovers(shm_dir: Path = SHM_DIR, lock_dir: str | os.PathLike | None = None) -> list[Path]:
     """Unlink this user's Streaming shared memory that no live process uses, and the unheld file locks of prefixes
     without live shared memory; return what was removed."""
+    if not Path("/proc").is_dir():
+        return []  # no way to tell a live owner from a dead one here (macOS): remove nothing
     shm = _by_prefix(shm_dir, tuple(SHM_TO_CLEAN))
     locks = _by_prefix(Path(lock_dir or gettempdir()), FILELOCKS)
     if not shm and not locks:
