@@ -36,6 +36,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from micro_diffusion.data.integrity import check_folder
+
 T = TypeVar("T")
 
 _PART_RE = re.compile(r"^part-(\d{5,})$")
@@ -165,6 +167,20 @@ def remove_unfinished(root: str | os.PathLike) -> list[Path]:
             p.unlink()
             removed.append(p)
     return removed
+
+
+def drop_damaged(root: str | os.PathLike, hashes: bool = False) -> list[str]:
+    """Un-commit every done chunk whose shards fail their size (and, with `hashes`, hash) check, so that a re-run
+    writes it again; return one line per chunk dropped, naming what was wrong."""
+    dropped = []
+    for k in done_chunks(root):
+        part = chunk_dir(root, k)
+        problems = check_folder(part, hashes=hashes) if (part / "index.json").is_file() else [f"{part}: no index"]
+        if problems:
+            done_path(root, k).unlink()
+            shutil.rmtree(part, ignore_errors=True)
+            dropped.append(f"chunk {k} ({part}) is damaged and is written again: {problems[0].split(';')[0]}")
+    return dropped
 
 
 def merge_chunks(root: str | os.PathLike) -> Path:

@@ -28,9 +28,11 @@ from data_prep import chunks
 from data_prep.adapters import FORMATS, Record, SourceError
 from data_prep.images import Settings, normalise_item
 from data_prep.sources import input_paths, is_pattern
+from micro_diffusion.data.integrity import SHARD_HASHES
 
 COLUMNS = {"image": "bytes", "caption": "str", "width": "int", "height": "int", "id": "str"}
 OPTIONS_FILE = "convert_options.json"
+MIN_SIZE = 64  # px, short side: below it a photograph carries too little detail even for 256-px training
 # Options that change what is written: a resumed run must use the same values.
 _RESUME_KEYS = ("format", "input", "annotations", "all_captions", "captions", "caption_field", "nsfw_threshold",
                 "max_side", "min_size", "max_pixels", "center_crop_resize", "max_caption_chars", "chunk_size",
@@ -75,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="diffusiondb: drop rows whose image_nsfw or prompt_nsfw exceeds this (default 0.2, as the "
                         "reference release); 'off' keeps them (needed without --annotations)")
     p.add_argument("--max-side", type=int, default=512, help="shrink so the short side is at most this (px)")
-    p.add_argument("--min-size", type=int, default=0, help="reject images whose short side is below this (px)")
+    p.add_argument("--min-size", type=int, default=MIN_SIZE,
+                   help=f"reject images whose short side is below this (px; default {MIN_SIZE}: smaller photographs "
+                        "would be upscaled several times over at precompute)")
     p.add_argument("--max-pixels", type=int, default=Settings.max_pixels,
                    help="reject images with more pixels than this (decompression bombs)")
     p.add_argument("--center-crop-resize", type=int, metavar="RES",
@@ -85,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="decode processes (0: in this process)")
     p.add_argument("--chunk-size", type=int, default=5000, help="inputs per resumable chunk (part-NNNNN/)")
     p.add_argument("--shard-size", type=int, default=1 << 26, help="MDS shard size limit in bytes")
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="on a re-run, check the hash of every committed chunk (not only its size) and rewrite those "
+                        "that fail")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     for name in ("max_side", "chunk_size", "shard_size", "max_caption_chars", "max_pixels"):
@@ -147,6 +154,8 @@ def prepare_output(args: argparse.Namespace) -> None:
         options[k] = str(Path(options[k]).resolve()) if options[k] is not None else None
     chunks.check_resume_options(out, OPTIONS_FILE, options)
     chunks.remove_unfinished(out)
+    for line in chunks.drop_damaged(out, hashes=args.verify_hashes):
+        print(f"convert: {line}", flush=True)
 
 
 def _reject_line(rec: Record, reason: str, detail: str = "") -> dict[str, Any]:
@@ -165,7 +174,7 @@ def write_chunk(out: Path, index: int, batch: list[tuple[Record, str | None]], m
     results = iter(mapper(todo))
     rejected, notes, written = [], Counter(), 0
     part = chunks.start_chunk(out, index)
-    with MDSWriter(out=str(part), columns=COLUMNS, size_limit=shard_size) as writer:
+    with MDSWriter(out=str(part), columns=COLUMNS, size_limit=shard_size, hashes=SHARD_HASHES) as writer:
         for rec, pre in batch:
             if pre is not None:
                 rejected.append(_reject_line(rec, *pre.split(": ", 1)))

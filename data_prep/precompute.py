@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_prep import chunks
+from micro_diffusion.data.integrity import SHARD_HASHES
 from micro_diffusion.data.schema import (
     CAPTION,
     CAPTION_EMB,
@@ -42,6 +43,7 @@ from micro_diffusion.data.schema import (
 from micro_diffusion.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, load_text_encoder, load_vae
 
 OPTIONS_FILE = "precompute_options.json"
+SUMMARY_FILE = "precompute_summary.json"
 # Options that change what is written: a resumed run must use the same values.
 _RESUME_KEYS = ("input", "resolution", "vae", "text_encoder", "caption_len", "dtype", "chunk_size", "shard_size")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-workers", type=int, default=0, help="image-decoding processes per rank")
     p.add_argument("--chunk-size", type=int, default=2048, help="samples per resumable chunk (part-NNNNN/)")
     p.add_argument("--shard-size", type=int, default=1 << 26, help="MDS shard size limit in bytes")
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="on a re-run, check the hash of every committed chunk (not only its size) and rewrite those "
+                        "that fail")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -80,7 +85,10 @@ def crop_resize(image: Image.Image, res: int) -> torch.Tensor:
 
 
 class ImageSamples(Dataset):
-    """Samples [start, stop) of an image-shard dataset, decoded and cropped to every resolution."""
+    """Samples [start, stop) of an image-shard dataset, decoded and cropped to every resolution.
+
+    `upscaled_{res}` is True where the image's short side is below res (the crop is enlarged to fit).
+    """
 
     def __init__(self, source: LocalDataset, start: int, stop: int, resolutions: list[int]) -> None:
         self.source, self.start, self.stop, self.resolutions = source, start, stop, resolutions
@@ -95,6 +103,7 @@ class ImageSamples(Dataset):
         except OSError as err:
             raise ValueError(f"sample {self.start + i} (id {sample.get('id')!r}): unreadable image: {err}") from err
         out = {f"image_{r}": crop_resize(image, r) for r in self.resolutions}
+        out.update({f"upscaled_{r}": min(image.size) < r for r in self.resolutions})
         out.update({CAPTION: sample[CAPTION], SAMPLE_ID: sample[SAMPLE_ID]})
         return out
 
@@ -146,8 +155,11 @@ def write_chunk(args, k: int, source: LocalDataset, vae, text, columns: dict[str
     part = chunks.start_chunk(args.output, k)
     loader = DataLoader(ImageSamples(source, start, stop, args.resolution), batch_size=args.batch_size,
                         num_workers=args.decode_workers)
-    with MDSWriter(out=str(part), columns=columns, size_limit=args.shard_size) as writer:
+    upscaled = dict.fromkeys(map(str, args.resolution), 0)
+    with MDSWriter(out=str(part), columns=columns, size_limit=args.shard_size, hashes=SHARD_HASHES) as writer:
         for batch in loader:
+            for r in args.resolution:
+                upscaled[str(r)] += int(batch[f"upscaled_{r}"].sum())
             lat = {r: vae.encode(batch[f"image_{r}"]).half().cpu().numpy() for r in args.resolution}  # (n,C,h,w)
             emb = text.encode(batch[CAPTION]).half().cpu().numpy()  # (n, L, D)
             for i, (caption, sid) in enumerate(zip(batch[CAPTION], batch[SAMPLE_ID], strict=True)):
@@ -155,7 +167,8 @@ def write_chunk(args, k: int, source: LocalDataset, vae, text, columns: dict[str
                 sample.update({CAPTION_EMB: emb[i], CAPTION: caption, SAMPLE_ID: sid})
                 writer.write(sample)
             bar.update(len(batch[CAPTION]))
-    chunks.mark_done(args.output, k, {"start": start, "stop": stop, "chunk_size": args.chunk_size})
+    chunks.mark_done(args.output, k, {"start": start, "stop": stop, "chunk_size": args.chunk_size,
+                                      "upscaled": upscaled})
 
 
 def run_rank(args: argparse.Namespace, rank: int, world: int) -> tuple[Any, Any]:
@@ -182,9 +195,25 @@ def run_rank(args: argparse.Namespace, rank: int, world: int) -> tuple[Any, Any]
     return vae, text
 
 
+def summary(args: argparse.Namespace) -> dict[str, Any]:
+    """Samples written and, per resolution, how many images had a short side below it (upscaled), from the markers."""
+    out: dict[str, Any] = {"samples": 0, "chunks": 0, "upscaled": dict.fromkeys(map(str, args.resolution), 0)}
+    for k in chunks.done_chunks(args.output):
+        done = chunks.read_done(args.output, k)
+        out["samples"] += done["stop"] - done["start"]
+        out["chunks"] += 1
+        for r, n in done.get("upscaled", {}).items():
+            out["upscaled"][r] += n
+    return out
+
+
 def finish(args: argparse.Namespace, vae, text) -> None:
-    """Merge chunk indexes; write null_caption.npy and encoders.json beside the shards."""
+    """Merge chunk indexes; write null_caption.npy, encoders.json and precompute_summary.json beside the shards."""
     chunks.merge_chunks(args.output)
+    counts = summary(args)
+    chunks.write_atomic(args.output / SUMMARY_FILE, json.dumps(counts, indent=1))
+    print(f"precompute: {counts['samples']} samples -> {args.output}; upscaled (short side below the resolution): "
+          + ", ".join(f"{n} at {r} px" for r, n in counts["upscaled"].items()), flush=True)
     null = text.encode([""])[0].half().cpu().numpy()  # (L, D)
     tmp = args.output / (NULL_CAPTION_FILE + ".tmp.npy")
     np.save(tmp, null)
@@ -209,6 +238,8 @@ def run(args: argparse.Namespace) -> None:
     if rank == 0:
         check_options(args)
         chunks.remove_unfinished(args.output)
+        for line in chunks.drop_damaged(args.output, hashes=args.verify_hashes):
+            print(f"precompute: {line}", flush=True)
     if args.workers > 1:
         ctx = multiprocessing.get_context("spawn")
         procs = [ctx.Process(target=_spawned_rank, args=(args, r, args.workers)) for r in range(args.workers)]

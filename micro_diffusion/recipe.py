@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from micro_diffusion.data.integrity import VERIFY_MODES
 from micro_diffusion.data.schema import ENCODERS_FILE, caption_spec, latent_column, latent_spec, read_index_columns
 from micro_diffusion.diffusion.edm import SIGMA_DATA
 from micro_diffusion.diffusion.sampling import DEFAULTS
@@ -49,7 +50,7 @@ SCHEMA: dict[str, Any] = {
     "data": {"root": "data/latents", "resolution": 256, "vae_downsample": 8,
              "streams": [{"local": name} for name in ("sa1b", "cc12m", "textcaps", "journeydb", "diffusiondb")],
              "val_streams": [{"local": "val"}], "caption_drop_prob": 0.1, "null_caption": "shards", "num_workers": 8,
-             "seed": 17},
+             "seed": 17, "verify": "size", "skip_bad_samples": False},
     "diffusion": {"mask_ratio": 0.75, "p_mean": -0.6, "p_std": 1.2, "sigma_data": SIGMA_DATA},
     "optimizer": {"lr": 2.4e-4, "betas": [0.9, 0.999], "eps": 1.0e-8, "weight_decay": 0.1, "moe_lr_scale": 0.5},
     "scheduler": {"name": "cosine_warmup", "warmup": "2500ba", "alpha_f": 0.33},  # options: SCHEDULERS[name]
@@ -246,6 +247,8 @@ def _check_values(cfg: dict) -> None:
     t, d = cfg["train"], cfg["data"]
     if d["resolution"] % d["vae_downsample"]:
         raise RecipeError(f"data.resolution {d['resolution']} is not a multiple of data.vae_downsample")
+    if d["verify"] not in VERIFY_MODES:
+        raise RecipeError(f"data.verify: unknown value {d['verify']!r} (allowed: {', '.join(VERIFY_MODES)})")
     if not 0.0 <= cfg["diffusion"]["mask_ratio"] < 1.0:
         raise RecipeError(f"diffusion.mask_ratio must be in [0, 1), got {cfg['diffusion']['mask_ratio']}")
     for key in ("precision", "parallelism", "device"):

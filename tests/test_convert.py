@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from data_prep import convert
+from micro_diffusion.data.integrity import SHARD_HASH, check_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,10 @@ def image_bytes(w: int, h: int, fmt: str = "JPEG", mode: str = "RGB", seed: int 
 def read_mds(out: Path) -> dict[str, dict]:
     """All samples of an MDS output folder by id, read with StreamingDataset (fails on duplicate ids)."""
     from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
 
-    clean_stale_shared_memory()
+    from micro_diffusion.data.shm import remove_dead_leftovers  # Streaming's own cleaner would unlink live runs' too
+
+    remove_dead_leftovers()
     ds = StreamingDataset(local=str(out), shuffle=False, batch_size=1)
     samples = {}
     for s in ds:
@@ -44,7 +46,7 @@ def read_mds(out: Path) -> dict[str, dict]:
         samples[s["id"]] = s
     assert len(samples) == ds.num_samples
     del ds
-    clean_stale_shared_memory()
+    remove_dead_leftovers()
     return samples
 
 
@@ -57,7 +59,9 @@ def check_sizes(samples: dict[str, dict], max_side: int) -> None:
 
 
 def run_convert(*argv: str) -> dict:
-    """Run convert in this process; return its summary."""
+    """Run convert in this process; return its summary. Test images are small on purpose: no --min-size unless given."""
+    if "--min-size" not in argv:
+        argv = (*argv, "--min-size", 0)
     assert convert.main(["--no-progress", *map(str, argv)]) == 0
     out = Path(argv[argv.index("--output") + 1])
     return json.loads((out / "convert_summary.json").read_text())
@@ -87,6 +91,24 @@ def test_folder_txt_and_captions_jsonl(tmp_path):
     crop = tmp_path / "crop"
     run_convert("--format", "folder", "--input", src, "--output", crop, "--center-crop-resize", 32, "--workers", 0)
     assert {(s["width"], s["height"]) for s in read_mds(crop).values()} == {(32, 32)}
+
+    # The default --min-size (64 px, for photographs) rejects the 40x50 and 70x60 images; the shards carry hashes.
+    default = tmp_path / "default"
+    assert convert.main(["--no-progress", "--format", "folder", "--input", str(src), "--output", str(default),
+                         "--workers", "0"]) == 0
+    assert set(read_mds(default)) == {"a/b/big"} and convert.MIN_SIZE >= 64
+    rejected = [json.loads(x) for x in (default / "rejected.jsonl").read_text().splitlines()]
+    assert sorted((r["id"], r["reason"]) for r in rejected) == [("only_jsonl", "too_small"), ("small", "too_small")]
+    assert check_folder(default, hashes=True) == [] and SHARD_HASH in (default / "index.json").read_text()
+
+    # Bit rot in a committed chunk: the same command with --verify-hashes writes that chunk again.
+    shard = next((default / "part-00000").glob("*.mds"))
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-16] + b"\xff" * 16)
+    assert "(corrupted)" in check_folder(default, hashes=True)[0]
+    assert convert.main(["--no-progress", "--format", "folder", "--input", str(src), "--output", str(default),
+                         "--workers", "0", "--verify-hashes"]) == 0
+    assert check_folder(default, hashes=True) == [] and shard.read_bytes() == good
 
 
 def test_coco_first_caption_and_all_captions(tmp_path):
@@ -260,7 +282,7 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path):
     (src / "zz_bad.jpg").write_bytes(b"not an image")
     (src / "zz_bad.txt").write_text("bad")
     argv = ["--format", "folder", "--input", str(src), "--max-side", 96, "--chunk-size", 4, "--workers", 1,
-            "--no-progress"]
+            "--min-size", 64, "--no-progress"]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "data_prep.convert", *map(str, argv), "--output", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

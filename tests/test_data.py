@@ -14,6 +14,7 @@ from streaming import MDSWriter
 from streaming.base.local import LocalDataset
 
 from micro_diffusion.data.dataset import dropout_draw
+from micro_diffusion.data.integrity import check_folder
 from micro_diffusion.data.loader import build_dataloader
 from micro_diffusion.data.schema import read_index_columns
 
@@ -156,12 +157,17 @@ def test_mid_epoch_resumption(tmp_path):
     assert rest == full[4:]  # same samples, same order, same caption dropout
 
 
+def image_size(i: int) -> tuple[int, int]:
+    """(w, h) of write_images' image i: short sides of 12, 14 and 16 px."""
+    return 20 + 3 * i, 12 + 2 * (i % 3)
+
+
 def write_images(out, n):
     """n small PNGs of different sizes and colours in MDS image shards (data_prep.convert's columns)."""
     cols = {"image": "bytes", "caption": "str", "width": "int", "height": "int", "id": "str"}
     with MDSWriter(out=str(out), columns=cols) as w:
         for i in range(n):
-            size = (20 + 3 * i, 16 + 2 * (i % 3))
+            size = image_size(i)
             buf = io.BytesIO()
             Image.new("RGB", size, (10 * i % 256, 200, 30)).save(buf, format="PNG")
             w.write({"image": buf.getvalue(), "caption": f"a green picture number {i}", "width": size[0],
@@ -212,5 +218,20 @@ def test_precompute_end_to_end_and_resume(tmp_path):
     again = LocalDataset(str(out))
     assert [again[i]["id"] for i in range(len(again))] == [f"img{i}" for i in range(11)]
     np.testing.assert_array_equal(again[10]["caption_emb"], data[10]["caption_emb"])
+    summary = json.loads((out / "precompute_summary.json").read_text())
+    assert summary["samples"] == 11 and summary["upscaled"] == {
+        str(r): sum(min(image_size(i)) < r for i in range(11)) for r in (16, 8)} and summary["upscaled"]["16"] > 0
+
+    # A truncated shard is written again by the next run (size check); a corrupted one by a run with --verify-hashes.
+    cut = next((out / "part-00001").glob("*.mds"))
+    cut.write_bytes(cut.read_bytes()[:100])
+    assert main(argv) == 0 and check_folder(out, hashes=True) == []
+    rot = next((out / "part-00000").glob("*.mds"))
+    rot.write_bytes(rot.read_bytes()[:-64] + b"\xff" * 64)
+    assert main(argv) == 0 and "expected xxh64" in check_folder(out, hashes=True)[0]
+    assert main([*argv, "--verify-hashes"]) == 0 and check_folder(out, hashes=True) == []
+    fixed = LocalDataset(str(out))
+    assert [fixed[i]["id"] for i in range(len(fixed))] == [f"img{i}" for i in range(11)]
+    np.testing.assert_allclose(fixed[7]["latents_16"].astype(np.float32), expected, rtol=1e-2, atol=2e-3)
     with pytest.raises(ValueError, match="other options"):
         main(argv[:-5] + ["--chunk-size", "4", "--no-progress", "--batch-size", "4"])

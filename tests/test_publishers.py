@@ -16,7 +16,7 @@ from test_convert import image_bytes, read_mds, run_convert, sample_set, write_t
 from data_prep import chunks, convert, download
 
 
-def solid(rgb: tuple[int, int, int], size: tuple[int, int] = (48, 40), fmt: str = "JPEG") -> bytes:
+def solid(rgb: tuple[int, int, int], size: tuple[int, int] = (80, 64), fmt: str = "JPEG") -> bytes:
     """An encoded image of one colour, so a stored sample shows which input it came from."""
     buf = io.BytesIO()
     Image.new("RGB", size, rgb).save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))

@@ -1,9 +1,11 @@
 """The small shared helpers: seed derivation, device selection, sizes, image files, JSON lines."""
+import os
+
 import pytest
 import torch
 from PIL import Image
 
-from micro_diffusion.utils.devices import composer_device, torch_device
+from micro_diffusion.utils.devices import composer_device, loader_workers, torch_device, usable_cpus
 from micro_diffusion.utils.images import grid, save_atomic, to_pil
 from micro_diffusion.utils.jsonl import read_jsonl
 from micro_diffusion.utils.seeds import derive_seed
@@ -48,3 +50,31 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     path.write_text('{"step": 1}\n{"step": \n')
     with pytest.raises(ValueError, match=r"m\.jsonl:2: not a JSON record"):
         read_jsonl(path)
+
+
+def test_loader_workers_fit_the_machine(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert usable_cpus() == 2 and loader_workers(8) == 2 and loader_workers(1) == 1 and loader_workers(0) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # eight ranks share the node's 16 CPUs
+    assert loader_workers(8) == 2 and loader_workers(1) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert loader_workers(8) == 1, "a rank that asks for workers gets at least one"
+
+
+def test_fid_uses_loader_workers_only_where_the_cpus_exist(monkeypatch, tmp_path):
+    import torch_fidelity
+
+    from micro_diffusion.eval import fid
+
+    seen = []
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", lambda **kw: seen.append(kw["save_cpu_ram"]) or {
+        "frechet_inception_distance": 1.0, "kernel_inception_distance_mean": 0.0, "kernel_inception_distance_std": 0.0})
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for cpus in (2, 4):  # torch-fidelity starts min(4, 2 x cores) = 4 workers: too many for 2 usable CPUs
+        monkeypatch.setattr(fid, "usable_cpus", lambda n=cpus: n)
+        fid.fid_kid(tmp_path, tmp_path, weights=tmp_path / "unused.pth")
+    assert seen == [True, False]

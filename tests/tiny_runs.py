@@ -17,8 +17,11 @@ TINY_MODEL = "{width: 64, depth: 3, head_dim: 16, patch_mixer_depth: 1, patch_mi
 
 def write_shards(out: str | os.PathLike, n: int, prefix: str = "s", seed: int = 0, cap_d: int = CAP_D,
                  vae: str = "none", text_encoder: str = "none") -> str:
-    """n latent samples per the latent-shard contract: a few smooth patterns, each tied to its caption embedding."""
+    """n latent samples per the latent-shard contract: a few smooth patterns, each tied to its caption embedding,
+    in several shards with their xxh64 hashes in the index (as precompute writes them)."""
     from streaming import MDSWriter
+
+    from micro_diffusion.data.integrity import SHARD_HASHES
 
     rng = np.random.default_rng(seed)
     yy, xx = np.meshgrid(np.linspace(-1, 1, LAT_HW), np.linspace(-1, 1, LAT_HW), indexing="ij")
@@ -26,7 +29,7 @@ def write_shards(out: str | os.PathLike, n: int, prefix: str = "s", seed: int = 
     codes = rng.standard_normal((4, CAP_L, cap_d))
     cols = {f"latents_{RESOLUTION}": f"ndarray:float16:{LAT_C},{LAT_HW},{LAT_HW}",
             "caption_emb": f"ndarray:float16:{CAP_L},{cap_d}", "caption": "str", "id": "str"}
-    with MDSWriter(out=str(out), columns=cols, size_limit=1 << 16) as w:
+    with MDSWriter(out=str(out), columns=cols, size_limit=1 << 16, hashes=SHARD_HASHES) as w:
         for i in range(n):
             k = i % 4
             lat = 0.9 * patterns[k] + 0.1 * rng.standard_normal(patterns[k].shape)

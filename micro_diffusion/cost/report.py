@@ -24,6 +24,7 @@ from ..utils.jsonl import read_jsonl  # noqa: E402
 from .ledger import read_records  # noqa: E402
 
 TRAIN_LOSS = "loss/train/total"  # the key Composer gives the training loss
+BAD_SAMPLES = "data/bad_samples"  # samples the loader skipped in a step (data.skip_bad_samples)
 
 
 @dataclass
@@ -80,23 +81,25 @@ def spend_at(run: RunData, steps: np.ndarray, key: str) -> np.ndarray:
 
 
 def stage_row(run: RunData) -> dict[str, Any]:
-    """One row of the cost table from a run's last ledger record."""
+    """One row of the cost table from a run's last ledger record, and the bad samples skipped (metrics.jsonl)."""
+    bad = sum(int(row.get(BAD_SAMPLES, 0)) for row in run.metrics)  # every step once: resumes supersede rows
     if not run.cost:
         return {"stage": run.name, "device": "", "device_hours": np.nan, "usd": np.nan, "flops": np.nan,
-                "mfu": np.nan, "samples": np.nan, "wall_hours": np.nan}
+                "mfu": np.nan, "samples": np.nan, "wall_hours": np.nan, "bad_samples": bad}
     last = run.cost[-1]
     stage = last["stage_totals"]
     return {"stage": run.name, "device": f"{last['devices']} x {last['device_type']}",
             "device_hours": stage["device_hours"], "usd": stage["usd"], "flops": stage["flops"],
             "mfu": last["metrics"]["cost/stage_mfu"], "samples": stage["samples"],
-            "wall_hours": stage["wall_seconds"] / 3600}
+            "wall_hours": stage["wall_seconds"] / 3600, "bad_samples": bad}
 
 
 def total_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The sum over stages; utilisation weighted by device-hours."""
     hours = sum(r["device_hours"] for r in rows)
     mfu = sum(r["mfu"] * r["device_hours"] for r in rows) / hours if hours else np.nan
-    sums = {k: sum(r[k] for r in rows) for k in ("device_hours", "usd", "flops", "samples", "wall_hours")}
+    keys = ("device_hours", "usd", "flops", "samples", "wall_hours", "bad_samples")
+    sums = {k: sum(r[k] for r in rows) for k in keys}
     return {"stage": "total", "device": "", **sums, "mfu": mfu}
 
 
@@ -178,7 +181,8 @@ def cost_table(rows: list[dict[str, Any]]) -> str:
     """The per-stage and total cost table as HTML."""
     cols = [("stage", "stage", "s"), ("devices", "device", "s"), ("wall-clock hours", "wall_hours", ",.2f"),
             ("device-hours", "device_hours", ",.2f"), ("dollars", "usd", ",.2f"), ("FLOPs", "flops", ".3g"),
-            ("utilisation", "mfu", ".1%"), ("images seen", "samples", ",.0f")]
+            ("utilisation", "mfu", ".1%"), ("bad samples skipped", "bad_samples", ",.0f"),
+            ("images seen", "samples", ",.0f")]
     head = "".join(f"<th>{html.escape(c[0])}</th>" for c in cols)
     body = []
     for row in [*rows, total_row(rows)]:

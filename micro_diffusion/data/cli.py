@@ -5,6 +5,7 @@ import argparse
 
 from micro_diffusion.data.compose import register_compose
 from micro_diffusion.data.mix import register_mix
+from micro_diffusion.data.verify import register_verify
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -13,4 +14,5 @@ def register(subparsers: argparse._SubParsersAction) -> argparse._SubParsersActi
     sub = p.add_subparsers(dest="data_command", required=True)
     register_compose(sub)
     register_mix(sub)
+    register_verify(sub)
     return sub

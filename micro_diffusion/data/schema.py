@@ -57,7 +57,7 @@ def column_encodings(shard_info: dict, where: str) -> dict[str, str]:
     return dict(zip(names, encodings, strict=True))
 
 
-def _index_shards(local: str | os.PathLike) -> tuple[Path, list[dict]]:
+def index_shards(local: str | os.PathLike) -> tuple[Path, list[dict]]:
     """(path of index.json, its shard entries) of the MDS dataset at `local`."""
     path = Path(local) / "index.json"
     if not path.is_file():
@@ -72,7 +72,7 @@ def _index_shards(local: str | os.PathLike) -> tuple[Path, list[dict]]:
 
 def read_index_samples(local: str | os.PathLike) -> int:
     """Number of samples in the MDS dataset at `local`: the sum of its shards' `samples` (0 for an empty index)."""
-    path, shards = _index_shards(local)
+    path, shards = index_shards(local)
     try:
         return sum(int(info["samples"]) for info in shards)
     except (KeyError, TypeError, ValueError) as err:
@@ -81,7 +81,7 @@ def read_index_samples(local: str | os.PathLike) -> int:
 
 def read_index_columns(local: str | os.PathLike) -> dict[str, str]:
     """Column name -> encoding of the MDS dataset at `local`, checked to be the same in every shard."""
-    path, shards = _index_shards(local)
+    path, shards = index_shards(local)
     if not shards:
         raise ValueError(f"{path}: the index lists no shards")
     first = column_encodings(shards[0], str(path))

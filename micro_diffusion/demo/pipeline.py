@@ -95,7 +95,7 @@ def make_data(cfg: DemoConfig) -> dict:
     write_folder(data / "images", cfg.train_images, seed=TRAIN_SEED)
     write_folder(data / "heldout", cfg.heldout_images, seed=HELDOUT_SEED)
     if convert.main(["--format", "folder", "--input", str(data / "images"), "--output", str(data / "mds"),
-                     "--workers", "0"]) != 0:
+                     "--workers", "0", "--min-size", str(IMAGE_SIZE)]) != 0:  # scenes are small on purpose
         raise RuntimeError(f"convert failed on {data / 'images'}")
     if precompute.main(["--input", str(data / "mds"), "--output", str(data / "latents"),
                         "--resolution", str(IMAGE_SIZE), "--vae", str(demo_vae_path()), "--text-encoder", "minilm",

@@ -1,6 +1,7 @@
 """FID and KID between two image folders through torch-fidelity, with the offline Inception of eval.inception."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..utils.devices import usable_cpus
 from .inception import local_inception_weights, torch_fidelity_inception
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
@@ -26,10 +28,16 @@ def list_images(folder: str | Path) -> list[Path]:
 
 def fid_kid(gen_dir: str | Path, ref_dir: str | Path, weights: str | Path | None = None, batch_size: int = 64,
             device: str | None = None, kid_subset_size: int = 1000, kid_subsets: int = 100,
-            workers: bool = True, seed: int = 2020) -> dict:
-    """FID and KID (mean, std) of gen_dir against ref_dir, with the settings used, as a JSON-ready dict."""
+            workers: bool | None = None, seed: int = 2020) -> dict:
+    """FID and KID (mean, std) of gen_dir against ref_dir, with the settings used, as a JSON-ready dict.
+
+    workers: decode images in torch-fidelity's loader workers (it starts min(4, 2 x cores) of them); None: only
+    where the machine has that many usable CPUs, else in this process.
+    """
     import torch_fidelity
 
+    if workers is None:
+        workers = min(4, 2 * (os.cpu_count() or 1)) <= usable_cpus()
     n_gen, n_ref = len(list_images(gen_dir)), len(list_images(ref_dir))
     weights = Path(weights) if weights is not None else local_inception_weights()
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")

@@ -23,7 +23,7 @@ from micro_diffusion.encoders import load_text_encoder, load_vae
 from micro_diffusion.exported import is_export, load_weights
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 from micro_diffusion.recipe import RecipeError, build_network, latent_size, resolve_streams
-from micro_diffusion.training.callbacks import JSONLLogger, NaNGuard, Preemption, StepSeed
+from micro_diffusion.training.callbacks import BadSamples, JSONLLogger, NaNGuard, Preemption, StepSeed
 from micro_diffusion.training.distill import DistillModel, TangentWarmup, teacher_state
 from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
@@ -124,7 +124,7 @@ def build_loader(cfg: dict, plan: RunPlan, key: str = "streams", batch_size: int
     return build_dataloader(resolve_streams(cfg, key), batch_size=batch_size or plan.device_batch,
                             resolution=d["resolution"], caption_drop_prob=d["caption_drop_prob"] if train else 0.0,
                             null_caption=null_caption(cfg, None), shuffle=train, seed=d["seed"],
-                            num_workers=d["num_workers"])
+                            num_workers=d["num_workers"], verify=d["verify"], skip_bad_samples=d["skip_bad_samples"])
 
 
 def parallelism_config(plan: RunPlan) -> dict | None:
@@ -163,6 +163,8 @@ def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
 def build_callbacks(cfg: dict, plan: RunPlan, model: DiffusionModel) -> list[Callback]:
     """Step seeds, NaN guard, preemption, validation loss and sample grids as the recipe asks, and the cost ledger."""
     callbacks: list[Callback] = [StepSeed(cfg["train"]["seed"]), NaNGuard(plan.save_folder), Preemption()]
+    if cfg["data"]["skip_bad_samples"]:
+        callbacks.append(BadSamples(plan.run_dir))
     if cfg["distill"]:
         callbacks.append(TangentWarmup())
     ev = cfg["eval"]

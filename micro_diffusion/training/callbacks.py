@@ -1,4 +1,4 @@
-"""Training callbacks: a non-finite loss guard, preemption handling, and a plain JSONL metrics log."""
+"""Training callbacks: a non-finite loss guard, preemption, bad-sample counts, and a plain JSONL metrics log."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,10 @@ from composer.utils import dist
 from micro_diffusion.recipe import is_remote
 from micro_diffusion.training.model import unwrap
 from micro_diffusion.training.run import LATEST
+from micro_diffusion.utils.jsonl import supersede_from
 from micro_diffusion.utils.seeds import derive_seed
+
+BAD_SAMPLES_FILE = "bad_samples.jsonl"  # in the run folder: one line per sample the loader skipped
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,7 +67,32 @@ class NaNGuard(Callback):
             raise NonFiniteLossError(
                 f"non-finite training loss {values if bad_here else '(on another rank)'} at batch {batch} "
                 f"(rank {dist.get_global_rank()}): stopped before its optimizer step. Last good checkpoint: {good}. "
-                "Lower the learning rate or tighten gradient clipping, then resume from it.")
+                "The loss became non-finite with finite inputs (the loader checks every sample's latents and caption "
+                "embedding, and names a bad one as bad data): lower the learning rate or tighten gradient clipping, "
+                "then resume from it.")
+
+
+class BadSamples(Callback):
+    """With data.skip_bad_samples: logs `data/bad_samples` (samples skipped in this batch, all ranks) and lists each
+    skipped sample (stream, shard, sample, index, id, problem, step, rank) in the run folder's bad_samples.jsonl."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / BAD_SAMPLES_FILE
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() == 0:  # the batches after the checkpoint are read again: list their skips once
+            supersede_from(self.path, int(state.timestamp.batch), f"resumed from batch {int(state.timestamp.batch)}")
+        dist.barrier()
+
+    def after_dataloader(self, state: State, logger: Logger) -> None:
+        skipped = [record for per_sample in state.batch.get("skipped", []) for record in per_sample]
+        count = torch.tensor([float(len(skipped))], device=next(state.model.parameters()).device)
+        dist.all_reduce(count, reduce_operation="SUM")
+        step, rank = int(state.timestamp.batch), dist.get_global_rank()
+        if skipped:
+            with open(self.path, "a", encoding="utf-8") as f:  # one write per batch, appended: ranks share the file
+                f.write("".join(json.dumps({"step": step, "rank": rank, **r}, default=str) + "\n" for r in skipped))
+        logger.log_metrics({"data/bad_samples": int(count.item())})
 
 
 class StepSeed(Callback):
@@ -118,7 +146,12 @@ class Preemption(Callback):
 
 
 class JSONLLogger(LoggerDestination):
-    """Writes one JSON line per step ({"step": n, metric: value, ...}) to `path`, on rank 0 only."""
+    """Writes one JSON line per step ({"step": n, metric: value, ...}) to `path`, on rank 0 only.
+
+    On a resumed run, rows of the steps after the checkpoint it resumed from (logged by the process that was killed)
+    move to metrics.superseded.jsonl, marked, and a line torn by the kill is dropped there too, so every step appears
+    once. The row of the checkpoint's own step holds metrics from before the checkpoint: the resumed run adds to it.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -142,6 +175,19 @@ class JSONLLogger(LoggerDestination):
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": self._step, **self._pending}, default=str) + "\n")
         self._pending = {}
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if dist.get_global_rank() != 0:
+            return
+        resume = int(state.timestamp.batch)
+        carried: dict[str, Any] = {}
+        for row in supersede_from(self.path, resume, f"resumed from batch {resume}"):
+            carried.update({k: v for k, v in row.items() if k != "step"})
+        if not carried:
+            return
+        if self._step not in (None, resume):
+            self.flush()
+        self._step, self._pending = resume, {**carried, **self._pending}
 
     def batch_end(self, state: State, logger: Logger) -> None:
         self.flush()

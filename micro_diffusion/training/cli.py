@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import sys
 
 import yaml
@@ -12,6 +13,7 @@ from micro_diffusion.training.run import RunPlan, check_inputs, plan_run, run_in
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job was stopped, not finished; rerun the same command to resume
 NAN_EXIT = 3  # the loss went NaN/inf: the last checkpoint is the last good one
+DATA_EXIT = 4  # damaged data: a shard that fails its size/hash check, or a bad sample (named on stderr)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,21 +64,35 @@ def _fit(cfg: dict, plan: RunPlan, info: dict) -> int:
     # Composer and the modules built on it import in seconds: only a real run pays for them.
     from composer.utils import dist
 
+    from micro_diffusion.data.dataset import BadSampleError, bad_sample_message
+    from micro_diffusion.data.integrity import DamagedShardError
+    from micro_diffusion.data.shm import remove_dead_leftovers
     from micro_diffusion.training.builder import build_trainer
     from micro_diffusion.training.callbacks import NonFiniteLossError, Preemption
 
+    # Registered before the loaders exist, so it runs after Streaming's own exit handlers have unlinked their shared
+    # memory: it then removes the file locks they leave in the temp folder (and anything a dead worker left).
+    atexit.register(remove_dead_leftovers)
     if plan.device == "cpu":
         keep_freed_memory()  # each step re-allocates its gradients; see cpu_malloc
     if dist.get_global_rank() == 0:
         path = write_run_info(info, plan.run_dir)
         print(f"run folder {plan.run_dir} (resolved recipe in {path})", flush=True)
-    trainer = build_trainer(cfg, plan)
+    try:
+        trainer = build_trainer(cfg, plan)
+    except DamagedShardError as err:
+        print(f"micro-diffusion train: {err}", file=sys.stderr, flush=True)
+        return DATA_EXIT
     try:
         trainer.fit()
     except NonFiniteLossError as err:
         print(f"micro-diffusion train: {err}", file=sys.stderr, flush=True)
         trainer.close()
         return NAN_EXIT
+    except BadSampleError as err:  # raised in a loader worker, re-raised here with the worker's traceback as text
+        print(f"micro-diffusion train: {bad_sample_message(err)}", file=sys.stderr, flush=True)
+        trainer.close()
+        return DATA_EXIT
     preempt = next(cb for cb in trainer.state.callbacks if isinstance(cb, Preemption))
     trainer.close()
     if preempt.stopped_at is not None:

@@ -30,3 +30,20 @@ def torch_device(requested: str | None = None, local_rank: int | None = None) ->
 def composer_device(device: torch.device) -> str:
     """Composer's name of a torch device: "gpu" or "cpu"."""
     return "gpu" if device.type == "cuda" else "cpu"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as torch's DataLoader counts them), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this platform (macOS)
+        return max(1, os.cpu_count() or 1)
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader worker processes for this rank: `requested`, at most this rank's share of the usable CPUs
+    (LOCAL_WORLD_SIZE ranks share a node), at least 1 unless 0 (load in the main process) was asked for."""
+    if requested <= 0:
+        return 0
+    share = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(requested, share))
