@@ -13,6 +13,7 @@ from PIL import Image
 
 from benchmarks.common import QUICK
 from micro_diffusion.cost.flops import sample_flops_per_image, train_flops_per_sample
+from micro_diffusion.demo.geneval import geneval_score
 from micro_diffusion.demo.pipeline import MARKER, DemoConfig, heldout_captions, run_demo
 from micro_diffusion.demo.reader import caption_match, shuffled_match
 from micro_diffusion.demo.shapes import parse_caption
@@ -67,6 +68,10 @@ def test_caption_match_and_chance_are_what_the_reader_reads(demo):
     assert ev["caption_match"]["chance"] == shuffled_match(fake, labels, seed=cfg.seed)
     assert ev["caption_match_real"]["value"] == caption_match(real, labels) >= 0.9  # the reader reads real scenes
     assert ev["fid"]["images"] == ev["fid"]["reference_images"] == cfg.heldout_images
+    assert ev["geneval"] == geneval_score(fake, labels)
+    assert ev["geneval_real"]["overall"] == 1.0 and list(ev["geneval_real"]["tasks"]) == ["single_object", "colors"]
+    white = sum(lab.colour == "white" for lab in labels)
+    assert ev["geneval"]["left_out"] == white and ev["geneval"]["images"] == len(labels) - white
 
 
 def test_the_distilled_student_is_scored_like_its_teacher(demo):
@@ -79,6 +84,7 @@ def test_the_distilled_student_is_scored_like_its_teacher(demo):
         images = sorted((cfg.root / "eval" / f"student_{k}step").glob("*.png"))
         fake = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in images])
         assert len(images) == cfg.heldout_images and entry["caption_match"] == caption_match(fake, labels)
+        assert entry["geneval"] == geneval_score(fake, labels)["overall"]
     assert dis["teacher"]["caption_match"] == summary["eval"]["caption_match"]["value"]
     assert dis["teacher"]["sampling"] == {"steps": cfg.sample_steps, "guidance": cfg.guidance, "sampler": cfg.sampler,
                                           "guidance_interval": None}

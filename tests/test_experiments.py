@@ -113,17 +113,23 @@ def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file)
 
 
 def test_a_half_finished_experiment_reuses_finished_runs(quick_runs):
+    import shutil
+
     root = quick_runs / "masking"
     redo = root / "runs" / "deferred_75_s0"
+    unmarked = root / "runs" / "downscaled_s0" / "stage0"
     kept = root / "runs" / "no_masking_s0" / "stage0" / "metrics.jsonl"
-    before = kept.stat().st_mtime_ns
-    (redo / "stage0" / "stage_done.json").unlink()  # as if killed after its last checkpoint
-    (redo / "eval" / "metrics.json").unlink()
+    before = kept.stat().st_mtime_ns, (unmarked / "metrics.jsonl").stat().st_mtime_ns
+    shutil.rmtree(redo)  # as if never trained
+    (unmarked / "stage_done.json").unlink()  # trained to the end, killed before its marker was written
     out = make("ablation", "QUICK=1", f"EXP_OUT={quick_runs}").stdout
     assert "no_masking_s0 stage0: finished earlier, reused" in out
-    assert "deferred_75_s0 stage0: " in out and "deferred_75_s0 stage0: finished earlier" not in out
-    assert kept.stat().st_mtime_ns == before
+    assert "downscaled_s0 stage0: finished earlier, reused" in out and (unmarked / "stage_done.json").is_file()
+    assert "deferred_75_s0 stage0: 4 steps" in out
+    assert (kept.stat().st_mtime_ns, (unmarked / "metrics.jsonl").stat().st_mtime_ns) == before
     assert (redo / "eval" / "metrics.json").is_file()
+    rows = {r["name"]: r for r in json.loads((root / "results.json").read_text())["variants"]}
+    assert rows["deferred_75"]["steps"] == 4
 
 
 def test_experiment_report_renders_in_chromium(quick_runs):

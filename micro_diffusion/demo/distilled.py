@@ -1,4 +1,4 @@
-"""The demo's distilled student beside its teacher: caption match, GenEval-style score, FID and images/s at 1, 2, 4 steps."""
+"""The demo's distilled student beside its teacher: caption match, GenEval-style score, FID and images/s."""
 from __future__ import annotations
 
 import time

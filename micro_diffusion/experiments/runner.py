@@ -92,8 +92,10 @@ def train_run(exp: Experiment, run: RunPlan, root: Path, latents: Path) -> list[
     dirs = stage_dirs(root, run)
     for k, stage in enumerate(run.stages):
         done = dirs[k] / STAGE_DONE
-        if done.is_file():
+        trained = read_records(dirs[k]) if dirs[k].is_dir() else []
+        if done.is_file() or (trained and int(trained[-1]["batch"]) >= stage.steps):  # killed before its marker
             print(f"[experiment] {run.name} stage{k}: finished earlier, reused", flush=True)
+            done.write_text(json.dumps({"steps": stage.steps, "flops_per_sample": stage.flops_per_sample}) + "\n")
             continue
         print(f"[experiment] {run.name} stage{k}: {stage.steps} steps", flush=True)
         code = train(str(exp.base_recipe), stage_args(exp, run, k, root, latents))
