@@ -97,7 +97,8 @@ def stage_settings(stage: str, tiny: bool) -> dict:
 
 
 def build(s: dict, device: torch.device) -> torch.nn.Module:
-    """The stage's network, built on the device (an XL init on the CPU first would take seconds)."""
+    """The stage's network, built on the device (an XL init on the CPU first would take seconds); it runs at every
+    stage's latent size, since positions are computed for the input's grid."""
     torch.manual_seed(0)
     with device:
         return create_dit(s["preset"], latent_size=s["latent"], in_channels=s["channels"], caption_dim=s["caption"][1],
@@ -119,8 +120,11 @@ def train_step(check: Check, net: torch.nn.Module, s: dict, device: torch.device
     """s/step, images/s, MFU, peak memory and the 80 GB verdict of one stage's forward+backward."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_fn(step_fn(net, s["microbatch"], s["latent"], tuple(s["caption"]), s["mask_ratio"], device),
-                      device, warmup=1, repeats=repeats)
+    try:
+        seconds = time_fn(step_fn(net, s["microbatch"], s["latent"], tuple(s["caption"]), s["mask_ratio"], device),
+                          device, warmup=1, repeats=repeats)
+    finally:  # an out-of-memory in backward leaves partial gradients behind
+        net.zero_grad(set_to_none=True)
     flops = train_flops_per_sample(net, latent_size=s["latent"], caption_len=s["caption"][0],
                                    mask_ratio=s["mask_ratio"]) * s["microbatch"]
     params = sum(p.numel() for p in net.parameters())
@@ -232,6 +236,7 @@ def compile_check(check: Check, net: torch.nn.Module, s: dict, device: torch.dev
     check.add("block_eager_ms", cfg, 1e3 * t_eager, "ms")
     check.add("block_compiled_ms", cfg, 1e3 * t_comp, "ms")
     check.add("compile_speedup", cfg, t_eager / t_comp, "x")
+    net.zero_grad(set_to_none=True)
 
 
 def sampling_check(check: Check, net: torch.nn.Module, s: dict, device: torch.device, batch: int, steps: int) -> None:
@@ -280,12 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(args.budget)
     stages = [stage_settings(name, tiny) for name in STAGES]
     peak = dense_peak_tflops(device)
-    nets: dict[int, torch.nn.Module] = {}  # one network per latent side, built on first use
+    nets: dict[str, torch.nn.Module] = {}  # one network per preset: positions are computed for any latent size
 
     def net(s: dict) -> torch.nn.Module:
-        if s["latent"] not in nets:
-            nets[s["latent"]] = build(s, device)
-        return nets[s["latent"]]
+        if s["preset"] not in nets:
+            nets[s["preset"]] = build(s, device)
+        return nets[s["preset"]]
 
     for s in stages:
         check.run("train_step", s, lambda s=s: train_step(check, net(s), s, device, peak, repeats))
