@@ -92,7 +92,8 @@ def stage_settings(stage: str, tiny: bool) -> dict:
                mask_ratio=cfg["diffusion"]["mask_ratio"], microbatch=cfg["train"]["device_microbatch"],
                caption=[m["caption_len"], m["caption_dim"]], channels=m["latent_channels"])
     if tiny:
-        out.update(latent=side // TINY_SCALE, microbatch=TINY_BATCH, caption=list(TINY_CAPTION), overrides=TINY_NET)
+        out.update(latent=side // TINY_SCALE, microbatch=TINY_BATCH, caption=list(TINY_CAPTION), overrides=TINY_NET,
+                   recipe_microbatch=out["microbatch"], recipe_latent=side)
     return out
 
 

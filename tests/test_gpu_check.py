@@ -58,6 +58,7 @@ def test_train_steps_follow_the_stage_recipes(gpu_check):
         assert r["config"]["mask_ratio"] == cfg["diffusion"]["mask_ratio"]
         assert r["config"]["resolution"] == cfg["data"]["resolution"]
         assert r["config"]["microbatch"] == TINY_BATCH and r["value"] > 0
+        assert r["config"]["recipe_microbatch"] == cfg["train"]["device_microbatch"]  # 256 / 64 / 32 / 16
     mfu = [r["value"] for r in records if r["name"] == "train_mfu"]
     assert len(mfu) == 4 and all(0 < v < 1 for v in mfu)
     fits = [r for r in records if r["name"] == "train_fits_80gb"]
