@@ -65,6 +65,10 @@ def test_dry_run_prints_memory_and_time_and_warns_on_a_microbatch_too_large(tmp_
     assert 0 < largest < 1048576 and "a10g's 22.0 GiB" in warning
 
 
-def test_devices_without_dry_run_is_refused(tmp_path, capsys):
+def test_predictions_outside_what_the_model_covers_are_refused(tmp_path, capsys):
     assert main(["train", "recipes/res256_masked.yaml", f"runs_root={tmp_path}", "--devices", "8"]) == 2
     assert "--dry-run" in capsys.readouterr().err
+    assert main([*dry_run(tmp_path), "--devices", "8", "--mfu", "1.5"]) == 2
+    assert "--mfu in (0, 1], got 8 and 1.5" in capsys.readouterr().err
+    assert main(["train", "recipes/distill_512.yaml", f"runs_root={tmp_path}", "--dry-run", "--devices", "8"]) == 2
+    assert "distillation" in capsys.readouterr().err

@@ -61,10 +61,16 @@ def train(recipe: str, overrides: list[str] | None = None, run_dir: str | None =
     try:
         if predict is not None and not dry_run:
             raise RecipeError("--devices predicts memory and time in a dry run only: add --dry-run")
+        if predict is not None and (predict.devices < 1 or not 0 < predict.mfu <= 1):
+            raise RecipeError(f"--devices must be positive and --mfu in (0, 1], got {predict.devices} and "
+                              f"{predict.mfu}")
         cfg = load_recipe(recipe, overrides)
         if distill and cfg["distill"] is None:
             raise RecipeError(f"{recipe} has no distill: section; `micro-diffusion distill` runs a consistency "
                               "distillation recipe (e.g. recipes/distill_512.yaml)")
+        if predict is not None and cfg["distill"] is not None:
+            raise RecipeError("--devices predicts diffusion training stages; a distillation's teacher and JVP are "
+                              "not in the memory model")
         plan = plan_run(cfg, run_dir)
         info = run_info(cfg, plan)
         if dry_run:
