@@ -20,6 +20,9 @@ from torch import nn
 
 from ..diffusion.edm import EDMPrecond
 from ..models.attention import fused_attention
+from ..recipe import build_network, latent_size
+from .estimate import cost_of, stage_flops, steps_of
+from .prices import DEVICE_MEMORY_GIB
 
 GIB = 2**30
 
@@ -126,10 +129,6 @@ def predict_stage(cfg: dict, devices: int, device_type: str, mfu: float, paralle
 
     A microbatch whose predicted peak exceeds the device's memory is a warning line naming the largest that fits.
     """
-    from ..recipe import build_network, latent_size  # the data layer's recipe helpers
-    from .estimate import cost_of, stage_flops, steps_of
-    from .prices import DEVICE_MEMORY_GIB
-
     t, m = cfg["train"], cfg["model"]
     torch.manual_seed(0)
     net = build_network(cfg)
