@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export MPLCONFIGDIR ?= $(CURDIR)/.venv/.mplconfig
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint demo report bench ablation ablation-arch
+.PHONY: install test lint demo report bench gpu-check ablation ablation-arch
 
 install: $(STAMP)
 
@@ -90,6 +90,17 @@ bench: install
 	$(PY) -m benchmarks.bench_convert --out $(BENCH_OUT) $(if $(QUICK),--quick --images 8)
 	$(PY) -m benchmarks.bench_compose --out $(BENCH_OUT) $(if $(QUICK),--quick --scenes 16)
 	$(if $(QUICK),,$(PY) -m benchmarks.report --out $(BENCH_OUT))
+
+# Qualify a rented GPU box before installing anything: the system python with torch, numpy and PyYAML (no Composer,
+# no Streaming, no `make install`). In at most about 4 minutes: the recipes' XL steps at their microbatches, attention,
+# MoE, torch.compile and guided sampling, into GPU_CHECK_OUT/gpu_check.json and gpu_check.md. Without CUDA it runs at
+# a tiny size (CI runs it so). GPU_CHECK_ARGS passes more options (e.g. --budget 120).
+GPU_CHECK_PY ?= python3
+GPU_CHECK_OUT ?= runs/gpu_check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_CHECK_PY) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) \
+		$(GPU_CHECK_ARGS)
 
 # The whole pipeline on CPU on the embedded shapes dataset, under runs/demo/; FRESH=1 starts over;
 # QUICK=1 runs every step at a tiny size (CI runs it so); DEMO_ROOT=DIR writes elsewhere.

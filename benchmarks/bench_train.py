@@ -4,28 +4,39 @@ Runs Tiny and XL (batch 8, 32x32 latents, 77x1024 caption tokens, bf16 autocast)
 deferred against naive masking, and the MoE layer against a dense FFN of the same active FLOPs.
     python benchmarks/bench_train.py                 # the full suite (about 6 minutes on 2 CPU cores)
     python benchmarks/bench_train.py --quick         # tiny sizes, seconds: checks the harness runs
+    python -m benchmarks.bench_train --presets MicroDiT_Tiny_2 --reference ~/src/micro_diffusion
+        # also times the public reference's network (a local checkout; `pip install -e '.[reference]'` for einops)
+        # beside ours at mask 0.75, in this process, alternating rounds on the same inputs: best of --repeats each
+Without --reference only our network is measured, and no ratio against the reference is reported.
 """
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from benchmarks.common import QUICK, add_out_argument, bench_device, device_name, peak_memory_mb, time_fn, write_result
 from micro_diffusion.cost.flops import train_flops_per_sample
+from micro_diffusion.cost.memory import activation_bytes_per_sample, estimate_memory, resident_bytes
 from micro_diffusion.cost.prices import detect_device_type, device_spec, matmul_peak_tflops
 from micro_diffusion.diffusion.edm import EDMPrecond
 from micro_diffusion.models import create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 
+SIDE_BY_SIDE_MASK = 0.75  # the mask ratio of the side-by-side rounds: stage 1's
 
-def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask: float, device: torch.device):
-    """One forward+backward of the EDM loss under bf16 autocast, as training runs it."""
+
+def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask: float, device: torch.device,
+            seeded_patches: bool = True):
+    """One forward+backward of the EDM loss under bf16 autocast, as training runs it (patches from the global RNG
+    when not seeded_patches: the reference network draws them so)."""
     x0 = torch.randn(batch, 4, latent, latent, device=device)
     y = torch.randn(batch, *caption, device=device)
-    noise_gen, patch_gen = torch.Generator(device).manual_seed(0), torch.Generator(device).manual_seed(1)
+    noise_gen = torch.Generator(device).manual_seed(0)
+    patch_gen = torch.Generator(device).manual_seed(1) if seeded_patches else None
     denoiser = EDMPrecond(net)
 
     def step() -> None:
@@ -41,6 +52,7 @@ def bench_preset(args: tuple) -> list[dict]:
     """All mask ratios of one preset in one process, least memory first, so peak RSS readings stay per config."""
     name, batch, latent, caption, repeats, overrides, device, peak, spec_peak = args
     device = bench_device(device)  # a spawned process: the allocator setting is set here again
+    runtime = resident_bytes() if device.type == "cpu" else 0.0  # the CUDA allocator's peak has no such term
     torch.manual_seed(0)
     net = create_dit(name, latent_size=latent, caption_dim=caption[1], **overrides).to(device)
     rows = []
@@ -58,7 +70,21 @@ def bench_preset(args: tuple) -> list[dict]:
         print(f"{name:16s} {label:8s} mask {mask:4.2f}: {seconds:7.2f} s  {gflops:8.1f} GFLOP/s  "
               f"{100 * gflops / peak:5.1f}% of peak" + (f", MFU {gflops / spec_peak:.1%}" if spec_peak else ""),
               flush=True)
+    rows[0]["predicted_memory_mb"] = predicted_memory_mb(net, batch, latent, caption, rows[0]["mask_ratio"], device,
+                                                         runtime)
+    print(f"{name:16s} deferred mask 0.75: peak memory {rows[0]['peak_memory_mb']:.0f} MB, the dry run's memory model "
+          f"predicts {rows[0]['predicted_memory_mb']:.0f} MB", flush=True)
     return rows
+
+
+def predicted_memory_mb(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask: float,
+                        device: torch.device, runtime: float) -> float:
+    """The dry run's memory model (cost/memory.py) for this one-device forward+backward, without optimizer state;
+    probed after the measured steps (the probe's two small forwards stay below their peak)."""
+    per_sample = activation_bytes_per_sample(net.cpu(), latent, caption, mask, fused=device.type != "cpu")
+    net.to(device)
+    est = estimate_memory(net, 1, "none", batch, per_sample, runtime)
+    return (est.total - est.optimizer) / 2**20
 
 
 def bench_moe(dim: int, hidden: int, tokens: int, batch: int, device: torch.device, repeats: int) -> dict:
@@ -91,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reference", type=Path, default=None, metavar="DIR",
+                        help="a local checkout of SonyResearch/micro_diffusion: time its network beside ours")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     device = bench_device(args.device)
@@ -110,8 +138,37 @@ def main(argv: list[str] | None = None) -> dict:
     result = dict(device=device_name(device), dtype="bfloat16 autocast", matmul_peak_gflops=peak,
                   device_peak_gflops=spec_peak, quick=args.quick,
                   latent=latent, caption=list(caption), runs=rows, moe=moe, speedups=speedups(rows))
+    if args.reference is not None:  # the presets at their own size (the reference has no other), even with --quick
+        result["reference"] = [side_by_side(args.reference, name, args.batch, latent, caption, SIDE_BY_SIDE_MASK,
+                                            device, args.repeats) for name in args.presets]
     write_result(args.out, "train_quick" if args.quick else "train", result)
     return result
+
+
+def side_by_side(checkout: Path, preset: str, batch: int, latent: int, caption: tuple[int, int], mask: float,
+                 device: torch.device, rounds: int) -> dict:
+    """Our network and the reference's in this process, alternating rounds of one timed step each on the same
+    inputs (same seed: same latents, captions, noise levels and noise); best round of each, and the ratio."""
+    from benchmarks.reference import create_reference
+
+    nets = {"ours": create_dit(preset, latent_size=latent, caption_dim=caption[1]).to(device),
+            "reference": create_reference(checkout, preset, latent, caption[1]).to(device)}
+    steps = {}
+    for name, net in nets.items():
+        torch.manual_seed(0)  # the same inputs for both
+        steps[name] = step_fn(net, batch, latent, caption, mask, device, seeded_patches=False)
+    times: dict[str, list[float]] = {name: [] for name in nets}
+    for r in range(rounds):
+        for name, step in steps.items():
+            times[name].append(time_fn(step, device, warmup=1 if r == 0 else 0, repeats=1))
+    best = {name: min(t) for name, t in times.items()}
+    params = {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()}
+    print(f"{preset} mask {mask:.2f} side by side: ours {best['ours']:.2f} s, reference {best['reference']:.2f} s "
+          f"(best of {rounds} alternating): {best['reference'] / best['ours']:.2f}x", flush=True)
+    return dict(preset=preset, mask_ratio=mask, batch=batch, rounds=rounds, reference_dir=str(checkout),
+                ours_seconds=best["ours"], reference_seconds=best["reference"], ours_all=times["ours"],
+                reference_all=times["reference"], ours_params=params["ours"], reference_params=params["reference"],
+                speedup=best["reference"] / best["ours"])
 
 
 def spec_peak_gflops(device: torch.device) -> float | None:

@@ -33,6 +33,17 @@ def train_table(t: dict) -> list[str]:
         lines.append(f"| {s['preset']} | {s['time_speedup']:.2f}x | {s['flop_ratio']:.2f}x | "
                      f"{100 * s['speedup_over_flop_ratio']:.0f}% | {s['deferred_over_naive_seconds']:.2f} |")
     lines += ["", "peak MB: the process's peak resident memory up to that row (one process per preset, rows in order)."]
+    for r in t["runs"]:
+        if r.get("predicted_memory_mb"):
+            off = r["predicted_memory_mb"] / r["peak_memory_mb"] - 1
+            lines.append(f"- {r['preset']} at {r['mask_ratio']:.2f}: the dry run's memory model predicts "
+                         f"{r['predicted_memory_mb']:.0f} MB ({off:+.0%} of the measured peak, no optimizer state).")
+    if t.get("reference"):  # --reference DIR: both networks in one process, alternating rounds, same inputs
+        lines += ["", "| preset | mask | batch | ours s / step | reference s / step | reference / ours | rounds |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['preset']} | {r['mask_ratio']:.2f} | {r['batch']} | {r['ours_seconds']:.2f} | "
+                  f"{r['reference_seconds']:.2f} | {r['speedup']:.2f}x | best of {r['rounds']} |"
+                  for r in t["reference"]]
     m = t["moe"]
     lines += ["", f"MoE layer (width {m['dim']}, expert hidden {m['hidden']}, {m['tokens']} tokens, batch {m['batch']})"
               f" against a dense FFN of equal FLOPs (hidden {m['dense_hidden']}): {m['moe_over_dense']:.2f}x the time.",

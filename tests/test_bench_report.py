@@ -31,3 +31,11 @@ def test_gpu_rows_carry_mfu_against_the_table_peak():
 def test_cpu_tables_have_no_mfu_column():
     assert spec_peak_gflops(torch.device("cpu")) is None
     assert not any("MFU" in line for line in train_table(train_result(None)))
+
+
+def test_the_memory_models_prediction_is_set_against_the_measured_peak():
+    result = train_result(None)
+    result["runs"][0]["predicted_memory_mb"] = 110.0  # the measured peak of that row is 100 MB
+    (line,) = [x for x in train_table(result) if "memory model" in x]
+    assert "predicts 110 MB (+10% of the measured peak" in line and line.startswith("- MicroDiT_XL_2 at 0.75")
+    assert not any("memory model" in x for x in train_table(train_result(None)))

@@ -140,3 +140,19 @@ def test_experiment_report_renders_in_chromium(quick_runs):
     assert console == [], console
     assert 'data-images="2/2"' in dom
     assert "deferred beats downscaling (loss)" in dom and "inconclusive" in dom
+
+
+def test_a_run_trained_with_other_settings_is_an_error_not_reused(quick_runs, tmp_path):
+    import argparse
+    import shutil
+
+    from micro_diffusion.experiments.cli import run
+
+    out = tmp_path / "copy"
+    shutil.copytree(quick_runs / "masking", out)
+    marker = out / "runs" / "no_masking_s0" / "stage0" / "stage_done.json"
+    saved = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**saved, "overrides": saved["overrides"] + ["optimizer.lr=0.5"]}))
+    args = argparse.Namespace(file=str(MASKING), quick=True, seeds=None, out=str(out), dry_run=False)
+    assert run(args) == 2
+    assert json.loads(marker.read_text())["overrides"][-1] == "optimizer.lr=0.5"  # nothing rewritten

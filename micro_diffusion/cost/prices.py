@@ -35,6 +35,9 @@ DEVICES: dict[str, DeviceSpec] = {
     "cpu": DeviceSpec("CPU core", 0.05, None, unit="core"),  # about one vCPU-hour of a compute-optimised cloud VM
 }
 
+# Memory per device in GiB, for the dry run's fit check (an 80 GB H100 gives torch 79.6 GiB).
+DEVICE_MEMORY_GIB: dict[str, float] = {"h100": 79.6, "h200": 139.8, "a100": 79.2, "l40s": 44.4, "a10g": 22.0}
+
 # Substrings of torch.cuda.get_device_name() that identify a table entry (checked in order).
 _CUDA_NAMES = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"), ("L40S", "l40s"), ("A10G", "a10g"))
 

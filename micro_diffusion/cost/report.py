@@ -112,6 +112,11 @@ def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: list[tuple[s
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     for name, xs, ys in series:
         ax.plot(xs, ys, marker or "-", label=name, linewidth=1.2)
+    return save_plot(fig, ax, path, title, xlabel, ylabel)
+
+
+def save_plot(fig: plt.Figure, ax: plt.Axes, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """Label, grid and legend the axes, write the figure as a PNG and close it."""
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -29,7 +29,11 @@ def run(args: argparse.Namespace) -> int:
               f"{p.parameters:,} parameters", flush=True)
     if args.dry_run:
         return 0
-    rows = run_experiment(exp, plans, out)
+    try:
+        rows = run_experiment(exp, plans, out)
+    except RecipeError as err:  # a folder prepared or trained for other settings
+        print(f"micro-diffusion experiment: {err}", file=sys.stderr)
+        return 2
     page = write_report(exp, rows, out)
     for claim in json.loads((out / "results.json").read_text())["claims"]:
         print(f"[experiment] {claim['name']}: {claim['verdict']} (gap {claim['gap']:.3g}, se {claim['se']:.3g})")

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..cost.report import CSS, cost_table, img_tag, load_run, stage_row  # noqa: E402
+from ..cost.report import CSS, cost_table, img_tag, load_run, save_plot, stage_row  # noqa: E402
 from .spec import Experiment  # noqa: E402
 from .verdict import mean_and_var, verdict  # noqa: E402
 
@@ -52,13 +52,7 @@ def _curves_plot(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path
         ax.plot(xs, ys.mean(0), label=name, linewidth=1.2)
         if len(curves) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
-    ax.set(title=f"validation loss against {xlabel}", xlabel=xlabel, ylabel="validation loss (unmasked)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_plot(fig, ax, path, f"validation loss against {xlabel}", xlabel, "validation loss (unmasked)")
 
 
 def _fmt_spread(values: list[float]) -> str:

@@ -88,20 +88,23 @@ def stage_args(exp: Experiment, run: RunPlan, k: int, root: Path, latents: Path)
 
 
 def train_run(exp: Experiment, run: RunPlan, root: Path, latents: Path) -> list[Path]:
-    """Train a run's stages in order, skipping those already finished; returns their run folders."""
+    """Train a run's stages in order, skipping those already finished with the same settings; returns their folders."""
     dirs = stage_dirs(root, run)
     for k, stage in enumerate(run.stages):
-        done = dirs[k] / STAGE_DONE
+        done, marker = dirs[k] / STAGE_DONE, {"steps": stage.steps, "overrides": stage.overrides}
+        if done.is_file() and json.loads(done.read_text()) != marker:
+            raise RecipeError(f"{dirs[k]} was trained with other settings than {exp.path} now gives it (see {done}): "
+                              "delete that run folder, or give another --out")
         trained = read_records(dirs[k]) if dirs[k].is_dir() else []
         if done.is_file() or (trained and int(trained[-1]["batch"]) >= stage.steps):  # killed before its marker
             print(f"[experiment] {run.name} stage{k}: finished earlier, reused", flush=True)
-            done.write_text(json.dumps({"steps": stage.steps, "flops_per_sample": stage.flops_per_sample}) + "\n")
+            done.write_text(json.dumps(marker) + "\n")
             continue
         print(f"[experiment] {run.name} stage{k}: {stage.steps} steps", flush=True)
         code = train(str(exp.base_recipe), stage_args(exp, run, k, root, latents))
         if code != 0:
             raise RuntimeError(f"training {run.name} stage{k} exited with {code} (see {dirs[k]})")
-        done.write_text(json.dumps({"steps": stage.steps, "flops_per_sample": stage.flops_per_sample}) + "\n")
+        done.write_text(json.dumps(marker) + "\n")
     return dirs
 
 

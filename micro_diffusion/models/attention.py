@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 EXPLICIT_MAX_SCORES = 1024 * 1024  # CPU: query x key tokens up to which the scores are materialised
 _PLAIN = ContextVar("plain_attention", default=False)
+_FUSED = ContextVar("fused_attention", default=False)
 
 
 @contextmanager
@@ -29,10 +30,23 @@ def plain_attention() -> Iterator[None]:
         _PLAIN.reset(token)
 
 
+@contextmanager
+def fused_attention() -> Iterator[None]:
+    """torch's fused SDPA on every device inside the block: what a CUDA run keeps for backward (no score matrices),
+    for the memory probe (cost/memory.py) on a CPU."""
+    token = _FUSED.set(True)
+    try:
+        yield
+    finally:
+        _FUSED.reset(token)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (N, H, T, d) queries and (N, H, L, d) keys and values: (N, H, T, d)."""
     if _PLAIN.get():
         return _plain(q, k, v)
+    if _FUSED.get():
+        return F.scaled_dot_product_attention(q, k, v)
     if q.is_cuda:
         if xops is not None:
             out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N,T,H,d)

@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import atexit
 import sys
+from dataclasses import dataclass
 
 import yaml
 
+from micro_diffusion.cost.memory import predict_stage
+from micro_diffusion.cost.prices import DEVICES
 from micro_diffusion.recipe import RecipeError, load_recipe, missing_inputs
 from micro_diffusion.training.cpu_malloc import keep_freed_memory
-from micro_diffusion.training.run import RunPlan, check_inputs, plan_run, run_info, write_run_info
+from micro_diffusion.training.run import RunPlan, _parallelism, check_inputs, plan_run, run_info, write_run_info
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the job was stopped, not finished; rerun the same command to resume
 NAN_EXIT = 3  # the loss went NaN/inf: the last checkpoint is the last good one
@@ -28,22 +31,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="recipe overrides, values parsed as YAML (e.g. train.max_duration=100ba)")
         p.add_argument("--dry-run", action="store_true",
                        help="print the resolved recipe, run plan, version and git revision, list missing inputs, exit")
+        p.add_argument("--devices", type=int, default=None,
+                       help="with --dry-run: predict peak memory per device, step time and stage wall-clock on this "
+                            "many GPUs (a short probe on the CPU measures the activations)")
+        p.add_argument("--device-type", default="h100", choices=sorted(k for k, v in DEVICES.items() if v.peak_tflops),
+                       help="with --devices: the GPU kind, for its peak and memory (default h100)")
+        p.add_argument("--mfu", type=float, default=0.4,
+                       help="with --devices: share of the dense bf16 peak the step time assumes (default 0.4)")
         p.add_argument("--run-dir", default=None, help="run folder (default: RUNS_ROOT/STAGE from the recipe)")
-        p.set_defaults(func=lambda args, distill=name == "distill": train(args.recipe, args.overrides, args.run_dir,
-                                                                           args.dry_run, distill))
+        p.set_defaults(func=lambda args, distill=name == "distill": train(
+            args.recipe, args.overrides, args.run_dir, args.dry_run, distill,
+            None if args.devices is None else Prediction(args.devices, args.device_type, args.mfu)))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What a dry run predicts memory and time for: GPUs, their kind, the assumed utilisation."""
+
+    devices: int
+    device_type: str
+    mfu: float
 
 
 def train(recipe: str, overrides: list[str] | None = None, run_dir: str | None = None, dry_run: bool = False,
-          distill: bool = False) -> int:
+          distill: bool = False, predict: Prediction | None = None) -> int:
     """Resolve a recipe, then print it (dry run) or train the stage; returns the command's exit code.
 
     distill=True (the `distill` command) insists on a recipe with a `distill:` section; `train` runs either kind.
+    predict (dry runs only) adds the predicted memory per device, step time and stage wall-clock.
     """
     try:
+        if predict is not None and not dry_run:
+            raise RecipeError("--devices predicts memory and time in a dry run only: add --dry-run")
+        if predict is not None and (predict.devices < 1 or not 0 < predict.mfu <= 1):
+            raise RecipeError(f"--devices must be positive and --mfu in (0, 1], got {predict.devices} and "
+                              f"{predict.mfu}")
         cfg = load_recipe(recipe, overrides)
         if distill and cfg["distill"] is None:
             raise RecipeError(f"{recipe} has no distill: section; `micro-diffusion distill` runs a consistency "
                               "distillation recipe (e.g. recipes/distill_512.yaml)")
+        if predict is not None and cfg["distill"] is not None:
+            raise RecipeError("--devices predicts diffusion training stages; a distillation's teacher and JVP are "
+                              "not in the memory model")
         plan = plan_run(cfg, run_dir)
         info = run_info(cfg, plan)
         if dry_run:
@@ -52,6 +81,9 @@ def train(recipe: str, overrides: list[str] | None = None, run_dir: str | None =
             print("# missing inputs (a real run stops on these):" if problems else "# all inputs found")
             for line in problems:
                 print(f"#   {line}")
+            if predict is not None:
+                parallelism = _parallelism(cfg["train"]["parallelism"], "gpu", predict.devices)
+                print("\n".join(predict_stage(cfg, predict.devices, predict.device_type, predict.mfu, parallelism)))
             return 0
         check_inputs(cfg, plan)
     except RecipeError as err:
