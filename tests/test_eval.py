@@ -9,8 +9,13 @@ import torch
 from PIL import Image
 
 from micro_diffusion.eval.coco import draw_captions, generate_missing, missing_images, prepare_reference
-from micro_diffusion.eval.fid import fid_kid, inception_features
-from micro_diffusion.eval.inception import fid_helper_weights_path, local_inception_weights, torch_fidelity_inception
+from micro_diffusion.eval.fid import fid_kid, inception_features, reference_key
+from micro_diffusion.eval.inception import (
+    default_cache_dir,
+    fid_helper_weights_path,
+    local_inception_weights,
+    torch_fidelity_inception,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +82,12 @@ def test_fid_self_zero_different_positive_and_matches_scipy(tmp_path, inception_
     fa, fb = inception_features(real, inception_weights), inception_features(noise, inception_weights)
     assert np.isclose(far["fid"], frechet_scipy(fa, fb), rtol=1e-3), (far["fid"], frechet_scipy(fa, fb))
     assert far["settings"]["kid_subset_size"] == 4 and far["settings"]["num_gen"] == 4
+    # the reference's features were cached on the first call: the cached call and an uncached one agree exactly
+    key = reference_key(noise, inception_weights)
+    assert any(p.name.startswith(key) for p in (default_cache_dir() / "fidelity").iterdir())
+    assert fid_kid(real, noise, **kw)["fid"] == fid_kid(real, noise, cache_reference=False, **kw)["fid"] == far["fid"]
+    Image.fromarray(noise_images(1)[0]).save(noise / "extra.png")  # a changed reference is another cache entry
+    assert reference_key(noise, inception_weights) != key
 
 
 # ---------------------------------------------------------------- COCO protocol

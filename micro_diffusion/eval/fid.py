@@ -1,6 +1,7 @@
 """FID and KID between two image folders through torch-fidelity, with the offline Inception of eval.inception."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..utils.devices import usable_cpus
-from .inception import local_inception_weights, torch_fidelity_inception
+from .inception import default_cache_dir, local_inception_weights, torch_fidelity_inception
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -26,13 +27,24 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
+def reference_key(folder: str | Path, weights: Path) -> str:
+    """A cache name for a reference folder's features: its files' names, sizes and times, and the weights file."""
+    h = hashlib.sha1(str(weights.resolve()).encode())
+    for f in list_images(folder):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return f"ref-{h.hexdigest()[:16]}"
+
+
 def fid_kid(gen_dir: str | Path, ref_dir: str | Path, weights: str | Path | None = None, batch_size: int = 64,
             device: str | None = None, kid_subset_size: int = 1000, kid_subsets: int = 100,
-            workers: bool | None = None, seed: int = 2020) -> dict:
+            workers: bool | None = None, seed: int = 2020, cache_reference: bool = True) -> dict:
     """FID and KID (mean, std) of gen_dir against ref_dir, with the settings used, as a JSON-ready dict.
 
     workers: decode images in torch-fidelity's loader workers (it starts min(4, 2 x cores) of them); None: only
-    where the machine has that many usable CPUs, else in this process.
+    where the machine has that many usable CPUs, else in this process. cache_reference: keep ref_dir's Inception
+    features in torch-fidelity's cache under $MICRO_DIFFUSION_CACHE/fidelity, named by reference_key (a changed,
+    added or removed file names another entry), so scoring several models against one reference encodes it once.
     """
     import torch_fidelity
 
@@ -45,8 +57,9 @@ def fid_kid(gen_dir: str | Path, ref_dir: str | Path, weights: str | Path | None
     metrics = torch_fidelity.calculate_metrics(
         input1=str(gen_dir), input2=str(ref_dir), fid=True, kid=True, cuda=cuda, batch_size=batch_size,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
-        kid_subset_size=subset, kid_subsets=kid_subsets, cache=False, save_cpu_ram=not workers, rng_seed=seed,
-        verbose=False, samples_find_deep=False)
+        kid_subset_size=subset, kid_subsets=kid_subsets, cache=cache_reference, save_cpu_ram=not workers,
+        input2_cache_name=reference_key(ref_dir, weights) if cache_reference else None,
+        cache_root=str(default_cache_dir() / "fidelity"), rng_seed=seed, verbose=False, samples_find_deep=False)
     return {
         "fid": float(metrics["frechet_inception_distance"]),
         "kid_mean": float(metrics["kernel_inception_distance_mean"]),
