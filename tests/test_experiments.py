@@ -107,6 +107,7 @@ def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file)
         assert (Path(row["run_dir"]) / "eval" / "geneval" / "00000" / "metadata.jsonl").is_file()
         assert row["usd"] > 0
     assert [c["name"] for c in results["claims"]] == [c["name"] for c in exp.claims]
+    assert results["reader"]["ground_truth"]["overall"] >= 0.9 and "vae" in results["reader"]
     assert {c["verdict"] for c in results["claims"]} == {"inconclusive"}  # one seed in quick mode
     for png in ("val_loss_flops.png", "val_loss_usd.png"):
         assert (quick_runs / name / png).stat().st_size > 1000

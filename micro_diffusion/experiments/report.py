@@ -35,8 +35,10 @@ def judge(exp: Experiment, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """results.json: every run's steps, FLOPs, dollars and metrics, and the claims' verdicts."""
+    trust = out / "data" / "prompts" / "scores.json"  # the reader on ground truth of the same held-out prompts
     results = {"experiment": exp.name, "variants": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
-               "claims": judge(exp, rows)}
+               "claims": judge(exp, rows),
+               "reader": json.loads(trust.read_text())["reader"] if trust.is_file() else None}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -85,6 +87,15 @@ def claims_table(claims: list[dict[str, Any]]) -> str:
     return f'<table id="claims-table"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
+def _trust_note(reader: dict[str, Any] | None) -> str:
+    """One line: the GenEval-style reader's overall on ground truth, shuffled pairs and through the VAE."""
+    if not reader:
+        return ""
+    parts = [f"{k.replace('_', ' ')} {reader[k]['overall']:.3f}" for k in ("ground_truth", "shuffled", "chance", "vae")
+             if k in reader]
+    return f'<p class="note">GenEval-style reader on ground truth of the held-out prompts: {", ".join(parts)}.</p>'
+
+
 def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path:
     """results.json, the plots and report.html in `out`."""
     results = write_results(exp, rows, out)
@@ -98,6 +109,7 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path
              f'<p class="note">Budget {html.escape(json.dumps(exp.budget))} per run; seeds {exp.seeds}; '
              "verdicts by the rule in docs/interfaces.md (2 standard errors; within: and 5% of b).</p>",
              "<h2>Claims</h2>", claims_table(results["claims"]), "<h2>Final metrics</h2>", metrics_table(rows),
+             _trust_note(results["reader"]),
              "<h2>Validation loss against compute</h2>", *[img_tag(p, p.stem) for p in plots],
              "<h2>Cost of every run</h2>", cost_table(stages)]
     page = out / "report.html"

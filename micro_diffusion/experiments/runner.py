@@ -22,6 +22,7 @@ from ..cost.ledger import read_records
 from ..data.compose import write_folder, write_geneval
 from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import SamplingSettings
+from ..encoders import load_vae
 from ..eval.coco import generate_missing
 from ..eval.compose import score_folder, write_scores
 from ..eval.fid import fid_kid
@@ -66,7 +67,8 @@ def prepare_data(exp: Experiment, root: Path) -> Path:
                             "--resolution", str(d["size"]), "--vae", str(d["vae"]), "--text-encoder",
                             d["text_encoder"], "--caption-len", str(d["caption_len"]), "--batch-size", "256"]) != 0:
             raise RuntimeError(f"precompute failed on {data / 'mds' / split}")
-    write_scores(data / "prompts")  # the reader's trust figures on these prompts, once (scores.json beside them)
+    # the reader's trust on these prompts (ground truth, shuffled, chance, through the VAE), once: prompts/scores.json
+    write_scores(data / "prompts", vae=load_vae(str(d["vae"]), device="cpu"))
     marker.write_text(json.dumps(want, indent=2) + "\n")
     return data / "latents"
 
