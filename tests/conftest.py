@@ -5,8 +5,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.environ.get("TMPDIR", "/tmp"), "md-mplconfig"))
 
+import atexit  # noqa: E402
 import gc  # noqa: E402
 import tempfile  # noqa: E402
+import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,6 +22,25 @@ def private_tmp(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     yield
     gc.collect()  # drop finished datasets so their shared memory is released before the next test
+    release_streaming_memory()
+
+
+def release_streaming_memory() -> None:
+    """Close the shared memory of this test's Streaming datasets now, not at exit.
+
+    Streaming registers every SharedMemory it creates or opens with atexit, so each dataset built in this process keeps
+    its files open until the process ends: over the whole suite that ran out of file descriptors (20,000 here).
+    """
+    try:
+        from streaming.base.shared.memory import SharedMemory
+    except ImportError:
+        return
+    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module objects warns
+        warnings.simplefilter("ignore")
+        memories = [obj for obj in gc.get_objects() if isinstance(obj, SharedMemory)]
+    for obj in memories:
+        atexit.unregister(obj.cleanup)
+        obj.cleanup()
 
 
 def pytest_collection_modifyitems(config, items):
