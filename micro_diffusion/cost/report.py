@@ -68,11 +68,12 @@ def load_run(run_dir: str | Path) -> RunData:
     return RunData(path, cost, metrics, _read_evals(path), samples[-1] if samples else None)
 
 
-def spend_at(run: RunData, steps: np.ndarray, key: str) -> np.ndarray:
-    """Running total `key` ('usd' or 'device_hours', carried-over stages included) at training steps."""
+def spend_at(run: RunData, steps: np.ndarray, key: str, totals: str = "total") -> np.ndarray:
+    """Running total `key` ('usd' or 'device_hours') at training steps: carried-over stages included ("total"),
+    or this stage's alone (totals="stage_totals")."""
     by_batch: dict[int, float] = {}
     for record in run.cost:  # a resumed session logs the redone batches again with more spend: the later wins
-        by_batch[int(record["batch"])] = float(record["total"][key])
+        by_batch[int(record["batch"])] = float(record[totals][key])
     if not by_batch:
         return np.full(len(steps), np.nan)
     xs = np.array(sorted(by_batch), dtype=float)

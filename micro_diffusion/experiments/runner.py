@@ -19,6 +19,7 @@ import numpy as np
 from data_prep import convert, precompute
 
 from ..cost.ledger import read_records
+from ..cost.report import load_run, spend_at
 from ..data.compose import write_folder, write_geneval
 from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import SamplingSettings
@@ -30,7 +31,6 @@ from ..eval.generate import TextToImage, sample_geneval
 from ..recipe import RecipeError
 from ..training.cli import train
 from ..training.export import export_run
-from ..utils.jsonl import read_jsonl
 from .plan import RunPlan, stage_dirs
 from .spec import Experiment
 
@@ -115,19 +115,19 @@ def val_curve(run: RunPlan, dirs: list[Path]) -> dict[str, list[float]]:
     curve: dict[str, list[float]] = {"steps": [], "flops": [], "usd": [], "val_loss": []}
     flops0 = usd0 = steps0 = 0.0
     for stage, folder in zip(run.stages, dirs, strict=True):
-        records = read_records(folder)
-        by_batch = {int(r["batch"]): float(r["stage_totals"]["usd"]) for r in records}
-        xs = np.array(sorted(by_batch), dtype=float)
-        ys = np.maximum.accumulate(np.array([by_batch[int(x)] for x in xs])) if len(xs) else xs
-        rows = {int(r["step"]): float(r[VAL_KEY]) for r in read_jsonl(folder / "metrics.jsonl") if VAL_KEY in r}
-        for step, loss in sorted(rows.items()):
+        ran = load_run(folder)
+        rows = {int(r["step"]): float(r[VAL_KEY]) for r in ran.metrics if VAL_KEY in r}
+        steps = np.array(sorted(rows), dtype=float)
+        usd = spend_at(ran, steps, "usd", totals="stage_totals")  # this stage's spend; earlier stages add usd0
+        for step, spent in zip(sorted(rows), usd, strict=True):
             curve["steps"].append(steps0 + step)
             curve["flops"].append(flops0 + step * run.batch * stage.flops_per_sample)
-            curve["usd"].append(usd0 + (float(np.interp(step, xs, ys)) if len(xs) else float("nan")))
-            curve["val_loss"].append(loss)
+            curve["usd"].append(usd0 + float(spent))
+            curve["val_loss"].append(rows[step])
+        end = float(spend_at(ran, np.array([stage.steps]), "usd", totals="stage_totals")[0])
         steps0 += stage.steps
         flops0 += stage.steps * run.batch * stage.flops_per_sample
-        usd0 += float(ys[-1]) if len(xs) else 0.0
+        usd0 += end if np.isfinite(end) else 0.0
     if not curve["val_loss"]:
         raise RuntimeError(f"{dirs[-1] / 'metrics.jsonl'} has no {VAL_KEY}: the validation loss did not run")
     return curve
