@@ -35,11 +35,12 @@ from micro_diffusion.utils.sizes import as_hw
 def build_model(cfg: dict, plan: RunPlan) -> DiffusionModel:
     """The ComposerModel: network plus the stage's masking and EDM noise settings, or the distillation of a teacher."""
     d = cfg["diffusion"]
-    if plan.init_checkpoint is not None and is_export(plan.init_checkpoint):
+    from_export = plan.init_checkpoint is not None and is_export(plan.init_checkpoint)
+    if from_export:
         check_export_fits(cfg, plan.init_checkpoint)
     if cfg["distill"] is None:
         net = build_network(cfg)
-        if plan.init_checkpoint is not None and is_export(plan.init_checkpoint):
+        if from_export:
             net.load_state_dict(load_weights(plan.init_checkpoint)[0])  # EMA weights when the export has them
         return DiffusionModel(net, mask_ratio=d["mask_ratio"], p_mean=d["p_mean"], p_std=d["p_std"],
                               sigma_data=d["sigma_data"])

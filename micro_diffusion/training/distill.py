@@ -15,7 +15,7 @@ from composer.loggers import Logger
 
 from micro_diffusion.diffusion.edm import EDMPrecond
 from micro_diffusion.diffusion.trigflow import AdaptiveWeight, guided_velocity, scd_loss
-from micro_diffusion.exported import MODEL_FILE, load_exported
+from micro_diffusion.exported import is_export, load_weights
 from micro_diffusion.models import MicroDiT
 from micro_diffusion.models.attention import plain_attention
 from micro_diffusion.recipe import RecipeError
@@ -74,9 +74,8 @@ class TangentWarmup(Callback):
 def teacher_state(source: str, weights: str) -> dict[str, torch.Tensor]:
     """The teacher's network weights from an exported folder or a Composer checkpoint; weights: auto, ema or raw."""
     path = Path(source)
-    if path.is_dir() and (path / MODEL_FILE).is_file():
-        net, _, _ = load_exported(path, use_ema=None if weights == "auto" else weights == "ema")
-        return net.state_dict()
+    if is_export(path):
+        return load_weights(path, use_ema=None if weights == "auto" else weights == "ema")[0]
     raw, ema = load_composer_checkpoint(path)
     if weights == "ema" and ema is None:
         raise RecipeError(f"distill.teacher_weights is ema, but {path} holds no EMA weights")
