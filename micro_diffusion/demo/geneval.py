@@ -29,10 +29,10 @@ def metadata_lines(labels: SceneLabels) -> list[dict]:
 
 def geneval_score(images: np.ndarray, labels: Sequence[SceneLabels]) -> dict:
     """GenEval-style tasks and overall of uint8 (N, H, W, 3) images against their captions' labels."""
-    pairs = [(im, line) for im, lab in zip(images, labels, strict=True) for line in metadata_lines(lab)]
-    scored = {im_id for im_id, lab in enumerate(labels) if metadata_lines(lab)}
+    lines = [metadata_lines(lab) for lab in labels]
+    pairs = [(im, line) for im, covered in zip(images, lines, strict=True) for line in covered]
     if not pairs:
         raise ValueError("no demo caption maps to a GenEval task (every shape is white?)")
     correct = judge([p[0] for p in pairs], [p[1] for p in pairs])
-    return {**summarise([p[1]["tag"] for p in pairs], correct), "images": len(scored),
-            "left_out": len(labels) - len(scored)}
+    scored = sum(bool(covered) for covered in lines)
+    return {**summarise([p[1]["tag"] for p in pairs], correct), "images": scored, "left_out": len(labels) - scored}
