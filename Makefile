@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export MPLCONFIGDIR ?= $(CURDIR)/.venv/.mplconfig
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint demo report bench gpu-check ablation ablation-arch
+.PHONY: install test lint demo report bench gpu-check ablation ablation-arch sizes
 
 install: $(STAMP)
 
@@ -118,3 +118,9 @@ ablation: install
 ablation-arch: install
 	$(VENV)/bin/micro-diffusion experiment recipes/experiments/architecture.yaml $(if $(QUICK),--quick) \
 		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXP_OUT),--out $(EXP_OUT)/architecture)
+
+# Sampling efficiency across four model sizes trained for the same steps: each sampled on a grid of samplers x steps
+# x guidance scales, quality against sampling FLOPs per image, claims at the lowest and highest common budget.
+sizes: install
+	$(VENV)/bin/micro-diffusion experiment recipes/experiments/sizes.yaml $(if $(QUICK),--quick) \
+		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXP_OUT),--out $(EXP_OUT)/sizes)

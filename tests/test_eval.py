@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from micro_diffusion.eval.coco import draw_captions, generate_missing, missing_images, prepare_reference
-from micro_diffusion.eval.fid import fid_kid, inception_features, reference_key
+from micro_diffusion.eval.fid import FidScorer, fid_kid, frechet_distance, inception_features, reference_key
 from micro_diffusion.eval.inception import (
     default_cache_dir,
     fid_helper_weights_path,
@@ -86,8 +86,20 @@ def test_fid_self_zero_different_positive_and_matches_scipy(tmp_path, inception_
     key = reference_key(noise, inception_weights)
     assert any(p.name.startswith(key) for p in (default_cache_dir() / "fidelity").iterdir())
     assert fid_kid(real, noise, **kw)["fid"] == fid_kid(real, noise, cache_reference=False, **kw)["fid"] == far["fid"]
+    # the sweep's scorer (reference features once, FID from the n x n form) gives torch-fidelity's number
+    assert np.isclose(FidScorer(noise, inception_weights)(real), far["fid"], rtol=1e-4)
     Image.fromarray(noise_images(1)[0]).save(noise / "extra.png")  # a changed reference is another cache entry
     assert reference_key(noise, inception_weights) != key
+
+
+@pytest.mark.parametrize("n_gen", [3, 12])  # fewer images than features (the n x n form) and more (the d x d one)
+def test_frechet_distance_matches_the_definition(n_gen):
+    rng = np.random.default_rng(n_gen)
+    gen, ref = rng.normal(size=(n_gen, 6)), rng.normal(1.0, 2.0, size=(20, 6))
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    root = scipy.linalg.sqrtm(np.cov(gen, rowvar=False) @ sigma).real
+    want = ((gen.mean(0) - mu) ** 2).sum() + np.trace(np.cov(gen, rowvar=False) + sigma - 2 * root)
+    assert np.isclose(frechet_distance(gen, mu, sigma), want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- COCO protocol
@@ -207,13 +219,14 @@ def test_export_from_checkpoint_and_sample_cli(tmp_path):
 def test_sweep_scores_each_point_once_with_relative_cost(tmp_path):
     from micro_diffusion.cost.flops import sample_flops_per_image
     from micro_diffusion.diffusion.sampling import SamplingSettings
-    from micro_diffusion.eval.sweep import point_name, sweep, sweep_configs
+    from micro_diffusion.eval.sweep import HeldOut, grid, point_name, sweep
+    from micro_diffusion.eval.sweep_plots import plot_sweep
     from micro_diffusion.models import create_dit
 
     net = create_dit("MicroDiT_Tiny_2", latent_size=8, caption_dim=32, width=64, depth=2, head_dim=16,
                      patch_mixer_depth=1, patch_mixer_width=64)
-    draw = draw_captions(fake_annotations(tmp_path / "ann.json"), num=6)
-    configs = sweep_configs(SamplingSettings(guidance=5.0), [1.0, 5.0], ["heun:30", "euler:30", "dpmpp_2m:10"])
+    held = HeldOut(draw_captions(fake_annotations(tmp_path / "ann.json"), num=6), tmp_path / "ref")
+    points = grid(SamplingSettings(), ["heun:30", "euler:30", "dpmpp_2m:10"], [1.0, 5.0])
     rendered, scored = [], []
 
     def make_render(s):
@@ -222,26 +235,27 @@ def test_sweep_scores_each_point_once_with_relative_cost(tmp_path):
             return [Image.new("RGB", (8, 8), (int(s.guidance * 10 + s.steps), 0, 0)) for _ in indices]
         return render
 
-    def score(gen, ref):
-        scored.append(gen.name)
+    def score(gen):
+        scored.append(gen.parent.name)
         return float(np.mean([np.asarray(Image.open(p))[..., 0].mean() for p in gen.glob("*.png")]))
 
     def flops(s):
         return sample_flops_per_image(net, latent_size=8, caption_len=4, steps=s.steps, sampler=s.sampler,
                                       guidance=s.guidance != 1.0)
 
-    result = sweep(draw, tmp_path / "ref", tmp_path / "sweep", configs, make_render, score, flops, batch_size=4)
-    assert len(scored) == len(set(scored)) == 4  # heun_30_g5 belongs to both sweeps and is scored once
-    assert [p["guidance"] for p in result["guidance"]] == [1.0, 5.0]
-    assert result["guidance"][0]["fid"] != result["guidance"][1]["fid"]
-    cost = {p["sampler"]: p["relative_cost"] for p in result["cost"]}
-    assert cost["heun"] == 1.0 and np.isclose(cost["euler"], 30 / 59) and np.isclose(cost["dpmpp_2m"], 10 / 59)
-    from micro_diffusion.eval.sweep import plot
-
-    plot(result, tmp_path / "sweep.png")
+    result = sweep(points + points[:1], held, tmp_path / "sweep", make_render, score, flops, batch_size=4)
+    assert len(scored) == len(set(scored)) == 6 and len(result) == 7  # a repeated point is scored once
+    assert [(p["sampler"], p["guidance"]) for p in result[:2]] == [("heun", 1.0), ("heun", 5.0)]
+    assert result[0]["fid"] != result[1]["fid"]
+    cost = {(p["sampler"], p["guidance"]): p["relative_cost"] for p in result}
+    assert cost["heun", 5.0] == 1.0 and np.isclose(cost["heun", 1.0], 0.5)  # guidance doubles the evaluations
+    assert np.isclose(cost["euler", 5.0], 30 / 59) and np.isclose(cost["dpmpp_2m", 5.0], 10 / 59)
+    assert all(p["images_per_s"] > 0 for p in result)
+    plot_sweep({"tiny": [result]}, tmp_path / "sweep.png")
     assert Image.open(tmp_path / "sweep.png").size[0] > 100
-    assert sweep(draw, tmp_path / "ref", tmp_path / "sweep", configs, make_render, score, flops) and \
-        len(rendered) == 4 * 2  # resumed: nothing rendered again (4 points x 2 batches of 4 and 2)
+    again = sweep(points, held, tmp_path / "sweep", make_render, score, flops)
+    assert again == result[:6] and len(rendered) == 6 * 2  # resumed: nothing rendered or scored again
+    assert len(scored) == 6
 
 
 def test_clip_score_with_random_open_clip(tmp_path):

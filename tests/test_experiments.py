@@ -16,6 +16,7 @@ from micro_diffusion.recipe import RecipeError
 REPO = Path(__file__).resolve().parents[1]
 MASKING = REPO / "recipes" / "experiments" / "masking.yaml"
 ARCH = REPO / "recipes" / "experiments" / "architecture.yaml"
+SIZES = REPO / "recipes" / "experiments" / "sizes.yaml"
 
 
 @pytest.mark.parametrize("path", [MASKING, ARCH])
@@ -67,16 +68,21 @@ def test_higher_is_better_for_geneval_and_one_seed_is_inconclusive():
     assert one["verdict"] == "inconclusive" and math.isnan(one["se"])
 
 
-@pytest.mark.parametrize("edit,match", [
-    (lambda d: d.update(bogus=1), "unknown key 'bogus'"),
-    (lambda d: d.update(budget={"flops": 1, "steps": 2}), "exactly one of flops or steps"),
-    (lambda d: d["claims"][0].update(b="nope"), r"claims\[0\].b: no variant 'nope'"),
-    (lambda d: d["variants"][6].update(narrow_to="nope"), "narrows to unknown variant 'nope'"),
+@pytest.mark.parametrize("source,edit,match", [
+    (MASKING, lambda d: d.update(bogus=1), "unknown key 'bogus'"),
+    (MASKING, lambda d: d.update(budget={"flops": 1, "steps": 2}), "exactly one of flops or steps"),
+    (MASKING, lambda d: d["claims"][0].update(b="nope"), r"claims\[0\].b: no variant 'nope'"),
+    (MASKING, lambda d: d["variants"][6].update(narrow_to="nope"), "narrows to unknown variant 'nope'"),
+    (SIZES, lambda d: d["eval"]["sweep"].update(samplers=["consistency"]), "not a diffusion sampler"),
+    (SIZES, lambda d: d["eval"]["sweep"].update(guidances=[1.5, 6.0]), "fixed sampling point"),
+    (SIZES, lambda d: d["eval"]["sweep"].pop("steps"), "samplers, steps, guidances"),
+    (SIZES, lambda d: d["eval"].pop("sweep"), "needs budget and sampler, an eval.sweep"),
+    (SIZES, lambda d: d["claims"][0].update(budget="middle"), "budget is lowest or highest"),
 ])
-def test_experiment_file_errors_name_the_key(tmp_path, edit, match):
+def test_experiment_file_errors_name_the_key(tmp_path, source, edit, match):
     import yaml
 
-    raw = yaml.safe_load(MASKING.read_text())
+    raw = yaml.safe_load(source.read_text())
     raw["base_recipe"] = str(REPO / "recipes" / "demo_masked.yaml")
     edit(raw)
     path = tmp_path / "bad.yaml"
@@ -104,13 +110,16 @@ def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file)
         m = row["metrics"]
         assert math.isfinite(m["val_loss"]) and m["val_loss"] > 0 and math.isfinite(m["fid"])
         assert 0 <= m["geneval"]["overall"] <= 1
-        assert (Path(row["run_dir"]) / "eval" / "geneval" / "00000" / "metadata.jsonl").is_file()
+        point = "{sampler}_{steps}_g{guidance:g}".format(**exp.eval["sampling"])
+        assert (Path(row["run_dir"]) / "eval" / "points" / point / "geneval" / "00000" / "metadata.jsonl").is_file()
         assert row["usd"] > 0
     assert [c["name"] for c in results["claims"]] == [c["name"] for c in exp.claims]
     assert results["reader"]["ground_truth"]["overall"] >= 0.9 and "vae" in results["reader"]
     assert {c["verdict"] for c in results["claims"]} == {"inconclusive"}  # one seed in quick mode
     for png in ("val_loss_flops.png", "val_loss_usd.png"):
         assert (quick_runs / name / png).stat().st_size > 1000
+    summary = (quick_runs / name / "summary.md").read_text()  # the tables in markdown, for the README
+    assert summary.count("| --- |") == 2 and all(f"| {c['name']} |" in summary for c in results["claims"])
 
 
 def test_a_half_finished_experiment_reuses_finished_runs(quick_runs):

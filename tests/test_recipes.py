@@ -198,3 +198,20 @@ def test_make_train_targets_dry_run(tmp_path):
     assert out.stdout.count("composer -n 1 --world_size") == 4
     assert out.stdout.count("micro_diffusion_version:") == 4
     assert not (tmp_path / "runs").exists()
+
+
+def test_fsdp_keeps_bf16_weights_and_reduces_in_fp32():
+    """On GPUs the recipes train under amp_bf16 with FSDP: Composer's DEFAULT mixed precision then gathers weights in
+    bf16 (so autocast never casts a weight again) and reduces gradients in fp32."""
+    from types import SimpleNamespace
+
+    import torch
+    from composer.distributed.mosaic_parallelism import get_mixed_precision
+
+    from micro_diffusion.training.builder import parallelism_config
+
+    fsdp = parallelism_config(SimpleNamespace(parallelism="fsdp"))["fsdp"]
+    assert fsdp["sharding_strategy"] == "SHARD_GRAD_OP"
+    _, param, reduce, _ = get_mixed_precision("amp_bf16", fsdp["mixed_precision"])
+    assert (param, reduce) == (torch.bfloat16, torch.float32)
+    assert parallelism_config(SimpleNamespace(parallelism="ddp")) is None

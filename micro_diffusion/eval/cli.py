@@ -172,10 +172,17 @@ def _eval_compose(args: argparse.Namespace) -> int:
 
 
 def _eval_sweep(args: argparse.Namespace) -> int:
-    result = run_sweep(args.model, args.annotations, args.images, args.out, num=args.num,
-                       guidances=args.guidances, presets=args.presets, seed=args.seed, use_ema=_use_ema(args),
+    if (args.scenes is None) != (args.prompts is None):
+        raise SystemExit("micro-diffusion eval sweep: --scenes and --prompts go together (the compositional set)")
+    result = run_sweep(args.model, args.out, args.presets, args.guidances, num=args.num, annotations=args.annotations,
+                       images=args.images, scenes=args.scenes, prompts=args.prompts,
+                       images_per_prompt=args.images_per_prompt, seed=args.seed, use_ema=_use_ema(args),
                        device=args.device, batch_size=args.batch_size, base=_settings(args), draw_seed=args.draw_seed)
     print(json.dumps(result["settings"], indent=2))
+    for p in result["points"]:
+        quality = f"FID {p['fid']:.2f}" + (f", GenEval-style {p['geneval']['overall']:.3f}" if "geneval" in p else "")
+        print(f"{p['sampler']:>10s} {p['steps']:3d} steps  guidance {p['guidance']:<4g} {p['flops_per_image']:.3g} "
+              f"FLOPs/image  {p['images_per_s']:.2f} img/s  {quality}")
     return 0
 
 
@@ -212,7 +219,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_eval_fid)
 
     for name, fn, helptext in [("coco", _eval_coco, "zero-shot FID/KID/CLIP score on COCO-2014 val captions"),
-                               ("sweep", _eval_sweep, "FID against guidance scale and against sampling cost")]:
+                               ("sweep", _eval_sweep, "a grid of samplers x steps x guidance: FID (and GenEval-style "
+                                "on compositional scenes) against sampling FLOPs")]:
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, help="exported model folder (coco also takes a run or checkpoint)")
         p.add_argument("--annotations", default="data/coco/annotations/captions_val2014.json")
@@ -237,4 +245,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument("--guidances", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0, 7.5])
     sweep.add_argument("--presets", nargs="+", default=["heun:10", "heun:20", "heun:30", "euler:30", "euler:60",
                                                         "dpmpp_2m:15", "dpmpp_2m:30"],
-                       help="SAMPLER:STEPS pairs for the cost sweep")
+                       help="SAMPLER:STEPS pairs, each swept over every guidance scale")
+    sweep.add_argument("--scenes", default=None, help="held-out compositional scenes (data compose --layout folder): "
+                       "FID against them instead of COCO; needs --prompts")
+    sweep.add_argument("--prompts", default=None, help="held-out GenEval-layout prompts (data compose --layout "
+                       "geneval): the GenEval-style score of every point")
+    sweep.add_argument("--images-per-prompt", type=int, default=1, help="with --prompts: images a prompt")

@@ -43,8 +43,9 @@ class TextToImage:
     def __init__(self, model_dir: str | Path, settings: SamplingSettings, seed: int = 0, use_ema: bool | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
         self.settings, self.seed, self.device = settings, seed, torch_device(str(device) if device else None)
+        self.where = str(model_dir)
         self.net, self.config, null = load_exported(model_dir, use_ema, self.device)
-        check_sampling(self.config, settings, str(model_dir))
+        check_sampling(self.config, settings, self.where)
         self.denoiser = EDMPrecond(self.net, self.config["sigma_data"])
         enc = self.config["encoders"]
         self.text = load_text_encoder(enc["text_encoder"], device=self.device, dtype=dtype,

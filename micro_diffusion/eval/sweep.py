@@ -1,23 +1,40 @@
-"""Sampling sweeps (in the spirit of arXiv 2404.01367): FID against guidance scale, and FID against sampling cost.
+"""Sampling sweeps (in the spirit of Mei et al., arXiv 2404.01367): a grid of samplers x steps x guidance scales.
 
-Cost is the network FLOPs of sampling one image (forward FLOPs per evaluation x evaluations, doubled by guidance),
-normalised to a reference preset (Heun, 30 steps), so samplers with different evaluations per step compare fairly.
+Each point is scored by FID against real images (COCO, or held-out compositional scenes) and, on the compositional
+set, by the GenEval-style score of its held-out prompts; it records its sampling FLOPs per image (the analytic
+counter: forward FLOPs x network evaluations, doubled by guidance), that cost relative to a reference preset (Heun,
+30 steps, guided) and its measured images/s. A scored point is saved in its folder and reused when the sweep runs again.
 """
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..cost.flops import sample_flops_per_image
-from ..diffusion.sampling import SamplingSettings
+from ..data.geneval import read_prompts_file
+from ..diffusion.sampling import DEFAULTS, SamplingSettings
 from .coco import DRAW_SEED, Render, draw_captions, generate_missing, prepare_reference
-from .fid import fid_kid
-from .generate import TextToImage
+from .compose import score_folder
+from .fid import FidScorer
+from .generate import TextToImage, check_sampling, sample_geneval
+from .sweep_plots import plot_sweep
 
 REFERENCE_PRESET = "heun:30"
-Score = Callable[[Path, Path], float]  # (generated folder, reference folder) -> FID
+Score = Callable[[Path], float]  # generated folder -> FID against the held-out set's reference
+
+
+@dataclass
+class HeldOut:
+    """What every point is scored on: captions for FID images, the real images, GenEval prompts (compositional)."""
+
+    draw: list[dict]  # {"index", "caption"} of each FID image
+    reference: Path  # real images at the model's resolution
+    prompts: list[dict] | None = None  # GenEval metadata lines; None: FID only (COCO)
+    images_per_prompt: int = 1
 
 
 def parse_preset(preset: str) -> tuple[str, int]:
@@ -28,12 +45,10 @@ def parse_preset(preset: str) -> tuple[str, int]:
     return sampler, int(steps)
 
 
-def sweep_configs(base: SamplingSettings, guidances: list[float], presets: list[str]) -> dict[str, list]:
-    """The settings of each point: one guidance sweep at the base sampler, one cost sweep at the base guidance."""
-    for p in presets:
-        parse_preset(p)
-    return {"guidance": [replace(base, guidance=g) for g in guidances],
-            "cost": [replace(base, sampler=parse_preset(p)[0], steps=parse_preset(p)[1]) for p in presets]}
+def grid(base: SamplingSettings, presets: list[str], guidances: list[float]) -> list[SamplingSettings]:
+    """Every preset (SAMPLER:STEPS) at every guidance scale."""
+    return [replace(base, sampler=s, steps=n, guidance=float(g)) for s, n in map(parse_preset, presets)
+            for g in guidances]
 
 
 def point_name(s: SamplingSettings) -> str:
@@ -41,75 +56,100 @@ def point_name(s: SamplingSettings) -> str:
     return f"{s.sampler}_{s.steps}_g{s.guidance:g}"
 
 
-def sweep(draw: list[dict], ref_dir: Path, out: Path, configs: dict[str, list],
-          make_render: Callable[[SamplingSettings], Render], score: Score, flops: Callable[[SamplingSettings], int],
-          batch_size: int = 16) -> dict:
-    """Generate (resumably) and score every point once; the same point in both sweeps is scored once."""
+def compose_heldout(scenes: str | Path, prompts: str | Path, num: int, images_per_prompt: int = 1) -> HeldOut:
+    """The compositional held-out set: a scenes folder (<id>.png + <id>.txt, `data compose --layout folder`) whose
+    first `num` captions are drawn for FID against all its images, and a GenEval-layout prompts folder."""
+    scenes = Path(scenes)
+    captions = sorted(scenes.glob("*.txt"))
+    if not captions:
+        raise FileNotFoundError(f"{scenes} holds no <id>.txt captions (write it with micro-diffusion data compose "
+                                "--layout folder)")
+    draw = [{"index": i, "caption": p.read_text(encoding="utf-8").strip()} for i, p in enumerate(captions[:num])]
+    return HeldOut(draw, scenes, read_prompts_file(Path(prompts) / "evaluation_metadata.jsonl"), images_per_prompt)
+
+
+def sweep(points: list[SamplingSettings], held: HeldOut, out: Path, make_render: Callable[[SamplingSettings], Render],
+          score: Score, flops: Callable[[SamplingSettings], int], batch_size: int = 16) -> list[dict[str, Any]]:
+    """Generate (resumably) and score every point once, in order; returns the points' records."""
     ref_sampler, ref_steps = parse_preset(REFERENCE_PRESET)
-    results: dict[str, dict] = {}
-    for settings in [s for group in configs.values() for s in group]:
+    records: dict[str, dict[str, Any]] = {}
+    for settings in points:
         name = point_name(settings)
-        if name in results:
+        saved = out / name / "point.json"
+        if name in records:
             continue
-        gen = out / name
-        generate_missing(draw, gen, make_render(settings), batch_size=batch_size)
-        ref_cost = flops(replace(settings, sampler=ref_sampler, steps=ref_steps))
-        results[name] = {"fid": float(score(gen, ref_dir)), "flops_per_image": int(flops(settings)),
-                         "relative_cost": flops(settings) / ref_cost, **settings.to_dict()}
-    return {group: [results[point_name(s)] for s in settings] for group, settings in configs.items()}
+        if saved.is_file():
+            records[name] = json.loads(saved.read_text())
+            continue
+        render = make_render(settings)
+        start = time.perf_counter()
+        made = len(generate_missing(held.draw, out / name / "fid", render, batch_size=batch_size))
+        if held.prompts is not None:
+            made += sample_geneval(render, held.prompts, out / name / "geneval", held.images_per_prompt,
+                                   batch_size=batch_size, progress=False)
+        seconds = time.perf_counter() - start
+        cost = flops(settings)
+        record = {**settings.to_dict(), "flops_per_image": int(cost),
+                  "relative_cost": cost / flops(replace(settings, sampler=ref_sampler, steps=ref_steps,
+                                                        guidance=DEFAULTS.guidance)),
+                  "images_per_s": made / seconds if made else float("nan"),  # nan: images were on disk already
+                  "fid": float(score(out / name / "fid"))}
+        if held.prompts is not None:
+            scores = score_folder(out / name / "geneval", trust=False)
+            record["geneval"] = {"overall": scores["overall"], **{k: v["accuracy"] for k, v in scores["tasks"].items()}}
+        saved.write_text(json.dumps(record, indent=2) + "\n")
+        records[name] = record
+    return [records[point_name(s)] for s in points]
 
 
-def plot(result: dict, path: Path) -> None:
-    """Two panels: FID against guidance scale; FID against relative sampling cost, one line per sampler."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    g = result["guidance"]
-    a.plot([p["guidance"] for p in g], [p["fid"] for p in g], "o-")
-    a.set(xlabel="guidance scale", ylabel="FID", title=f"{g[0]['sampler']}, {g[0]['steps']} steps")
-    for sampler in sorted({p["sampler"] for p in result["cost"]}):
-        pts = sorted((p for p in result["cost"] if p["sampler"] == sampler), key=lambda p: p["relative_cost"])
-        b.plot([p["relative_cost"] for p in pts], [p["fid"] for p in pts], "o-", label=sampler)
-    b.set(xlabel=f"sampling FLOPs relative to {REFERENCE_PRESET}", ylabel="FID", xscale="log", title="FID vs cost")
-    b.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def run_sweep(model: str | Path, annotations: str | Path, images: str | Path, out: str | Path, num: int = 5000,
-              guidances: list[float] | None = None, presets: list[str] | None = None, seed: int = 0,
-              use_ema: bool | None = None, device: str | None = None, batch_size: int = 16,
-              base: SamplingSettings | None = None, draw_seed: int = DRAW_SEED) -> dict:
-    """Both sweeps on the first `num` captions of the COCO draw; writes sweep.json and sweep.png into `out`."""
-    out = Path(out)
-    base = base or SamplingSettings()
-    configs = sweep_configs(base, guidances or [1.0, 2.0, 3.0, 5.0, 7.5], presets or [REFERENCE_PRESET])
-    draw = draw_captions(annotations, num, draw_seed)
-    probe = TextToImage(model, base, seed, use_ema, device)
-    size = probe.resolution
-    ref_dir = out / f"reference_{num}"
-    prepare_reference(draw, images, ref_dir, size)
+def model_sweep(render: TextToImage, points: list[SamplingSettings], held: HeldOut, out: Path,
+                batch_size: int = 16) -> list[dict[str, Any]]:
+    """The sweep of one loaded model: one network serves every point, only its sampling settings change."""
 
     def flops(s: SamplingSettings) -> int:
-        return sample_flops_per_image(probe.net, latent_size=probe.latent_hw, caption_len=probe.text.caption_len,
+        return sample_flops_per_image(render.net, latent_size=render.latent_hw, caption_len=render.text.caption_len,
                                       steps=s.steps, sampler=s.sampler, guidance=s.guidance != 1.0)
 
     def make_render(s: SamplingSettings) -> Render:
-        probe.settings = s  # one loaded model serves every point; only the sampling settings change
-        return probe
+        check_sampling(render.config, s, render.where)
+        render.settings = s
+        return render
 
-    result = sweep(draw, ref_dir, out, configs, make_render,
-                   lambda g, r: fid_kid(g, r, device=str(probe.device))["fid"], flops, batch_size)
-    result["settings"] = {"model": str(model), "annotations": str(annotations), "num_captions": num,
-                          "draw_seed": draw_seed, "resolution": size, "reference_preset": REFERENCE_PRESET,
-                          "base": base.to_dict(), "seed": seed, "weights": probe.config["weights_file"],
-                          "cost": "sample_flops_per_image (forward FLOPs x evaluations, "
-                          "x2 with guidance) / the same at the reference preset"}
+    scorer: list[FidScorer] = []  # built on the first point that needs scoring (none when every point is saved)
+
+    def score(folder: Path) -> float:
+        if not scorer:
+            scorer.append(FidScorer(held.reference, device=str(render.device)))
+        return scorer[0](folder)
+
+    return sweep(points, held, out, make_render, score, flops, batch_size)
+
+
+def run_sweep(model: str | Path, out: str | Path, presets: list[str], guidances: list[float], num: int = 5000,
+              annotations: str | Path | None = None, images: str | Path | None = None,
+              scenes: str | Path | None = None, prompts: str | Path | None = None, images_per_prompt: int = 1,
+              seed: int = 0, use_ema: bool | None = None, device: str | None = None, batch_size: int = 16,
+              base: SamplingSettings | None = None, draw_seed: int = DRAW_SEED) -> dict:
+    """The grid on COCO (annotations + images) or on the compositional held-out set (scenes + prompts); writes
+    sweep.json and sweep.png into `out`."""
+    out = Path(out)
+    base = base or SamplingSettings()
+    points = grid(base, presets, guidances)
+    render = TextToImage(model, points[0], seed, use_ema, device)
+    if scenes is not None:
+        held = compose_heldout(scenes, prompts, num, images_per_prompt)
+        source = {"scenes": str(scenes), "prompts": str(prompts), "images_per_prompt": images_per_prompt}
+    else:
+        draw = draw_captions(annotations, num, draw_seed)
+        held = HeldOut(draw, out / f"reference_{num}")
+        prepare_reference(draw, images, held.reference, render.resolution)
+        source = {"annotations": str(annotations), "draw_seed": draw_seed}
+    result = {"points": model_sweep(render, points, held, out, batch_size),
+              "settings": {"model": str(model), **source, "num_fid_images": len(held.draw),
+                           "resolution": render.resolution, "reference_preset": REFERENCE_PRESET, "seed": seed,
+                           "weights": render.config["weights_file"],
+                           "cost": "sample_flops_per_image (forward FLOPs x evaluations, x2 with guidance)"}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "sweep.png")
+    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_sweep({Path(model).name: [result["points"]]}, out / "sweep.png")
     return result

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from ..cost.report import CSS, cost_table, img_tag, load_run, save_plot, stage_row  # noqa: E402
 from .spec import Experiment  # noqa: E402
+from .sweeps import budget_values, crossovers, expand_claims, grid_samplers, sweep_section, swept  # noqa: E402
 from .verdict import mean_and_var, verdict  # noqa: E402
 
 
@@ -23,12 +24,17 @@ def claim_value(metrics: dict[str, Any], metric: str) -> float:
 
 
 def judge(exp: Experiment, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every claim's means, gap, standard error and verdict from the runs' final metrics."""
+    """Every claim's means, gap, standard error and verdict from the runs' final metrics (or, for a claim at a
+    sampling budget, from their sweeps' best-guidance curves there)."""
     out = []
-    for claim in exp.claims:
-        a = [claim_value(r["metrics"], claim["metric"]) for r in rows if r["name"] == claim["a"]]
-        b = [claim_value(r["metrics"], claim["metric"]) for r in rows if r["name"] == claim["b"]]
-        out.append({"name": claim["name"], "kind": claim["kind"], "metric": claim["metric"],
+    for claim in expand_claims(exp.claims, grid_samplers(rows)):
+        where: dict[str, Any] = {}
+        if "budget" in claim:
+            a, b, where = budget_values(rows, claim)
+        else:
+            a = [claim_value(r["metrics"], claim["metric"]) for r in rows if r["name"] == claim["a"]]
+            b = [claim_value(r["metrics"], claim["metric"]) for r in rows if r["name"] == claim["b"]]
+        out.append({"name": claim["name"], "kind": claim["kind"], "metric": claim["metric"], **where,
                     **verdict(claim["kind"], claim["metric"], a, b)})
     return out
 
@@ -39,6 +45,8 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> dic
     results = {"experiment": exp.name, "variants": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
                "claims": judge(exp, rows),
                "reader": json.loads(trust.read_text())["reader"] if trust.is_file() else None}
+    if swept(rows):
+        results["crossovers"] = crossovers(rows)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
 
@@ -59,32 +67,51 @@ def _curves_plot(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path
 
 def _fmt_spread(values: list[float]) -> str:
     mean, var = mean_and_var(values)
-    return f"{mean:.4g}" if not np.isfinite(var) else f"{mean:.4g} &plusmn; {np.sqrt(var):.2g}"
+    return f"{mean:.4g}" if not np.isfinite(var) else f"{mean:.4g} ± {np.sqrt(var):.2g}"
 
 
-def metrics_table(rows: list[dict[str, Any]]) -> str:
+Table = tuple[list[str], list[list[str]]]  # column names, rows of cells (plain text)
+
+
+def metrics_cells(rows: list[dict[str, Any]]) -> Table:
     """Final metrics per variant as mean +- standard deviation over seeds, with steps, FLOPs and parameters."""
     cols = ["variant", "seeds", "steps", "training FLOPs", "parameters", "val loss", "FID", "GenEval-style overall"]
     body = []
     for name in dict.fromkeys(r["name"] for r in rows):
         runs = [r for r in rows if r["name"] == name]
-        cells = [html.escape(name), str(len(runs)), str(runs[0]["steps"]), f"{runs[0]['flops']:.3g}",
-                 f"{runs[0]['parameters']:,}", _fmt_spread([r["metrics"]["val_loss"] for r in runs]),
-                 _fmt_spread([r["metrics"]["fid"] for r in runs]),
-                 _fmt_spread([r["metrics"]["geneval"]["overall"] for r in runs])]
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{c}</th>" for c in cols)
-    return f'<table id="metrics-table"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        body.append([name, str(len(runs)), str(runs[0]["steps"]), f"{runs[0]['flops']:.3g}",
+                     f"{runs[0]['parameters']:,}", _fmt_spread([r["metrics"]["val_loss"] for r in runs]),
+                     _fmt_spread([r["metrics"]["fid"] for r in runs]),
+                     _fmt_spread([r["metrics"]["geneval"]["overall"] for r in runs])])
+    return cols, body
 
 
-def claims_table(claims: list[dict[str, Any]]) -> str:
-    """Each claim with its means, gap (positive favours a), standard error and verdict."""
+def claims_cells(claims: list[dict[str, Any]]) -> Table:
+    """Each claim with its means, gap (positive favours a), twice its standard error and verdict."""
     cols = ["claim", "kind", "metric", "a mean", "b mean", "gap", "2 se", "verdict"]
-    body = ["<tr>" + "".join(f"<td>{c}</td>" for c in [
-        html.escape(c["name"]), c["kind"], c["metric"], f"{c['a_mean']:.4g}", f"{c['b_mean']:.4g}",
-        f"{c['gap']:.3g}", f"{2 * c['se']:.3g}", f"<b>{c['verdict']}</b>"]) + "</tr>" for c in claims]
-    head = "".join(f"<th>{c}</th>" for c in cols)
-    return f'<table id="claims-table"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+    def where(c: dict[str, Any]) -> str:  # a claim at a sampling budget names it
+        return f" at {c['flops_per_image']:.3g} FLOPs/image" if "budget" in c else ""
+
+    return cols, [[c["name"] + where(c), c["kind"], c["metric"], f"{c['a_mean']:.4g}", f"{c['b_mean']:.4g}",
+                   f"{c['gap']:.3g}", f"{2 * c['se']:.3g}", c["verdict"]] for c in claims]
+
+
+def html_table(table: Table, table_id: str, bold_last: bool = False) -> str:
+    """The table as HTML, cells escaped (the last column bold when asked: the verdicts)."""
+    cols, body = table
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    last = "<td><b>{}</b></td>" if bold_last else "<td>{}</td>"
+    rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r[:-1]) + last.format(html.escape(r[-1])) + "</tr>"
+            for r in body]
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def markdown_table(table: Table) -> str:
+    """The table as GitHub markdown."""
+    cols, body = table
+    lines = ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body]) + "\n"
 
 
 def _trust_note(reader: dict[str, Any] | None) -> str:
@@ -97,7 +124,7 @@ def _trust_note(reader: dict[str, Any] | None) -> str:
 
 
 def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path:
-    """results.json, the plots and report.html in `out`."""
+    """results.json, the plots, summary.md (the claims and metrics tables in markdown) and report.html in `out`."""
     results = write_results(exp, rows, out)
     plots = [_curves_plot(rows, "flops", "training FLOPs", out / "val_loss_flops.png"),
              _curves_plot(rows, "usd", "dollars", out / "val_loss_usd.png")]
@@ -108,10 +135,15 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path
     parts = [f"<h1>Experiment: {html.escape(exp.name)}</h1>",
              f'<p class="note">Budget {html.escape(json.dumps(exp.budget))} per run; seeds {exp.seeds}; '
              "verdicts by the rule in docs/interfaces.md (2 standard errors; within: and 5% of b).</p>",
-             "<h2>Claims</h2>", claims_table(results["claims"]), "<h2>Final metrics</h2>", metrics_table(rows),
-             _trust_note(results["reader"]),
-             "<h2>Validation loss against compute</h2>", *[img_tag(p, p.stem) for p in plots],
-             "<h2>Cost of every run</h2>", cost_table(stages)]
+             "<h2>Claims</h2>", html_table(claims_cells(results["claims"]), "claims-table", True),
+             "<h2>Final metrics</h2>", html_table(metrics_cells(rows), "metrics-table"), _trust_note(results["reader"]),
+             "<h2>Validation loss against compute</h2>", *[img_tag(p, p.stem) for p in plots]]
+    if swept(rows):
+        figures, table = sweep_section(rows, out)
+        parts += ["<h2>Quality against sampling cost</h2>", *[img_tag(p, p.stem) for p in figures], table]
+    parts += ["<h2>Cost of every run</h2>", cost_table(stages)]
+    (out / "summary.md").write_text(f"## {exp.name}\n\n" + markdown_table(claims_cells(results["claims"])) + "\n"
+                                    + markdown_table(metrics_cells(rows)), encoding="utf-8")
     page = out / "report.html"
     page.write_text("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
                     f'<link rel="icon" href="data:,"><title>micro_diffusion experiment {html.escape(exp.name)}</title>'

@@ -2,7 +2,8 @@
 
     DIR/data/            compositional scenes (train, held-out, GenEval-format prompts), converted and precomputed once
     DIR/runs/<variant>_s<seed>/stage<k>/   one Composer run folder a stage (ledger, metrics, checkpoints)
-    DIR/runs/<variant>_s<seed>/eval/       the run's evaluation: samples, FID, GenEval-style scores, metrics.json
+    DIR/runs/<variant>_s<seed>/eval/       the run's evaluation: metrics.json, and in points/<sampler>_<steps>_g<scale>/
+                                           each sampling point's FID and GenEval-style samples and scores
 
 Every step leaves its result on disk and is skipped when found: a finished run is reused, a killed stage resumes
 from its last checkpoint (Composer's autoresume), so running the same command again finishes a killed experiment.
@@ -10,7 +11,7 @@ from its last checkpoint (Composer's autoresume), so running the same command ag
 from __future__ import annotations
 
 import json
-import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,11 @@ from data_prep import convert, precompute
 from ..cost.ledger import read_records
 from ..cost.report import load_run, spend_at
 from ..data.compose import write_folder, write_geneval
-from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import SamplingSettings
 from ..encoders import load_vae
-from ..eval.coco import generate_missing
-from ..eval.compose import score_folder, write_scores
-from ..eval.fid import fid_kid
-from ..eval.generate import TextToImage, sample_geneval
+from ..eval.compose import write_scores
+from ..eval.generate import TextToImage
+from ..eval.sweep import compose_heldout, model_sweep
 from ..recipe import RecipeError
 from ..training.cli import train
 from ..training.export import export_run
@@ -55,10 +54,6 @@ def prepare_data(exp: Experiment, root: Path) -> Path:
     write_folder(data / "images" / "val", d["heldout"], seed=d["seed"] + 1, size=d["size"], split="train")
     write_geneval(data / "prompts", exp.eval["geneval_prompts"], seed=d["seed"], size=d["size"], split="heldout",
                   images_per_prompt=1)
-    reference = data / "fid_reference"  # PNGs alone: the folder writer puts captions beside its images
-    reference.mkdir(parents=True, exist_ok=True)
-    for png in sorted((data / "images" / "val").glob("*.png")):
-        shutil.copyfile(png, reference / png.name)
     for split in ("train", "val"):
         if convert.main(["--format", "folder", "--input", str(data / "images" / split), "--output",
                          str(data / "mds" / split), "--workers", "0", "--min-size", str(d["size"])]) != 0:
@@ -133,26 +128,31 @@ def val_curve(run: RunPlan, dirs: list[Path]) -> dict[str, list[float]]:
     return curve
 
 
+def sweep_points(exp: Experiment) -> list[SamplingSettings]:
+    """The sampling settings every run is evaluated at: the fixed point, or the sweep's grid (which holds it)."""
+    fixed = SamplingSettings(**exp.eval["sampling"])
+    grid = exp.eval["sweep"]
+    if grid is None:
+        return [fixed]
+    return [replace(fixed, sampler=s, steps=n, guidance=g) for s in grid["samplers"] for n in grid["steps"]
+            for g in grid["guidances"]]
+
+
 def evaluate_run(exp: Experiment, run: RunPlan, dirs: list[Path], root: Path) -> dict[str, Any]:
-    """FID against held-out real scenes and the GenEval-style score of the held-out prompts (cached on disk)."""
+    """FID against held-out real scenes and the GenEval-style score of the held-out prompts at the fixed sampling
+    point, and at every point of the sweep when the experiment has one (cached on disk)."""
     out = dirs[-1].parent / "eval"
     saved = out / "metrics.json"
     if saved.is_file():
         return json.loads(saved.read_text())
     model = export_run(dirs[-1], out / "model")
     e, data = exp.eval, root / "data"
-    settings = SamplingSettings(**e["sampling"])
-    seed = int(exp.data["seed"])
-    captions = [p.read_text(encoding="utf-8").strip() for p in sorted((data / "images" / "val").glob("*.txt"))]
-    draw = [{"index": i, "caption": c} for i, c in enumerate(captions[: e["fid_images"]])]
-    render = TextToImage(model, settings, seed)
-    generate_missing(draw, out / "fid_images", render, batch_size=64)
-    fid = fid_kid(out / "fid_images", data / "fid_reference", kid_subsets=10)["fid"]
-    lines = read_prompts_file(data / "prompts" / "evaluation_metadata.jsonl")
-    sample_geneval(render, lines, out / "geneval", e["images_per_prompt"], progress=False)
-    scores = score_folder(out / "geneval", trust=False)  # the reader's trust: data/prompts/scores.json
-    metrics = {"fid": fid, "geneval": {"overall": scores["overall"],
-                                       **{k: v["accuracy"] for k, v in scores["tasks"].items()}}}
+    held = compose_heldout(data / "images" / "val", data / "prompts", e["fid_images"], e["images_per_prompt"])
+    points = sweep_points(exp)
+    render = TextToImage(model, points[0], int(exp.data["seed"]))
+    records = model_sweep(render, points, held, out / "points", batch_size=64)
+    fixed = records[points.index(SamplingSettings(**e["sampling"]))]
+    metrics = {"fid": fixed["fid"], "geneval": fixed["geneval"], **({"sweep": records} if e["sweep"] else {})}
     saved.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

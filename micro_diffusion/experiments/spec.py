@@ -11,6 +11,9 @@
       - {name: deferred_75_ft, overrides: {...}, then: {fraction: 0.1, overrides: {diffusion.mask_ratio: 0.0}}}
     claims:
       - {name: ..., kind: beats | within, a: VARIANT, b: VARIANT, metric: val_loss | fid | geneval}
+      - {..., metric: fid | geneval, budget: lowest | highest, sampler: NAME | each}
+                                               # on the sweep: each run's best-guidance curve at the lowest or highest
+                                               # sampling budget all runs cover (one claim a sampler for `each`)
     quick: {data: {...}, budget: {...}, eval: {...}, seeds: [...], overrides: {...}, variants: [NAME, ...]}
                                                # what --quick changes; variants keeps a subset (and their claims)
 """
@@ -23,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from ..diffusion.sampling import SAMPLERS
 from ..recipe import RecipeError
 from .verdict import LOWER_IS_BETTER
 
@@ -38,7 +42,10 @@ EVAL = {
     "fid_images": 256,
     "geneval_prompts": 96,
     "images_per_prompt": 2,
+    "sweep": None,  # {samplers, steps, guidances}: every run also sampled on that grid (SWEEP_KEYS)
 }
+SWEEP_KEYS = {"samplers", "steps", "guidances"}
+CLAIM_AT = {"budget": ("lowest", "highest"), "sampler": None}  # optional claim keys: judged on the sweep
 KEYS = {"base_recipe", "data", "budget", "seeds", "eval", "variants", "claims", "quick"}
 VARIANT_KEYS = {"name", "overrides", "narrow_to", "then"}
 
@@ -96,17 +103,49 @@ def _variant(raw: Any, where: str) -> Variant:
     return Variant(str(raw["name"]), dict(raw.get("overrides") or {}), raw.get("narrow_to"), then)
 
 
-def _check_claims(claims: list, names: set[str], where: str) -> list[dict[str, str]]:
+def _check_sweep(sweep: Any, sampling: dict[str, Any], where: str) -> dict[str, list] | None:
+    """The sweep grid: known diffusion samplers, positive steps, guidance scales; it holds the fixed sampling point."""
+    if sweep is None:
+        return None
+    if not isinstance(sweep, dict) or set(sweep) != SWEEP_KEYS or not all(isinstance(v, list) and v
+                                                                          for v in sweep.values()):
+        raise RecipeError(f"{where}: needs non-empty lists samplers, steps, guidances; got {sweep!r}")
+    for sampler in sweep["samplers"]:
+        if sampler not in SAMPLERS or sampler == "consistency":
+            raise RecipeError(f"{where}.samplers: {sampler!r} is not a diffusion sampler (one of "
+                              f"{', '.join(s for s in sorted(SAMPLERS) if s != 'consistency')}); experiments train "
+                              "diffusion models, a consistency student comes from micro-diffusion distill")
+    if any(not isinstance(n, int) or n < 1 for n in sweep["steps"]):
+        raise RecipeError(f"{where}.steps: positive integers, got {sweep['steps']!r}")
+    point = (sampling["sampler"], sampling["steps"], float(sampling["guidance"]))
+    if point[0] not in sweep["samplers"] or point[1] not in sweep["steps"] or \
+            point[2] not in [float(g) for g in sweep["guidances"]]:
+        raise RecipeError(f"{where}: the fixed sampling point {point} (eval.sampling) must be on the grid, whose "
+                          "images then give every run's FID and GenEval-style score")
+    return {"samplers": list(sweep["samplers"]), "steps": [int(n) for n in sweep["steps"]],
+            "guidances": [float(g) for g in sweep["guidances"]]}
+
+
+def _check_claims(claims: list, names: set[str], sweep: dict | None, where: str) -> list[dict[str, str]]:
     out = []
     for i, c in enumerate(claims):
-        if set(c) != {"name", "kind", "a", "b", "metric"}:
-            raise RecipeError(f"{where}.claims[{i}]: needs exactly name, kind, a, b, metric; got {sorted(c)}")
+        at = f"{where}.claims[{i}]"
+        if not {"name", "kind", "a", "b", "metric"} <= set(c) <= {"name", "kind", "a", "b", "metric", *CLAIM_AT}:
+            raise RecipeError(f"{at}: needs name, kind, a, b, metric (and, on the sweep, budget and sampler); "
+                              f"got {sorted(c)}")
         if c["kind"] not in ("beats", "within") or c["metric"] not in LOWER_IS_BETTER:
-            raise RecipeError(f"{where}.claims[{i}]: kind must be beats or within, metric one of "
+            raise RecipeError(f"{at}: kind must be beats or within, metric one of "
                               f"{sorted(LOWER_IS_BETTER)}; got {c['kind']!r}, {c['metric']!r}")
         for side in ("a", "b"):
             if c[side] not in names:
-                raise RecipeError(f"{where}.claims[{i}].{side}: no variant {c[side]!r} (variants: {sorted(names)})")
+                raise RecipeError(f"{at}.{side}: no variant {c[side]!r} (variants: {sorted(names)})")
+        if set(c) & set(CLAIM_AT):
+            if set(CLAIM_AT) - set(c) or sweep is None or c["metric"] == "val_loss":
+                raise RecipeError(f"{at}: a claim at a sampling budget needs budget and sampler, an eval.sweep and "
+                                  f"metric fid or geneval; got {c!r}")
+            if c["budget"] not in CLAIM_AT["budget"] or c["sampler"] not in [*sweep["samplers"], "each"]:
+                raise RecipeError(f"{at}: budget is lowest or highest, sampler one of the sweep's "
+                                  f"{sweep['samplers']} or each; got {c['budget']!r}, {c['sampler']!r}")
         out.append(dict(c))
     return out
 
@@ -150,11 +189,13 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
     for v in variants:
         if v.narrow_to is not None and v.narrow_to not in names:
             raise RecipeError(f"{where}: variant {v.name} narrows to unknown variant {v.narrow_to!r}")
+    evaluation = _section(raw.get("eval", {}), EVAL, f"{where}.eval")
+    evaluation["sweep"] = _check_sweep(evaluation["sweep"], evaluation["sampling"], f"{where}.eval.sweep")
     return Experiment(name=path.stem, path=path, base_recipe=(path.parent / raw["base_recipe"]).resolve(),
                       data=_section(raw.get("data", {}), DATA, f"{where}.data"),
                       budget={k: float(v) for k, v in budget.items()}, seeds=[int(s) for s in raw.get("seeds", [0])],
-                      eval=_section(raw.get("eval", {}), EVAL, f"{where}.eval"), variants=variants,
-                      claims=_check_claims(claims, names, where))
+                      eval=evaluation, variants=variants,
+                      claims=_check_claims(claims, names, evaluation["sweep"], where))
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
