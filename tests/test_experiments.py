@@ -119,7 +119,8 @@ def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file)
     for png in ("val_loss_flops.png", "val_loss_usd.png"):
         assert (quick_runs / name / png).stat().st_size > 1000
     summary = (quick_runs / name / "summary.md").read_text()  # the tables in markdown, for the README
-    assert sum(line.startswith("| --- |") for line in summary.splitlines()) == 2 and all(f"| {c['name']} |" in summary for c in results["claims"])
+    assert sum(line.startswith("| --- |") for line in summary.splitlines()) == 2
+    assert all(f"| {c['name']} |" in summary for c in results["claims"])
 
 
 def test_a_half_finished_experiment_reuses_finished_runs(quick_runs):
