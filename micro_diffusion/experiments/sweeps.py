@@ -11,10 +11,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..eval.envelope import common_range, crossover, envelope, interpolate
-from ..eval.sweep_plots import plot_sweep
+from ..eval.sweep_plots import mean_envelope, plot_sweep
 
 Row = dict[str, Any]  # a results.json variant row
 
@@ -78,16 +76,11 @@ def crossovers(rows: list[Row]) -> list[dict[str, Any]]:
                 s, g = (envelope(next(r for r in swept(rows) if r["name"] == n and r["seed"] == seed)["metrics"]
                                  ["sweep"], metric, sampler) for n in (small, large))
                 pair[seed] = crossover(s, g, metric)
-            mean = [_mean_curve(rows, n, metric, sampler) for n in (small, large)]
+            mean = [mean_envelope([r["metrics"]["sweep"] for r in swept(rows) if r["name"] == n], metric, sampler)[:2]
+                    for n in (small, large)]
             out.append({"sampler": sampler, "metric": metric, "small": small, "large": large,
                         "per_seed": pair, "mean": crossover(*mean, metric)})
     return out
-
-
-def _mean_curve(rows: list[Row], name: str, metric: str, sampler: str) -> tuple[np.ndarray, np.ndarray]:
-    curves = [envelope(r["metrics"]["sweep"], metric, sampler) for r in swept(rows) if r["name"] == name]
-    n = min(len(c[0]) for c in curves)
-    return np.mean([c[0][:n] for c in curves], axis=0), np.mean([c[1][:n] for c in curves], axis=0)
 
 
 def _fmt(flops: float | None) -> str:
