@@ -193,3 +193,11 @@ def test_xformers_attention_matches_sdpa_on_cuda():
 
     q, k, v = (torch.randn(2, 4, 64, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     torch.testing.assert_close(attention(q, k, v), F.scaled_dot_product_attention(q, k, v), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.75])
+def test_compile_traces_the_whole_network_in_one_graph(ratio):
+    """torch.compile (the recipes' train.compile) gets the whole forward as one graph: no break at any block."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(tiny())(*inputs(), mask_ratio=ratio)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

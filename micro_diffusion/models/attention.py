@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -15,37 +14,38 @@ except ImportError:  # pragma: no cover - depends on the install
     xops = None
 
 EXPLICIT_MAX_SCORES = 1024 * 1024  # CPU: query x key tokens up to which the scores are materialised
-_PLAIN = ContextVar("plain_attention", default=False)
-_FUSED = ContextVar("fused_attention", default=False)
+# The attention path forced by the context managers below: a module global, not a ContextVar, because torch.compile
+# traces globals (guarding on their value) but breaks its graph at every ContextVar.get, once per attention call.
+_forced: str | None = None  # None (by device), "plain" or "fused"
 
 
 @contextmanager
-def plain_attention() -> Iterator[None]:
+def _force(path: str) -> Iterator[None]:
+    global _forced
+    previous, _forced = _forced, path
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def plain_attention() -> AbstractContextManager[None]:
     """Attention as three plain products on every device inside the block: forward-mode AD (torch.func.jvp) needs
     them, since the fused kernels (flash, memory-efficient, xformers) have no forward derivative."""
-    token = _PLAIN.set(True)
-    try:
-        yield
-    finally:
-        _PLAIN.reset(token)
+    return _force("plain")
 
 
-@contextmanager
-def fused_attention() -> Iterator[None]:
+def fused_attention() -> AbstractContextManager[None]:
     """torch's fused SDPA on every device inside the block: what a CUDA run keeps for backward (no score matrices),
     for the memory probe (cost/memory.py) on a CPU."""
-    token = _FUSED.set(True)
-    try:
-        yield
-    finally:
-        _FUSED.reset(token)
+    return _force("fused")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over (N, H, T, d) queries and (N, H, L, d) keys and values: (N, H, T, d)."""
-    if _PLAIN.get():
+    if _forced == "plain":
         return _plain(q, k, v)
-    if _FUSED.get():
+    if _forced == "fused":
         return F.scaled_dot_product_attention(q, k, v)
     if q.is_cuda:
         if xops is not None:
