@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("micro_diffusion", "data_prep", "benchmarks")
 # Lowest first. A module may import from its own layer and the layers before it, never from a later one.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("utils", ("micro_diffusion.utils", "micro_diffusion.version")),
+    ("utils", ("micro_diffusion.utils", "micro_diffusion.version", "micro_diffusion.errors")),
     ("models", ("micro_diffusion.models",)),
     ("diffusion", ("micro_diffusion.diffusion",)),
     ("data, encoders", ("micro_diffusion.data", "micro_diffusion.encoders", "micro_diffusion.recipe",

@@ -1,0 +1,53 @@
+"""The project's errors: each kind carries the exit code the command line reports it with (docs/exit-codes.md).
+
+Step functions raise these; only `cli.py` files (and the `python -m` entry points) turn them into one line on stderr
+and an exit code, through `exit_with`. Any other exception is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class MicroDiffusionError(Exception):
+    """A problem the user can fix: the message names the file, key or value and what to do."""
+
+    exit_code = 1  # a step that could not finish (convert with rejected sources, a failed verification)
+
+
+class UsageError(MicroDiffusionError, ValueError):
+    """A bad argument, recipe key or value, or a missing input file."""
+
+    exit_code = 2
+
+
+class NonFiniteLoss(MicroDiffusionError, RuntimeError):
+    """The training loss went NaN or infinite: the last checkpoint is the last good one."""
+
+    exit_code = 3
+
+
+class DataError(MicroDiffusionError):
+    """Damaged data: a shard that fails its size or hash check, or a sample that does not decode."""
+
+    exit_code = 4
+
+
+class Preempted(MicroDiffusionError):
+    """The job was stopped (SIGTERM) after saving a checkpoint; rerun the same command to resume."""
+
+    exit_code = 143  # 128 + SIGTERM
+
+
+EXIT_CODES: dict[int, str] = {0: "success", 1: MicroDiffusionError.__doc__, 2: UsageError.__doc__,
+                              3: NonFiniteLoss.__doc__, 4: DataError.__doc__, 143: Preempted.__doc__}
+
+
+def exit_with(prog: str, fn: Callable[[], int | None]) -> int:
+    """Run a command's body; a project error becomes one line `prog: message` on stderr and its exit code."""
+    try:
+        return int(fn() or 0)
+    except MicroDiffusionError as err:
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+        return err.exit_code

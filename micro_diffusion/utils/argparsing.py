@@ -1,0 +1,35 @@
+"""What every command-line parser of the project shares: help that shows defaults, and renamed flags."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Help that appends each option's default, and keeps descriptions as written."""
+
+
+def parser(prog: str | None = None, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
+    """An ArgumentParser with the project's help formatter."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
+
+
+def subparser(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser with the project's help formatter (help= also becomes its description)."""
+    kwargs.setdefault("description", kwargs.get("help"))
+    return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+
+class _Renamed(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any):
+        self.new = new
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="*", help=argparse.SUPPRESS)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} was renamed: use {self.new}")
+
+
+def renamed(p: argparse.ArgumentParser, old: str, new: str) -> None:
+    """Make an old flag fail with a usage error (exit 2) that names its new spelling."""
+    p.add_argument(old, action=_Renamed, new=new)
