@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import add_out_argument, write_result
-from data_prep import convert
+from data_prep.convert import convert
 
 
 def make_folder(root: Path, n: int, size: tuple[int, int]) -> None:
@@ -46,13 +46,11 @@ def main() -> None:
         src = Path(tmp) / "src"
         src.mkdir()
         make_folder(src, args.images, (args.width, args.height))
-        convert.main(["--format", "folder", "--input", str(src), "--output", str(Path(tmp) / "warm"),
-                      "--workers", "0", "--no-progress"])  # imports streaming once, outside the timing
+        convert(src, Path(tmp) / "warm", "folder", workers=0, progress=False)  # imports streaming once, untimed
         for workers in args.workers:
             out = Path(tmp) / f"out{workers}"
             t0 = time.perf_counter()
-            convert.main(["--format", "folder", "--input", str(src), "--output", str(out), "--workers",
-                          str(workers), "--no-progress"])
+            convert(src, out, "folder", workers=workers, progress=False)
             dt = time.perf_counter() - t0
             runs.append({"workers": workers, "seconds": round(dt, 3), "images_per_s": round(args.images / dt, 1)})
     result = {"benchmark": "convert", "images": args.images, "input_size": [args.width, args.height],

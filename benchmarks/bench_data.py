@@ -74,15 +74,15 @@ def bench_precompute(tmp: Path, n: int) -> dict:
     """data_prep.precompute at 128 px with a tiny 3-level VAE and MiniLM, in this process, on CPU."""
     from diffusers import AutoencoderKL
 
-    from data_prep.precompute import main
+    from data_prep.precompute import precompute
 
     AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                   block_out_channels=(16, 32, 32), latent_channels=4, layers_per_block=1,
                   norm_num_groups=8).save_pretrained(tmp / "vae")
     write_image_shards(tmp / "images", n)
     t0 = time.perf_counter()
-    main(["--input", str(tmp / "images"), "--output", str(tmp / "latents"), "--resolution", "128",
-          "--vae", str(tmp / "vae"), "--text-encoder", "minilm", "--batch-size", "32"])
+    precompute(tmp / "images", tmp / "latents", [128], vae=str(tmp / "vae"), text_encoder="minilm", caption_len=77,
+               batch_size=32)
     secs = time.perf_counter() - t0
     return {"images": n, "resolution": 128, "vae": "tiny AutoencoderKL (16,32,32), downsample 4",
             "text_encoder": "minilm", "seconds_incl_model_load": round(secs, 2), "images_per_s": round(n / secs, 1)}

@@ -40,7 +40,7 @@ def folder_records(input: str | Path) -> Iterator[Record]:
     """Image files under `input` (recursive, sorted), captioned by captions.jsonl if listed there, else by KEY.txt."""
     input = Path(input)
     if not input.is_dir():
-        raise SourceError(f"--input {input}: not a directory (format folder needs a folder of images)")
+        raise SourceError(f"INPUT {input}: not a directory (format folder needs a folder of images)")
     jsonl = input / "captions.jsonl"
     listed = _read_captions_jsonl(jsonl) if jsonl.is_file() else {}
     files = {p.relative_to(input).as_posix() for p in input.rglob("*")
@@ -61,7 +61,7 @@ def coco_records(input: str | Path, annotations: Path | None = None, all_caption
     """COCO caption annotations: one record per image (lowest annotation id) or, with all_captions, per caption."""
     input = Path(input)
     if not input.is_dir():
-        raise SourceError(f"--input {input}: not a directory (format coco needs the images folder)")
+        raise SourceError(f"INPUT {input}: not a directory (format coco needs the images folder)")
     if annotations is None:
         raise SourceError("format coco needs --annotations (e.g. annotations/captions_val2014.json)")
     if not annotations.is_file():
@@ -183,7 +183,7 @@ class Format:
 
     read: Callable[..., Iterator[Record]]
     options: tuple[str, ...] = ()  # convert's option names (dest) passed to `read` as keyword arguments
-    suffixes: tuple[str, ...] | None = None  # set when --input names archive files (a file, folder or pattern)
+    suffixes: tuple[str, ...] | None = None  # set when INPUT names archive files (a file, folder or pattern)
 
 
 FORMATS: dict[str, Format] = {

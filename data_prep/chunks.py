@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from micro_diffusion.data.integrity import check_folder
+from micro_diffusion.errors import MicroDiffusionError
 
 T = TypeVar("T")
 
@@ -99,8 +100,8 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-class ResumeOptionsError(ValueError):
-    """An output folder written with other options than the command's: resuming there would mix two outputs."""
+class ResumeOptionsError(MicroDiffusionError, ValueError):
+    """An output folder written with other options than the command's: resuming there would mix two outputs (exit 1)."""
 
 
 def check_resume_options(root: str | os.PathLike, file_name: str, options: dict[str, Any]) -> None:

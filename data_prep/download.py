@@ -3,11 +3,11 @@
     python -m data_prep.download coco2014 --out data/raw/coco2014 --fraction 0.1
 
 Each dataset is a manifest (where the items are listed), a parser (manifest -> items), a fetch step, and the convert
-command that turns what was fetched into MDS shards (printed at the end, and by --plan-only). The parse and subset
-steps are plain functions that run offline (`--plan-only` writes OUT/plan.jsonl and stops; the hub datasets' file names
-follow their publishers' fixed numbering, so they plan without --manifest). The subset is chosen by a hash of each
-item's key, so it does not depend on the manifest's order and a larger fraction contains every smaller one. Licences
-and tokens, where needed, are the user's to obtain; see each dataset's note.
+command that turns what was fetched into MDS shards (printed at the end, and by --dry-run). The steps are functions:
+`plan_download` (offline once the manifest is here: `--dry-run` writes OUT/plan.jsonl and stops; the hub datasets' file
+names follow their publishers' fixed numbering, so they plan without --manifest) and `download` (the fetch). The
+subset is chosen by a hash of each item's key, so it does not depend on the manifest's order and a larger fraction
+contains every smaller one. Licences and tokens, where needed, are the user's to obtain; see each dataset's note.
 """
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from micro_diffusion.errors import MicroDiffusionError, UsageError, exit_with
+from micro_diffusion.utils.argparsing import parser, renamed
+
+PROG = "data_prep.download"
+
+
+class DownloadError(MicroDiffusionError):
+    """A dataset that cannot be planned or fetched as asked (no manifest, no token, a missing tool): exit 1."""
+
 
 @dataclass(frozen=True)
 class Item:
@@ -42,7 +51,7 @@ class Item:
 def select_fraction(items: list[Item], fraction: float) -> list[Item]:
     """The items whose key hashes into the lowest `fraction` of the hash range (at least one for fraction > 0)."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+        raise UsageError(f"--fraction must be in (0, 1], got {fraction}")
     ranked = sorted(items, key=lambda it: hashlib.sha1(it.key.encode()).hexdigest())
     n = max(1, round(fraction * len(ranked))) if ranked else 0
     return sorted(ranked[:n], key=lambda it: it.key)
@@ -117,11 +126,11 @@ class Dataset:
     manifest_url: str | None
     parse: Callable[[Path], list[Item]]
     note: str
-    convert: tuple[str, ...]  # convert's arguments for what download lays out under OUT ("{out}" is replaced)
+    convert: tuple[str, ...]  # convert's INPUT and options for what download lays out under OUT ("{out}" replaced)
     token: bool = False
     extras: tuple[tuple[str, str], ...] = ()  # (url, dest under OUT): fetched whole beside the items
     listing: Callable[[], list[str]] | None = None  # the hub repo's file names, when --manifest is not given
-    mds: str | None = None  # the stream name of the suggested --output (data/mds/NAME), default the dataset's name
+    mds: str | None = None  # the stream name of the suggested --out (data/mds/NAME), default the dataset's name
 
 
 def _hub(repo: str, path: str) -> tuple[str, str]:
@@ -132,30 +141,30 @@ DATASETS: dict[str, Dataset] = {
     "coco2014": Dataset("http://images.cocodataset.org/annotations/annotations_trainval2014.zip", parse_coco,
                         "manifest: captions_train2014.json inside the annotations zip; images fetched one by one "
                         "from images.cocodataset.org.",
-                        ("--format", "coco", "--input", "{out}/images", "--annotations", "{out}/captions_subset.json")),
+                        ("{out}/images", "--format", "coco", "--annotations", "{out}/captions_subset.json")),
     "cc12m": Dataset("https://storage.googleapis.com/conceptual_12m/cc12m.tsv", parse_cc12m,
                      "images come from the original web hosts via img2dataset (must be on PATH; many URLs are dead).",
-                     ("--format", "webdataset", "--input", "{out}/shards/*.tar")),
+                     ("{out}/shards/*.tar", "--format", "webdataset")),
     "sa1b": Dataset(None, parse_sa1b_links,
                     "needs Meta's licence acceptance at https://ai.meta.com/datasets/segment-anything-downloads/ : "
                     "pass the links file you get there as --manifest. The LLaVA captions (SA1B_caption.tar.gz of hf "
                     "dataset PixArt-alpha/SAM-LLaVA-Captions10M) are fetched beside the tars; convert pairs them with "
                     "the images by file stem.",
-                    ("--format", "sa1b", "--input", "{out}/tars/sa_*.tar", "--captions", "{out}/SA1B_caption.tar.gz"),
+                    ("{out}/tars/sa_*.tar", "--format", "sa1b", "--captions", "{out}/SA1B_caption.tar.gz"),
                     extras=((SA1B_CAPTIONS, "SA1B_caption.tar.gz"),)),
     "journeydb": Dataset(None, hub_listing_parser("JourneyDB/JourneyDB", r"data/train/imgs/\d+\.tgz"),
                          "gated hub dataset JourneyDB/JourneyDB: accept its terms on huggingface.co and set HF_TOKEN. "
                          "Without --manifest (a listing of the repo's files) the plan assumes data/train/imgs/000.tgz "
                          f"to 199.tgz, as the paper's release reads them; the annotations ({JDB_ANNOTATIONS}) are "
                          "fetched too.",
-                         ("--format", "journeydb", "--input", "{out}/data/train/imgs/*.tgz", "--annotations",
+                         ("{out}/data/train/imgs/*.tgz", "--format", "journeydb", "--annotations",
                           f"{{out}}/{JDB_ANNOTATIONS}"),
                          token=True, extras=(_hub("JourneyDB/JourneyDB", JDB_ANNOTATIONS),),
                          listing=_numbered("data/train/imgs/{i:03d}.tgz", range(200))),
     "diffusiondb": Dataset(None, hub_listing_parser("poloclub/diffusiondb", r"images/part-\d{6}\.zip"),
                            "DiffusionDB 2M, hub dataset poloclub/diffusiondb (CC0): 2,000 part zips of 1,000 PNGs "
                            "each with a json of prompts, plus metadata.parquet (prompts and NSFW scores).",
-                           ("--format", "diffusiondb", "--input", "{out}/images/part-*.zip", "--annotations",
+                           ("{out}/images/part-*.zip", "--format", "diffusiondb", "--annotations",
                             "{out}/metadata.parquet"),
                            extras=(_hub("poloclub/diffusiondb", "metadata.parquet"),),
                            listing=_numbered("images/part-{i:06d}.zip", range(1, 2001))),
@@ -163,22 +172,22 @@ DATASETS: dict[str, Dataset] = {
         None, hub_listing_parser("poloclub/diffusiondb", r"diffusiondb-large-part-[12]/part-\d{6}\.zip"),
         "DiffusionDB Large (14M WebP images, the one the paper's mix took 10.7M of), same hub dataset: 14,000 part "
         "zips under diffusiondb-large-part-1/ (1-10000) and -part-2/, plus metadata-large.parquet.",
-        ("--format", "diffusiondb", "--input", "{out}/diffusiondb-large-part-*/part-*.zip", "--annotations",
+        ("{out}/diffusiondb-large-part-*/part-*.zip", "--format", "diffusiondb", "--annotations",
          "{out}/metadata-large.parquet"),
         extras=(_hub("poloclub/diffusiondb", "metadata-large.parquet"),),
         listing=_numbered("diffusiondb-large-part-{half}/part-{i:06d}.zip", range(1, 14001)), mds="diffusiondb"),
     "textcaps": Dataset("https://dl.fbaipublicfiles.com/textvqa/data/textcaps/TextCaps_0.1_train.json",
                         parse_textcaps, "images: one 7 GB zip (train_val_images.zip), fetched whole, selected images "
                         "extracted; captions.jsonl is written beside them.",
-                        ("--format", "folder", "--input", "{out}/images")),
+                        ("{out}/images", "--format", "folder")),
 }
 
 
-def convert_command(name: str, out: Path, output: Path | None = None) -> str:
-    """The convert command for what `download NAME --out OUT` lays out (default --output data/mds/NAME)."""
+def convert_command(name: str, out: Path, mds_out: Path | None = None) -> str:
+    """The convert command for what `download NAME --out OUT` lays out (its --out: mds_out, else data/mds/NAME)."""
     spec = DATASETS[name]
-    output = output if output is not None else Path("data") / "mds" / (spec.mds or name)
-    args = [a.replace("{out}", str(out)) for a in spec.convert] + ["--output", str(output)]
+    mds_out = mds_out if mds_out is not None else Path("data") / "mds" / (spec.mds or name)
+    args = [a.replace("{out}", str(out)) for a in spec.convert] + ["--out", str(mds_out)]
     return "python -m data_prep.convert " + shlex.join(args)
 
 
@@ -190,7 +199,7 @@ def fetch(url: str, dest: Path, token: bool = False) -> None:
     req = urllib.request.Request(url)
     if token:
         if not os.environ.get("HF_TOKEN"):
-            raise SystemExit(f"download: {url} is gated: set HF_TOKEN after accepting the dataset's terms")
+            raise DownloadError(f"{url} is gated: set HF_TOKEN after accepting the dataset's terms")
         req.add_header("Authorization", f"Bearer {os.environ['HF_TOKEN']}")
     tmp = dest.with_name(dest.name + ".part")
     with urllib.request.urlopen(req, timeout=60) as r, open(tmp, "wb") as f:
@@ -203,7 +212,7 @@ def manifest_path(name: str, spec: Dataset, out: Path, given: Path | None) -> Pa
     else downloaded (COCO's captions json is taken out of its zip)."""
     if given is not None:
         if not given.is_file():
-            raise SystemExit(f"download: --manifest {given}: no such file")
+            raise DownloadError(f"--manifest {given}: no such file")
         return given
     if spec.listing is not None:
         listing = out / "manifest" / "files.txt"
@@ -211,7 +220,7 @@ def manifest_path(name: str, spec: Dataset, out: Path, given: Path | None) -> Pa
         listing.write_text("".join(f"{n}\n" for n in spec.listing()), encoding="utf-8")
         return listing
     if spec.manifest_url is None:
-        raise SystemExit(f"download: {name} needs --manifest: {spec.note}")
+        raise DownloadError(f"{name} needs --manifest: {spec.note}")
     raw = out / "manifest" / spec.manifest_url.rsplit("/", 1)[1]
     fetch(spec.manifest_url, raw)
     if name == "coco2014":
@@ -227,6 +236,20 @@ def plan(name: str, manifest: Path, fraction: float) -> list[Item]:
     return select_fraction(DATASETS[name].parse(manifest), fraction)
 
 
+def plan_download(name: str, out: str | Path, fraction: float = 1.0, manifest: str | Path | None = None
+                  ) -> list[Item]:
+    """Find or fetch the manifest of dataset `name`, select the `fraction` subset and write it to OUT/plan.jsonl."""
+    if name not in DATASETS:
+        raise UsageError(f"dataset {name!r}: not one of {', '.join(sorted(DATASETS))}")
+    if not 0.0 < fraction <= 1.0:
+        raise UsageError(f"--fraction must be in (0, 1], got {fraction}")
+    out = Path(out)
+    path = manifest_path(name, DATASETS[name], out, Path(manifest) if manifest is not None else None)
+    items = plan(name, path, fraction)
+    write_plan(items, out)
+    return items
+
+
 def write_plan(items: list[Item], out: Path) -> Path:
     """Write the selected items to OUT/plan.jsonl (what a real run will fetch)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +263,7 @@ def download(name: str, items: list[Item], out: Path) -> None:
     spec = DATASETS[name]
     if name == "cc12m":
         if shutil.which("img2dataset") is None:
-            raise SystemExit("download: cc12m needs img2dataset on PATH (pip install img2dataset)")
+            raise DownloadError("cc12m needs img2dataset on PATH (pip install img2dataset)")
         tsv = out / "subset.tsv"
         tsv.write_text("url\tcaption\n" + "".join(f"{it.url}\t{it.meta['caption']}\n" for it in items))
         subprocess.run(["img2dataset", "--url_list", str(tsv), "--input_format", "tsv", "--url_col", "url",
@@ -254,7 +277,7 @@ def download(name: str, items: list[Item], out: Path) -> None:
             names = set(z.namelist())
             for it in tqdm(items, desc="extract", unit="img"):
                 if it.dest not in names:
-                    raise SystemExit(f"download: {it.dest} not found in train_val_images.zip")
+                    raise DownloadError(f"{it.dest} not found in train_val_images.zip")
                 z.extract(it.dest, out / "images")
         lines = [json.dumps({"file": it.dest, "caption": it.meta["caption"]}) + "\n" for it in items]
         (out / "images" / "captions.jsonl").write_text("".join(lines), encoding="utf-8")
@@ -270,28 +293,33 @@ def download(name: str, items: list[Item], out: Path) -> None:
         (out / "captions_subset.json").write_text(json.dumps(ann), encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m data_prep.download`."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m data_prep.download`."""
     notes = "\n".join(f"  {k}: {v.note}" for k, v in DATASETS.items())
-    p = argparse.ArgumentParser(prog="python -m data_prep.download", description=__doc__.split("\n\n")[0],
-                                epilog="datasets:\n" + notes, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=sorted(DATASETS))
+    p = parser(f"python -m {PROG}", __doc__.split("\n\n")[0], epilog="datasets:\n" + notes)
+    p.add_argument("dataset", choices=sorted(DATASETS), metavar="DATASET", help=", ".join(sorted(DATASETS)))
     p.add_argument("--out", required=True, type=Path, help="download folder")
     p.add_argument("--fraction", type=float, default=1.0, help="share of the manifest to fetch, in (0, 1]")
     p.add_argument("--manifest", type=Path, help="local manifest / links file / hub file listing")
-    p.add_argument("--plan-only", action="store_true", help="write OUT/plan.jsonl and stop (no download)")
-    args = p.parse_args(argv)
-    if not 0.0 < args.fraction <= 1.0:
-        p.error(f"--fraction must be in (0, 1], got {args.fraction}")
-    manifest = manifest_path(args.dataset, DATASETS[args.dataset], args.out, args.manifest)
-    items = plan(args.dataset, manifest, args.fraction)
-    path = write_plan(items, args.out)
-    print(f"download: {len(items)} items of {args.dataset} planned in {path}")
-    if not args.plan_only:
-        download(args.dataset, items, args.out)
-    print(f"download: {'after the download, ' if args.plan_only else ''}convert with:\n"
-          f"  {convert_command(args.dataset, args.out)}")
-    return 0
+    p.add_argument("--dry-run", action="store_true", help="write OUT/plan.jsonl and stop (no download)")
+    renamed(p, "--plan-only", "--dry-run")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m data_prep.download`: parse argv, plan, fetch unless --dry-run."""
+    args = build_parser().parse_args(argv)
+
+    def run() -> int:
+        items = plan_download(args.dataset, args.out, args.fraction, args.manifest)
+        print(f"download: {len(items)} items of {args.dataset} planned in {args.out / 'plan.jsonl'}")
+        if not args.dry_run:
+            download(args.dataset, items, args.out)
+        print(f"download: {'after the download, ' if args.dry_run else ''}convert with:\n"
+              f"  {convert_command(args.dataset, args.out)}")
+        return 0
+
+    return exit_with(PROG, run)
 
 
 if __name__ == "__main__":

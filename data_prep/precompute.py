@@ -1,16 +1,19 @@
 """Precompute VAE latents and caption embeddings: MDS image shards -> MDS latent shards, resumably, one rank per GPU.
 
-    python -m data_prep.precompute --input data/coco_mds --output data/coco_latents --resolution 256 512 \\
+    python -m data_prep.precompute data/coco_mds --out data/coco_latents --resolution 256 512 \\
         --vae madebyollin/sdxl-vae-fp16-fix --text-encoder open_clip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378 \\
         --device cuda --dtype bfloat16          # under `composer -n 8` or torchrun: one process per GPU
 
 Samples are cut in input order into --chunk-size chunks; chunk k goes to rank k % world_size and is written as its own
 MDS sub-directory with a done marker (data_prep/chunks.py), so ranks never share a file and a re-run skips committed
 chunks. When every rank is done, rank 0 (or, with --workers, the parent) merges the chunk indexes into one index.json.
+The step is `precompute(...)`; `main` only parses the command line. The VAE and text encoder default to hub models,
+downloaded on first use (several GB); a local folder or `minilm` avoids that.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import io
 import json
@@ -18,6 +21,8 @@ import math
 import multiprocessing
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,10 @@ from micro_diffusion.data.schema import (
     latent_column,
 )
 from micro_diffusion.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, load_text_encoder, load_vae
+from micro_diffusion.errors import DataError, MicroDiffusionError, UsageError, exit_with
+from micro_diffusion.utils.argparsing import parser, renamed
+
+PROG = "data_prep.precompute"
 
 OPTIONS_FILE = "precompute_options.json"
 SUMMARY_FILE = "precompute_summary.json"
@@ -49,28 +58,25 @@ _RESUME_KEYS = ("input", "resolution", "vae", "text_encoder", "caption_len", "dt
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options of the precompute step."""
-    p = argparse.ArgumentParser(prog="python -m data_prep.precompute", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", required=True, type=Path, help="MDS image shards (data_prep.convert output)")
-    p.add_argument("--output", required=True, type=Path, help="output folder of MDS latent shards")
-    p.add_argument("--resolution", required=True, type=int, nargs="+", help="image sizes to encode, e.g. 256 512")
-    p.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL hub id or local folder")
-    p.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER, help="open_clip:<model>[:<pretrained>], "
-                   "minilm, or a local transformers folder")
-    p.add_argument("--caption-len", type=int, default=77, help="caption tokens kept (padded or truncated)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: this rank's GPU (LOCAL_RANK)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="encoder weight/compute dtype")
-    p.add_argument("--workers", type=int, default=1, help="CPU processes spawned here (not with torchrun ranks)")
-    p.add_argument("--decode-workers", type=int, default=0, help="image-decoding processes per rank")
-    p.add_argument("--chunk-size", type=int, default=2048, help="samples per resumable chunk (part-NNNNN/)")
-    p.add_argument("--shard-size", type=int, default=1 << 26, help="MDS shard size limit in bytes")
-    p.add_argument("--verify-hashes", action="store_true",
-                   help="on a re-run, check the hash of every committed chunk (not only its size) and rewrite those "
-                        "that fail")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+@dataclass(frozen=True)
+class Job:
+    """The options of one precompute run (picklable: --workers hands it to spawned processes)."""
+
+    input: Path
+    output: Path
+    resolution: tuple[int, ...]
+    vae: str
+    text_encoder: str
+    caption_len: int
+    batch_size: int
+    device: str
+    dtype: str
+    workers: int
+    decode_workers: int
+    chunk_size: int
+    shard_size: int
+    verify_hashes: bool
+    progress: bool
 
 
 def crop_resize(image: Image.Image, res: int) -> torch.Tensor:
@@ -101,7 +107,7 @@ class ImageSamples(Dataset):
         try:
             image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
         except OSError as err:
-            raise ValueError(f"sample {self.start + i} (id {sample.get('id')!r}): unreadable image: {err}") from err
+            raise DataError(f"sample {self.start + i} (id {sample.get('id')!r}): unreadable image: {err}") from err
         out = {f"image_{r}": crop_resize(image, r) for r in self.resolutions}
         out.update({f"upscaled_{r}": min(image.size) < r for r in self.resolutions})
         out.update({CAPTION: sample[CAPTION], SAMPLE_ID: sample[SAMPLE_ID]})
@@ -111,14 +117,14 @@ class ImageSamples(Dataset):
 def open_input(path: Path) -> LocalDataset:
     """The image shards at `path`, checked for the columns precompute reads."""
     if not (path / "index.json").is_file():
-        raise FileNotFoundError(f"no MDS index at {path / 'index.json'} (run data_prep.convert first)")
+        raise UsageError(f"INPUT: no MDS index at {path / 'index.json'} (run data_prep.convert first)")
     source = LocalDataset(str(path))
     for shard in source.shards:
         missing = {"image", CAPTION, SAMPLE_ID} - set(shard.column_names)
         if missing:
-            raise KeyError(f"{path}: shard {shard.raw_data.basename} lacks columns {sorted(missing)}")
+            raise UsageError(f"{path}: shard {shard.raw_data.basename} lacks columns {sorted(missing)}")
         if shard.compression:
-            raise ValueError(f"{path}: shard {shard.raw_data.basename} is compressed ({shard.compression}); "
+            raise UsageError(f"{path}: shard {shard.raw_data.basename} is compressed ({shard.compression}); "
                              "precompute reads uncompressed image shards")
     return source
 
@@ -128,7 +134,7 @@ def columns_for(vae, text, resolutions: list[int]) -> dict[str, str]:
     cols = {}
     for r in resolutions:
         if r % vae.downsample:
-            raise ValueError(f"--resolution {r} is not a multiple of the VAE's downsampling factor {vae.downsample}")
+            raise UsageError(f"--resolution {r} is not a multiple of the VAE's downsampling factor {vae.downsample}")
         spec = ArraySpec(np.dtype("float16"), (vae.latent_channels, r // vae.downsample, r // vae.downsample))
         cols[latent_column(r)] = spec.encoding()
     cols[CAPTION_EMB] = ArraySpec(np.dtype("float16"), (text.caption_len, text.dim)).encoding()
@@ -136,20 +142,21 @@ def columns_for(vae, text, resolutions: list[int]) -> dict[str, str]:
     return cols
 
 
-def encoders_info(args: argparse.Namespace, vae, text) -> dict[str, Any]:
+def encoders_info(args: Job, vae, text) -> dict[str, Any]:
     """The encoders.json content (docs/interfaces.md)."""
     return {"vae": args.vae, "scaling_factor": vae.scaling_factor, "latent_channels": vae.latent_channels,
             "downsample": vae.downsample, "text_encoder": text.name, "caption_len": text.caption_len,
             "caption_dim": text.dim, "resolutions": list(args.resolution)}
 
 
-def check_options(args: argparse.Namespace) -> None:
+def check_options(args: Job) -> None:
     """Record the options that shape the output; refuse to resume a run made with different ones."""
-    opts = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in _RESUME_KEYS}
+    opts = {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(args).items() if k in _RESUME_KEYS}
     chunks.check_resume_options(args.output, OPTIONS_FILE, opts)
 
 
-def write_chunk(args, k: int, source: LocalDataset, vae, text, columns: dict[str, str], bar: tqdm) -> None:
+def write_chunk(args: Job, k: int, source: LocalDataset, vae, text, columns: dict[str, str], bar: tqdm) -> None:
     """Encode samples of chunk k and commit it with a done marker."""
     start, stop = k * args.chunk_size, min((k + 1) * args.chunk_size, len(source))
     part = chunks.start_chunk(args.output, k)
@@ -171,7 +178,7 @@ def write_chunk(args, k: int, source: LocalDataset, vae, text, columns: dict[str
                                       "upscaled": upscaled})
 
 
-def run_rank(args: argparse.Namespace, rank: int, world: int) -> tuple[Any, Any]:
+def run_rank(args: Job, rank: int, world: int) -> tuple[Any, Any]:
     """Encode this rank's chunks (k % world == rank); return the loaded (vae, text encoder)."""
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
     dtype = DTYPES[args.dtype]
@@ -185,17 +192,17 @@ def run_rank(args: argparse.Namespace, rank: int, world: int) -> tuple[Any, Any]
     for k in sorted(set(mine) - set(todo)):
         payload = chunks.read_done(args.output, k)
         if payload.get("chunk_size") != args.chunk_size:
-            raise ValueError(f"{chunks.done_path(args.output, k)} was written with chunk size "
+            raise chunks.ResumeOptionsError(f"{chunks.done_path(args.output, k)} was written with chunk size "
                              f"{payload.get('chunk_size')}, not {args.chunk_size}")
     total = sum(min((k + 1) * args.chunk_size, len(source)) - k * args.chunk_size for k in todo)
     with tqdm(total=total, unit="img", desc=f"precompute rank {rank}/{world}", position=rank,
-              disable=args.no_progress) as bar:
+              disable=not args.progress) as bar:
         for k in todo:
             write_chunk(args, k, source, vae, text, columns, bar)
     return vae, text
 
 
-def summary(args: argparse.Namespace) -> dict[str, Any]:
+def summary(args: Job) -> dict[str, Any]:
     """Samples written and, per resolution, how many images had a short side below it (upscaled), from the markers."""
     out: dict[str, Any] = {"samples": 0, "chunks": 0, "upscaled": dict.fromkeys(map(str, args.resolution), 0)}
     for k in chunks.done_chunks(args.output):
@@ -207,7 +214,7 @@ def summary(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def finish(args: argparse.Namespace, vae, text) -> None:
+def finish(args: Job, vae, text) -> dict[str, Any]:
     """Merge chunk indexes; write null_caption.npy, encoders.json and precompute_summary.json beside the shards."""
     chunks.merge_chunks(args.output)
     counts = summary(args)
@@ -219,22 +226,39 @@ def finish(args: argparse.Namespace, vae, text) -> None:
     np.save(tmp, null)
     os.replace(tmp, args.output / NULL_CAPTION_FILE)
     chunks.write_atomic(args.output / ENCODERS_FILE, json.dumps(encoders_info(args, vae, text), indent=1))
+    return counts
 
 
-def _spawned_rank(args: argparse.Namespace, rank: int, world: int) -> None:
+def _spawned_rank(args: Job, rank: int, world: int) -> None:
     """Entry of a --workers CPU process: share the cores, encode its chunks."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     run_rank(args, rank, world)
 
 
-def run(args: argparse.Namespace) -> None:
+def precompute(input: str | Path, out: str | Path, resolutions: Sequence[int], *, vae: str, text_encoder: str,
+               caption_len: int, batch_size: int = 32, device: str = "cpu", dtype: str = "float32", workers: int = 1,
+               decode_workers: int = 0, chunk_size: int = 2048, shard_size: int = 1 << 26,
+               verify_hashes: bool = False, progress: bool = True) -> dict[str, Any] | None:
+    """Encode the image shards at `input` into latent shards at `out`, in this process, torchrun ranks or `workers`
+    spawned CPU processes; return the summary (samples, chunks, upscaled per resolution) on the rank that merged, else
+    None. `vae` and `text_encoder` name hub models or local folders (see micro_diffusion.encoders)."""
+    if dtype not in DTYPES or device not in ("cpu", "cuda"):
+        raise UsageError(f"device {device!r} / dtype {dtype!r}: expected cpu|cuda and one of {', '.join(DTYPES)}")
+    if not resolutions:
+        raise UsageError("--resolution: give at least one image size")
+    args = Job(Path(input), Path(out), tuple(int(r) for r in resolutions), vae, text_encoder, caption_len, batch_size,
+               device, dtype, workers, decode_workers, chunk_size, shard_size, verify_hashes, progress)
+    return _run(args)
+
+
+def _run(args: Job) -> dict[str, Any] | None:
     """Precompute in this process, in torchrun ranks, or in --workers spawned CPU processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if args.workers < 1 or args.batch_size < 1 or args.chunk_size < 1:
-        raise ValueError("--workers, --batch-size and --chunk-size must be at least 1")
+        raise UsageError("--workers, --batch-size and --chunk-size must be at least 1")
     if args.workers > 1 and (world > 1 or args.device == "cuda"):
-        raise ValueError("--workers spawns CPU processes; on GPUs launch one process per GPU (composer -n / torchrun)")
+        raise UsageError("--workers spawns CPU processes; on GPUs launch one process per GPU (composer -n / torchrun)")
     if rank == 0:
         check_options(args)
         chunks.remove_unfinished(args.output)
@@ -248,11 +272,10 @@ def run(args: argparse.Namespace) -> None:
         for r, p in enumerate(procs):
             p.join()
             if p.exitcode != 0:
-                raise RuntimeError(f"precompute worker {r} failed with exit code {p.exitcode}")
+                raise MicroDiffusionError(f"precompute worker {r} failed with exit code {p.exitcode}")
         vae = load_vae(args.vae, dtype=DTYPES[args.dtype])
         text = load_text_encoder(args.text_encoder, dtype=DTYPES[args.dtype], caption_len=args.caption_len)
-        finish(args, vae, text)
-        return
+        return finish(args, vae, text)
     if world > 1 and not torch.distributed.is_initialized():
         # A day's timeout: ranks wait at the barrier for the slowest one to finish its chunks.
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
@@ -261,14 +284,47 @@ def run(args: argparse.Namespace) -> None:
     vae, text = run_rank(args, rank, world)
     if world > 1:
         torch.distributed.barrier()  # every chunk is committed before the merge
-    if rank == 0:
-        finish(args, vae, text)
+    return finish(args, vae, text) if rank == 0 else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m data_prep.precompute`."""
+    p = parser(f"python -m {PROG}", __doc__.split("\n\n")[0])
+    p.add_argument("input", metavar="INPUT", type=Path, help="MDS image shards (data_prep.convert output)")
+    p.add_argument("--out", required=True, type=Path, help="output folder of MDS latent shards")
+    renamed(p, "--input", "the positional INPUT (give INPUT as the first argument)")
+    renamed(p, "--output", "--out")
+    p.add_argument("--resolution", required=True, type=int, nargs="+", help="image sizes to encode, e.g. 256 512")
+    p.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL: a hub id (downloaded on first use) or a local "
+                   "folder")
+    p.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER, help="open_clip:<model>[:<pretrained>] (hub "
+                   "weights, downloaded on first use), minilm, or a local transformers folder")
+    p.add_argument("--caption-len", type=int, default=77, help="caption tokens kept (padded or truncated)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per encoder batch")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: this rank's GPU (LOCAL_RANK)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="encoder weight/compute dtype")
+    p.add_argument("--workers", type=int, default=1, help="CPU processes spawned here (not with torchrun ranks)")
+    p.add_argument("--decode-workers", type=int, default=0, help="image-decoding processes per rank")
+    p.add_argument("--chunk-size", type=int, default=2048, help="samples per resumable chunk (part-NNNNN/)")
+    p.add_argument("--shard-size", type=int, default=1 << 26, help="MDS shard size limit in bytes")
+    p.add_argument("--verify-hashes", action="store_true",
+                   help="on a re-run, check the hash of every committed chunk (not only its size) and rewrite those "
+                        "that fail")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point."""
-    run(parse_args(argv))
-    return 0
+    """Entry point: parse argv and run `precompute`; exit 0, or the project's exit code for a failed step."""
+    args = vars(build_parser().parse_args(argv))
+    args["resolutions"] = args.pop("resolution")
+    args["progress"] = not args.pop("no_progress")
+
+    def run() -> int:
+        precompute(**args)
+        return 0
+
+    return exit_with(PROG, run)
 
 
 if __name__ == "__main__":

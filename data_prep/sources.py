@@ -1,6 +1,6 @@
 """What every adapter shares: the Record it yields, SourceError, and reading archives in place.
 
-`input_paths` turns an --input into the archive files it names (one file, a folder, brace patterns, shell globs);
+`input_paths` turns an INPUT into the archive files it names (one file, a folder, brace patterns, shell globs);
 `tar_files` streams the files of a tar of any compression without unpacking it to disk, so a truncated archive costs
 only its damaged tail.
 """
@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from micro_diffusion.errors import MicroDiffusionError
 
-class SourceError(Exception):
-    """The input as a whole cannot be read (wrong path, malformed annotation file): the run stops."""
+
+class SourceError(MicroDiffusionError):
+    """The input as a whole cannot be read (wrong path, malformed annotation file): the run stops (exit 1)."""
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,12 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 def is_pattern(text: str) -> bool:
-    """True when --input is a brace pattern or a shell glob rather than one path."""
+    """True when INPUT is a brace pattern or a shell glob rather than one path."""
     return "{" in text or bool(_GLOB_RE.search(text))
 
 
 def input_paths(input: str | Path, suffixes: tuple[str, ...], what: str) -> list[Path]:
-    """Archive files named by --input, in a fixed order.
+    """Archive files named by INPUT, in a fixed order.
 
     One file; a folder (its files ending in `suffixes`, sorted); or a pattern: braces are expanded first
     (`{00000..00099}.tar`: every expansion must exist), then shell globs (`sa_*.tar`, `**`: each must match at least
@@ -74,14 +76,14 @@ def input_paths(input: str | Path, suffixes: tuple[str, ...], what: str) -> list
             if _GLOB_RE.search(pattern):
                 matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
                 if not matches:
-                    raise SourceError(f"--input {text}: no file matches {pattern}")
+                    raise SourceError(f"INPUT {text}: no file matches {pattern}")
                 paths += matches
             elif Path(pattern).is_file():
                 paths.append(Path(pattern))
             else:
                 missing.append(pattern)
         if missing:
-            raise SourceError(f"--input {text}: {len(missing)} expanded {what}(s) missing, first {missing[0]}")
+            raise SourceError(f"INPUT {text}: {len(missing)} expanded {what}(s) missing, first {missing[0]}")
         return list(dict.fromkeys(paths))
     path = Path(text)
     if path.is_file():
@@ -89,9 +91,9 @@ def input_paths(input: str | Path, suffixes: tuple[str, ...], what: str) -> list
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(suffixes))
         if not files:
-            raise SourceError(f"--input {text}: no {' or '.join(suffixes)} files in this folder")
+            raise SourceError(f"INPUT {text}: no {' or '.join(suffixes)} files in this folder")
         return files
-    raise SourceError(f"--input {text}: no such file or folder")
+    raise SourceError(f"INPUT {text}: no such file or folder")
 
 
 # What a damaged tar, gzip or bzip2 stream raises while it is read sequentially.

@@ -10,6 +10,7 @@ from PIL import Image
 from test_convert import read_mds
 
 from micro_diffusion.cli import main
+from micro_diffusion.data.compose import compose
 from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.geneval import read_layout, read_prompts_file, write_prompt, write_sample
 from micro_diffusion.data.scenes import (
@@ -22,6 +23,7 @@ from micro_diffusion.data.scenes import (
     split_prompt,
     split_scene,
 )
+from micro_diffusion.errors import UsageError
 
 
 def test_scenes_are_deterministic_per_seed_and_differ_across_seeds():
@@ -100,7 +102,7 @@ def test_captions_use_genevals_templates():
     assert seen["colors"]["prompt"] == f"a photo of {article} {c['color']} {c['class']}"
 
 
-def test_compose_folder_is_read_by_convert(tmp_path):
+def test_compose_folder_is_read_by_convert(tmp_path, capsys):
     from data_prep import convert
 
 
@@ -115,15 +117,26 @@ def test_compose_folder_is_read_by_convert(tmp_path):
         assert np.array_equal(np.asarray(Image.open(png)), render_scene(split_scene("train", 5, int(png.stem[-6:]),
                                                                                       32)))
     mds = tmp_path / "mds"
-    assert convert.main(["--format", "folder", "--input", str(out), "--output", str(mds), "--min-size", "32",
-                         "--workers", "0", "--no-progress"]) == 0
+    assert convert.main([str(out), "--format", "folder", "--out", str(mds), "--min-size", "32", "--workers", "0",
+                         "--no-progress"]) == 0
     samples = read_mds(mds)
     assert len(samples) == 12 and {s["caption"] for s in samples.values()} == {r["metadata"]["prompt"] for r in records}
-    with pytest.raises(FileExistsError, match="already exists"):  # nothing written before is overwritten
-        main(["data", "compose", "--out", str(out), "--count", "2", "--seed", "5"])
+    with pytest.raises(UsageError, match="already exists"):  # nothing written before is overwritten
+        compose(out, 2, 5)
     with pytest.raises(ValueError, match="--images-per-prompt only applies"):
-        main(["data", "compose", "--out", str(tmp_path / "x"), "--count", "2", "--seed", "5",
-              "--images-per-prompt", "2"])
+        compose(tmp_path / "x", 2, 5, images_per_prompt=2)
+    # the command reports both as usage errors (exit 2, one line); the old layout name fails naming the new one
+    assert main(["data", "compose", "--out", str(out), "--count", "2", "--seed", "5"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["data", "compose", "--out", str(tmp_path / "x"), "--count", "2", "--seed", "5",
+                 "--images-per-prompt", "2"]) == 2
+    assert "--images-per-prompt only applies" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "compose", "--out", str(tmp_path / "y"), "--count", "2", "--seed", "5", "--layout", "folder"])
+    assert stop.value.code == 2 and "use --layout flat" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "compose", "--help"])
+    assert stop.value.code == 0 and "default: flat" in capsys.readouterr().out
 
 
 def test_geneval_layout_round_trips(tmp_path):

@@ -58,12 +58,21 @@ def check_sizes(samples: dict[str, dict], max_side: int) -> None:
         assert min(im.size) <= max_side
 
 
-def run_convert(*argv: str) -> dict:
-    """Run convert in this process; return its summary. Test images are small on purpose: no --min-size unless given."""
+def run_convert(input: str | Path, out: Path, format: str, **options) -> dict:
+    """Run convert in this process; return its summary. Test images are small on purpose: no min_size unless given."""
+    options.setdefault("min_size", 0)
+    result = convert.convert(input, out, format, progress=False, **options)
+    summary = json.loads((Path(out) / "convert_summary.json").read_text())
+    assert result.summary() == summary and result.out == Path(out)
+    return summary
+
+
+def run_convert_cli(*argv: str) -> dict:
+    """Run `python -m data_prep.convert INPUT ...` in this process; return its summary (no --min-size unless given)."""
     if "--min-size" not in argv:
         argv = (*argv, "--min-size", 0)
     assert convert.main(["--no-progress", *map(str, argv)]) == 0
-    out = Path(argv[argv.index("--output") + 1])
+    out = Path(argv[argv.index("--out") + 1])
     return json.loads((out / "convert_summary.json").read_text())
 
 
@@ -78,7 +87,7 @@ def test_folder_txt_and_captions_jsonl(tmp_path):
     (src / "captions.jsonl").write_text(json.dumps({"file": "small.jpg", "caption": "jsonl wins"}) + "\n"
                                         + json.dumps({"file": "only_jsonl.jpg", "caption": "jsonl only"}) + "\n")
     out = tmp_path / "out"
-    summary = run_convert("--format", "folder", "--input", src, "--output", out, "--max-side", 64, "--workers", 0)
+    summary = run_convert(src, out, "folder", max_side=64, workers=0)
     samples = read_mds(out)
     assert {k: s["caption"] for k, s in samples.items()} == {
         "a/b/big": "from txt", "small": "jsonl wins", "only_jsonl": "jsonl only"}
@@ -89,13 +98,12 @@ def test_folder_txt_and_captions_jsonl(tmp_path):
     assert summary["written_by_fix"] == {"downscaled": 1, "unchanged": 2}
 
     crop = tmp_path / "crop"
-    run_convert("--format", "folder", "--input", src, "--output", crop, "--center-crop-resize", 32, "--workers", 0)
+    run_convert(src, crop, "folder", center_crop_resize=32, workers=0)
     assert {(s["width"], s["height"]) for s in read_mds(crop).values()} == {(32, 32)}
 
     # The default --min-size (64 px, for photographs) rejects the 40x50 and 70x60 images; the shards carry hashes.
     default = tmp_path / "default"
-    assert convert.main(["--no-progress", "--format", "folder", "--input", str(src), "--output", str(default),
-                         "--workers", "0"]) == 0
+    assert convert.main([str(src), "--no-progress", "--format", "folder", "--out", str(default), "--workers", "0"]) == 0
     assert set(read_mds(default)) == {"a/b/big"} and convert.MIN_SIZE >= 64
     rejected = [json.loads(x) for x in (default / "rejected.jsonl").read_text().splitlines()]
     assert sorted((r["id"], r["reason"]) for r in rejected) == [("only_jsonl", "too_small"), ("small", "too_small")]
@@ -106,8 +114,8 @@ def test_folder_txt_and_captions_jsonl(tmp_path):
     good = shard.read_bytes()
     shard.write_bytes(good[:-16] + b"\xff" * 16)
     assert "(corrupted)" in check_folder(default, hashes=True)[0]
-    assert convert.main(["--no-progress", "--format", "folder", "--input", str(src), "--output", str(default),
-                         "--workers", "0", "--verify-hashes"]) == 0
+    assert convert.main([str(src), "--no-progress", "--format", "folder", "--out", str(default), "--workers", "0",
+                         "--verify-hashes"]) == 0
     assert check_folder(default, hashes=True) == [] and shard.read_bytes() == good
 
 
@@ -122,15 +130,14 @@ def test_coco_first_caption_and_all_captions(tmp_path):
     ann_file = tmp_path / "captions_val2014.json"
     ann_file.write_text(json.dumps(ann))
     out = tmp_path / "out"
-    summary = run_convert("--format", "coco", "--input", images, "--output", out, "--annotations", ann_file)
+    summary = run_convert(images, out, "coco", annotations=ann_file)
     samples = read_mds(out)
     assert {k: s["caption"] for k, s in samples.items()} == {"1": "one", "2": "two"}
     assert summary["rejected_by_reason"] == {"missing_caption": 1}
     check_sizes(samples, 512)
 
     out_all = tmp_path / "out_all"
-    run_convert("--format", "coco", "--input", images, "--output", out_all, "--annotations", ann_file,
-                "--all-captions")
+    run_convert(images, out_all, "coco", annotations=ann_file, all_captions=True)
     assert {k: s["caption"] for k, s in read_mds(out_all).items()} == {"1_10": "one", "1_30": "one late",
                                                                          "2_20": "two"}
 
@@ -156,7 +163,7 @@ def test_webdataset_tars_and_brace_pattern(tmp_path):
         members.append(("000099999.json", b"{}"))  # a failed download: metadata, no image
         write_tar(shards / f"{t:05d}.tar", members)
     out = tmp_path / "out"
-    summary = run_convert("--format", "webdataset", "--input", f"{shards}/{{00000..00001}}.tar", "--output", out)
+    summary = run_convert(f"{shards}/{{00000..00001}}.tar", out, "webdataset")
     samples = read_mds(out)
     assert len(samples) == 6 and all(s["caption"] == f"cap {k}" for k, s in samples.items())
     check_sizes(samples, 512)
@@ -166,7 +173,7 @@ def test_webdataset_tars_and_brace_pattern(tmp_path):
     write_tar(cut, [("k1.jpg", image_bytes(48, 40)), ("k1.txt", b"kept"), ("k2.jpg", image_bytes(400, 300))])
     cut.write_bytes(cut.read_bytes()[:60_000])  # cut inside the ~100 KB k2.jpg
     out_dir = tmp_path / "out_dir"
-    summary = run_convert("--format", "webdataset", "--input", shards, "--output", out_dir)
+    summary = run_convert(shards, out_dir, "webdataset")
     assert set(read_mds(out_dir)) == set(samples) | {"k1"}
     assert summary["rejected_by_reason"] == {"missing_image": 2, "corrupt_tar": 1}
 
@@ -179,7 +186,7 @@ def test_parquet(tmp_path):
                       "jpg": [image_bytes(40, 40, seed=0), image_bytes(50, 40, seed=1)]})
     pq.write_table(table, tmp_path / "part.parquet")
     out = tmp_path / "out"
-    run_convert("--format", "parquet", "--input", tmp_path / "part.parquet", "--output", out)
+    run_convert(tmp_path / "part.parquet", out, "parquet")
     assert {k: s["caption"] for k, s in read_mds(out).items()} == {"k0": "first", "k1": "second"}
 
 
@@ -245,8 +252,8 @@ def make_bad_inputs(src: Path) -> tuple[dict[str, str], dict[str, str], int]:
 def test_bad_inputs_are_fixed_or_rejected_exactly_once(tmp_path):
     written, rejected, n_inputs = make_bad_inputs(tmp_path / "src")
     out = tmp_path / "out"
-    summary = run_convert("--format", "folder", "--input", tmp_path / "src", "--output", out, "--min-size", 16,
-                          "--max-pixels", 20000, "--max-caption-chars", 100, "--workers", 2, "--chunk-size", 7)
+    summary = run_convert(tmp_path / "src", out, "folder", min_size=16, max_pixels=20000, max_caption_chars=100,
+                          workers=2, chunk_size=7)
     samples = read_mds(out)
     assert set(samples) == set(written)
     check_sizes(samples, 512)
@@ -281,10 +288,10 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path):
         (src / f"{i:03d}.txt").write_text(f"caption {i}")
     (src / "zz_bad.jpg").write_bytes(b"not an image")
     (src / "zz_bad.txt").write_text("bad")
-    argv = ["--format", "folder", "--input", str(src), "--max-side", 96, "--chunk-size", 4, "--workers", 1,
+    argv = [str(src), "--format", "folder", "--max-side", 96, "--chunk-size", 4, "--workers", 1,
             "--min-size", 64, "--no-progress"]
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_prep.convert", *map(str, argv), "--output", str(out)]
+    cmd = [sys.executable, "-m", "data_prep.convert", *map(str, argv), "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while not (out / "part-00000.done").exists():
@@ -294,10 +301,10 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (out / "index.json").exists() and len(list(out.glob("*.done"))) < 11  # killed mid-run
-    run_convert(*argv, "--output", out)  # the same command again, in this process to skip a second torch import
+    run_convert_cli(*argv, "--out", out)  # the same command again, in this process to skip a second torch import
 
     ref = tmp_path / "ref"
-    run_convert(*argv, "--output", ref)
+    run_convert_cli(*argv, "--out", ref)
     assert sample_set(out) == sample_set(ref)
     assert len(sample_set(ref)) == 40
     lines = (out / "rejected.jsonl").read_text().splitlines()
@@ -306,21 +313,21 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path):
 
 def test_command_errors_name_the_problem(tmp_path, capsys):
     missing = tmp_path / "no_such_dir"
-    assert convert.main(["--format", "folder", "--input", str(missing), "--output", str(tmp_path / "o")]) == 1
+    assert convert.main([str(missing), "--format", "folder", "--out", str(tmp_path / "o")]) == 1
     assert str(missing) in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        convert.main(["--format", "tiff_stack", "--input", str(tmp_path), "--output", str(tmp_path / "o")])
+        convert.main([str(tmp_path), "--format", "tiff_stack", "--out", str(tmp_path / "o")])
     assert e.value.code != 0 and "tiff_stack" in capsys.readouterr().err
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     src = tmp_path / "src"
     src.mkdir()
-    assert convert.main(["--format", "folder", "--input", str(src), "--output", str(blocker / "out")]) == 1
+    assert convert.main([str(src), "--format", "folder", "--out", str(blocker / "out")]) == 1
     assert str(blocker / "out") in capsys.readouterr().err
-    assert convert.main(["--format", "coco", "--input", str(src), "--output", str(tmp_path / "o2")]) == 1
+    assert convert.main([str(src), "--format", "coco", "--out", str(tmp_path / "o2")]) == 1
     assert "--annotations" in capsys.readouterr().err
     (src / "captions.jsonl").write_text('{"file": "x.jpg"}\n')
-    assert convert.main(["--format", "folder", "--input", str(src), "--output", str(tmp_path / "o3")]) == 1
+    assert convert.main([str(src), "--format", "folder", "--out", str(tmp_path / "o3")]) == 1
     assert f"{src / 'captions.jsonl'}:1" in capsys.readouterr().err
 
 
@@ -342,7 +349,7 @@ def test_download_manifests_and_fraction(tmp_path, capsys):
                        for i in range(10)],
             "annotations": [{"id": 100 + i, "image_id": i % 10, "caption": f"c{i}"} for i in range(20)]}
     (tmp_path / "captions_train2014.json").write_text(json.dumps(coco))
-    assert download.main(["coco2014", "--out", str(tmp_path / "coco"), "--fraction", "0.3", "--plan-only",
+    assert download.main(["coco2014", "--out", str(tmp_path / "coco"), "--fraction", "0.3", "--dry-run",
                           "--manifest", str(tmp_path / "captions_train2014.json")]) == 0
     plan = [json.loads(ln) for ln in (tmp_path / "coco" / "plan.jsonl").read_text().splitlines()]
     assert len(plan) == 3 and all(len(p["meta"]["captions"]) == 2 for p in plan)
@@ -356,5 +363,39 @@ def test_download_manifests_and_fraction(tmp_path, capsys):
     listing.write_text("README.md\nmetadata.parquet\n" + "".join(f"images/part-{i:06d}.zip\n" for i in range(1, 11)))
     parts = download.plan("diffusiondb", listing, 1.0)
     assert len(parts) == 10 and parts[0].url.startswith("https://huggingface.co/datasets/poloclub/diffusiondb/")
-    with pytest.raises(SystemExit, match="licence"):
-        download.main(["sa1b", "--out", str(tmp_path / "sa"), "--plan-only"])
+    with pytest.raises(download.DownloadError, match="licence"):
+        download.plan_download("sa1b", tmp_path / "sa")
+
+
+@pytest.mark.parametrize("module, argv, old, new", [
+    ("convert", ["src", "--format", "folder", "--output", "o"], "--output", "use --out"),
+    ("convert", ["--input", "src", "--format", "folder", "--out", "o"], "--input", "give INPUT as the first argument"),
+    ("precompute", ["mds", "--output", "o", "--resolution", "8"], "--output", "use --out"),
+    ("precompute", ["--input", "mds", "--out", "o", "--resolution", "8"], "--input", "give INPUT as the first"),
+    ("download", ["coco2014", "--out", "o", "--plan-only"], "--plan-only", "use --dry-run"),
+])
+def test_old_flags_fail_naming_the_new_ones(capsys, module, argv, old, new):
+    import importlib
+
+    with pytest.raises(SystemExit) as stop:
+        importlib.import_module(f"data_prep.{module}").main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{old} was renamed" in err and new in err
+
+
+def test_help_shows_defaults_and_that_precompute_encoders_download(capsys, monkeypatch):
+    from data_prep import download, precompute
+    from micro_diffusion.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
+
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at hyphens too (hf-hub)
+    helps = {}
+    for module in (convert, precompute, download):
+        with pytest.raises(SystemExit) as stop:
+            module.main(["--help"])
+        assert stop.value.code == 0
+        helps[module.__name__] = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: 64)" in helps["data_prep.convert"] and "(default: 512)" in helps["data_prep.convert"]
+    assert "(default: 1.0)" in helps["data_prep.download"] and "--dry-run" in helps["data_prep.download"]
+    pre = helps["data_prep.precompute"]
+    assert f"(default: {DEFAULT_VAE})" in pre and f"(default: {DEFAULT_TEXT_ENCODER})" in pre
+    assert pre.count("downloaded on first use") >= 2 and "(default: 77)" in pre

@@ -175,10 +175,10 @@ def write_images(out, n):
     return out
 
 
-def test_precompute_end_to_end_and_resume(tmp_path):
+def test_precompute_end_to_end_and_resume(tmp_path, capsys):
     from diffusers import AutoencoderKL
 
-    from data_prep.precompute import crop_resize, main
+    from data_prep.precompute import crop_resize, main, precompute
     from micro_diffusion.encoders import load_vae
 
     AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -186,9 +186,16 @@ def test_precompute_end_to_end_and_resume(tmp_path):
                   scaling_factor=0.4).save_pretrained(tmp_path / "vae")
     images = write_images(tmp_path / "images", 11)
     out = tmp_path / "latents"
-    argv = ["--input", str(images), "--output", str(out), "--resolution", "16", "8", "--vae", str(tmp_path / "vae"),
+    argv = [str(images), "--out", str(out), "--resolution", "16", "8", "--vae", str(tmp_path / "vae"),
             "--text-encoder", "minilm", "--batch-size", "4", "--chunk-size", "5", "--no-progress"]
-    assert main(argv) == 0
+    assert main(argv) == 0  # the command once; the same run as a function call below
+
+    def run(**changed) -> dict:
+        """The same precompute as `argv`, called as a function; returns its summary."""
+        options = {"vae": str(tmp_path / "vae"), "text_encoder": "minilm", "caption_len": 77, "batch_size": 4,
+                   "chunk_size": 5, "progress": False, **changed}
+        return precompute(images, out, [16, 8], **options)
+
     cols = read_index_columns(out)
     assert cols == {"latents_16": "ndarray:float16:4,8,8", "latents_8": "ndarray:float16:4,4,4",
                     "caption_emb": "ndarray:float16:77,384", "caption": "str", "id": "str"}
@@ -209,10 +216,10 @@ def test_precompute_end_to_end_and_resume(tmp_path):
 
     # A second run does nothing new; a run whose last chunk was lost redoes only that chunk.
     files = {p: p.stat().st_mtime_ns for p in out.rglob("*.mds")}
-    assert main(argv) == 0
+    assert run()["samples"] == 11
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.mds")} == files
     (out / "part-00002.done").unlink()
-    assert main(argv) == 0
+    assert run()["samples"] == 11
     changed = {p for p in out.rglob("*.mds") if p.stat().st_mtime_ns != files.get(p)}
     assert changed and all("part-00002" in str(p) for p in changed)
     again = LocalDataset(str(out))
@@ -225,13 +232,15 @@ def test_precompute_end_to_end_and_resume(tmp_path):
     # A truncated shard is written again by the next run (size check); a corrupted one by a run with --verify-hashes.
     cut = next((out / "part-00001").glob("*.mds"))
     cut.write_bytes(cut.read_bytes()[:100])
-    assert main(argv) == 0 and check_folder(out, hashes=True) == []
+    assert run()["samples"] == 11 and check_folder(out, hashes=True) == []
     rot = next((out / "part-00000").glob("*.mds"))
     rot.write_bytes(rot.read_bytes()[:-64] + b"\xff" * 64)
-    assert main(argv) == 0 and "expected xxh64" in check_folder(out, hashes=True)[0]
-    assert main([*argv, "--verify-hashes"]) == 0 and check_folder(out, hashes=True) == []
+    assert run()["samples"] == 11 and "expected xxh64" in check_folder(out, hashes=True)[0]
+    assert run(verify_hashes=True)["samples"] == 11 and check_folder(out, hashes=True) == []
     fixed = LocalDataset(str(out))
     assert [fixed[i]["id"] for i in range(len(fixed))] == [f"img{i}" for i in range(11)]
     np.testing.assert_allclose(fixed[7]["latents_16"].astype(np.float32), expected, rtol=1e-2, atol=2e-3)
     with pytest.raises(ValueError, match="other options"):
-        main(argv[:-5] + ["--chunk-size", "4", "--no-progress", "--batch-size", "4"])
+        run(chunk_size=4)
+    assert main(argv[:-5] + ["--chunk-size", "4", "--no-progress", "--batch-size", "4"]) == 1  # the command: one line
+    assert "other options" in capsys.readouterr().err

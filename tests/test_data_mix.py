@@ -33,7 +33,7 @@ def test_mix_counts_shares_and_missing_streams(tmp_path, capsys):
     (root / "diffusiondb" / "index.json").write_text(json.dumps({"version": 2, "shards": []}))  # empty
     recipe = REPO / "recipes" / "res256_masked.yaml"  # streams sa1b, cc12m, textcaps, journeydb, diffusiondb
 
-    code, out = run_mix(capsys, recipe, root, "--json")
+    code, out = run_mix(capsys, recipe, "--data-root", root, "--json")
     report = json.loads(out)
     assert code == 1 and report["data_root"] == str(root) and report["share_by"] == "samples"
     rows = {Path(r["local"]).name: r for r in report["streams"]}
@@ -51,7 +51,7 @@ def test_mix_counts_shares_and_missing_streams(tmp_path, capsys):
     (root / "diffusiondb" / "index.json").unlink()
     (root / "diffusiondb").rmdir()
     (root / "diffusiondb").symlink_to(tmp_path / "dd")
-    code, table = run_mix(capsys, recipe, root)
+    code, table = run_mix(capsys, recipe, "--data-root", root)
     assert code == 0 and "missing" not in table
     assert "data.streams[4]" in table and f"{PAPER_MIX['diffusiondb']:,}" in table and "35" in table
 
@@ -77,3 +77,6 @@ def test_mix_proportions_subsets_and_names(tmp_path, capsys):
 
     assert main(["data", "mix", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # the stream root was a second positional argument
+        main(["data", "mix", str(recipe), str(root)])
+    assert stop.value.code == 2 and f"use --data-root {root}" in capsys.readouterr().err

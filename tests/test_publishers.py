@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_convert import image_bytes, read_mds, run_convert, sample_set, write_tar
+from test_convert import image_bytes, read_mds, run_convert, run_convert_cli, sample_set, write_tar
 
 from data_prep import chunks, convert, download
 
@@ -47,7 +47,7 @@ def convert_as_download_says(name: str, raw: Path, out: Path, *extra: str) -> di
     """Run the exact convert command `download NAME --out RAW` prints, into OUT; return the summary."""
     argv = shlex.split(download.convert_command(name, raw, out))
     assert argv[:3] == ["python", "-m", "data_prep.convert"]
-    return run_convert(*argv[3:], "--workers", "0", *extra)
+    return run_convert_cli(*argv[3:], "--workers", "0", *extra)
 
 
 def make_sa1b(raw: Path) -> None:
@@ -90,8 +90,8 @@ def test_sa1b_tars_with_caption_archive_or_folder(tmp_path):
     with tarfile.open(raw / "SA1B_caption.tar.gz") as tf:
         tf.extractall(folder, filter="data")
     out_folder = tmp_path / "sa1b_folder"
-    check_sa1b(out_folder, run_convert("--format", "sa1b", "--input", f"{raw}/tars/sa_00000{{0..1}}.tar",
-                                       "--captions", folder, "--output", out_folder, "--max-side", "64"))
+    check_sa1b(out_folder, run_convert(f"{raw}/tars/sa_00000{{0..1}}.tar", out_folder, "sa1b", captions=folder,
+                                       max_side=64))
 
 
 def make_journeydb(raw: Path) -> None:
@@ -145,16 +145,15 @@ def test_journeydb_plain_jsonl_cut_archive_and_bad_line(tmp_path, capsys):
     cut = raw / "data" / "train" / "imgs" / "001.tgz"
     cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
     out = tmp_path / "out"
-    summary = run_convert("--format", "journeydb", "--input", raw / "data" / "train" / "imgs", "--annotations", jsonl,
-                          "--output", out, "--workers", "0")
+    summary = run_convert(raw / "data" / "train" / "imgs", out, "journeydb", annotations=jsonl, workers=0)
     assert {k: s["caption"] for k, s in read_mds(out).items()} == {"000/a": "prompt a", "000/b": "prompt b",
                                                                      "001/e": "prompt e"}
     assert summary["rejected_by_reason"] == {"corrupt_image": 1, "corrupt_tar": 1, "duplicate_id": 1,
                                              "missing_caption": 1}  # 001/f was being read when the data ran out
 
     jsonl.write_text(jsonl.read_text() + "{not json\n")
-    assert convert.main(["--format", "journeydb", "--input", str(raw / "data" / "train" / "imgs"), "--annotations",
-                         str(jsonl), "--output", str(tmp_path / "o2")]) == 1
+    assert convert.main([str(raw / "data" / "train" / "imgs"), "--format", "journeydb", "--annotations", str(jsonl),
+                         "--out", str(tmp_path / "o2")]) == 1
     assert f"{jsonl}:7" in capsys.readouterr().err
 
 
@@ -203,12 +202,11 @@ def test_diffusiondb_parts_metadata_and_nsfw_filter(tmp_path, capsys, large):
                                              "nsfw_image": 1, "nsfw_prompt": 1}
 
     # Without the parquet the filter has no scores: refused unless switched off, then the parts' own json captions.
-    zips = shlex.split(download.convert_command(name, raw))[6]
-    assert convert.main(["--format", "diffusiondb", "--input", zips, "--output", str(tmp_path / "x")]) == 1
+    zips = shlex.split(download.convert_command(name, raw))[3]
+    assert convert.main([zips, "--format", "diffusiondb", "--out", str(tmp_path / "x")]) == 1
     assert "--nsfw-threshold off" in capsys.readouterr().err
     out_json = tmp_path / "ddb_json"
-    summary = run_convert("--format", "diffusiondb", "--input", zips, "--nsfw-threshold", "off",
-                          "--output", out_json, "--workers", "0")
+    summary = run_convert(zips, out_json, "diffusiondb", nsfw_threshold="off", workers=0)
     assert {k: (s["caption"], colour_of(s)) for k, s in read_mds(out_json).items()} == {
         "uuid-a": ("json prompt a", "a"), "uuid-b": ("json prompt b", "b"), "uuid-e": ("json prompt e", "e")}
     assert summary["rejected_by_reason"] == {"corrupt_image": 1, "duplicate_id": 1, "missing_caption": 2}
@@ -252,22 +250,21 @@ def test_globs_and_patterns_name_the_missing_file(tmp_path, capsys):
     make_sa1b(raw)
     for pattern, message in ((f"{raw}/tars/nothing_*.tar", "no file matches"),
                              (f"{raw}/tars/sa_00000{{0..2}}.tar", "sa_000002.tar")):
-        assert convert.main(["--format", "sa1b", "--input", pattern, "--captions", str(raw / "SA1B_caption.tar.gz"),
-                             "--output", str(tmp_path / "o")]) == 1
+        assert convert.main([pattern, "--format", "sa1b", "--captions", str(raw / "SA1B_caption.tar.gz"),
+                             "--out", str(tmp_path / "o")]) == 1
         assert message in capsys.readouterr().err
-    assert convert.main(["--format", "sa1b", "--input", str(raw / "tars"), "--output", str(tmp_path / "o")]) == 1
+    assert convert.main([str(raw / "tars"), "--format", "sa1b", "--out", str(tmp_path / "o")]) == 1
     assert "--captions" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        convert.main(["--format", "folder", "--input", str(raw), "--captions", str(raw), "--output", str(tmp_path)])
+        convert.main([str(raw), "--format", "folder", "--captions", str(raw), "--out", str(tmp_path)])
     assert "--captions (for sa1b)" in capsys.readouterr().err
 
     # A glob that matches more files on a rerun (a download still going on) must not resume into the old output.
     out = tmp_path / "grow"
-    run_convert("--format", "sa1b", "--input", f"{raw}/tars/sa_*.tar", "--captions", raw / "SA1B_caption.tar.gz",
-                "--output", out, "--workers", "0")
+    run_convert(f"{raw}/tars/sa_*.tar", out, "sa1b", captions=raw / "SA1B_caption.tar.gz", workers=0)
     write_tar(raw / "tars" / "sa_000002.tar", [("./sa_7.jpg", solid(COLOURS["g"]))])
-    assert convert.main(["--format", "sa1b", "--input", f"{raw}/tars/sa_*.tar", "--captions",
-                         str(raw / "SA1B_caption.tar.gz"), "--output", str(out)]) == 1
+    assert convert.main([f"{raw}/tars/sa_*.tar", "--format", "sa1b", "--captions", str(raw / "SA1B_caption.tar.gz"),
+                         "--out", str(out)]) == 1
     assert "input_files" in capsys.readouterr().err
 
 
@@ -275,7 +272,7 @@ def test_download_plans_every_hub_source_offline_and_prints_its_convert_command(
     for name, n_all, fraction, n_planned in (("journeydb", 200, 0.01, 2), ("diffusiondb", 2000, 0.01, 20),
                                              ("diffusiondb-large", 14000, 0.01, 140)):
         out = tmp_path / name
-        assert download.main([name, "--out", str(out), "--fraction", str(fraction), "--plan-only"]) == 0
+        assert download.main([name, "--out", str(out), "--fraction", str(fraction), "--dry-run"]) == 0
         plan = [json.loads(ln) for ln in (out / "plan.jsonl").read_text().splitlines()]
         assert len(plan) == n_planned and len((out / "manifest" / "files.txt").read_text().split()) == n_all
         assert f"convert with:\n  {download.convert_command(name, out)}" in capsys.readouterr().out
@@ -284,6 +281,6 @@ def test_download_plans_every_hub_source_offline_and_prints_its_convert_command(
     for url in large:
         part = int(url.rsplit("part-", 1)[1].split(".")[0])
         assert f"/diffusiondb-large-part-{1 if part <= 10000 else 2}/part-{part:06d}.zip" in url
-    assert download.convert_command("diffusiondb-large", tmp_path).endswith("--output data/mds/diffusiondb")
+    assert download.convert_command("diffusiondb-large", tmp_path).endswith("--out data/mds/diffusiondb")
     assert {url.rsplit("/", 1)[1] for url, _ in download.DATASETS["diffusiondb-large"].extras} == {
         "metadata-large.parquet"}

@@ -1,14 +1,15 @@
 """`micro-diffusion data compose`: write compositional scenes (micro_diffusion.data.scenes) to a folder.
 
-    --layout folder   <id>.png + <id>.txt (caption) per scene: the folder `python -m data_prep.convert --format folder`
-                      reads; scenes.jsonl beside them holds each scene's GenEval metadata line and drawn objects
+    --layout flat     <id>.png + <id>.txt (caption) per scene: the folder `python -m data_prep.convert DIR --format
+                      folder` reads; scenes.jsonl beside them holds each scene's GenEval metadata line and drawn objects
     --layout geneval  N prompts in GenEval's layout (<00000>/metadata.jsonl, <00000>/samples/<0000>.png), K images
                       each: ground truth for `micro-diffusion eval compose`; evaluation_metadata.jsonl (the prompt file
-                      `micro-diffusion sample --prompts-file` takes) and scenes.jsonl beside them
+                      `micro-diffusion sample --prompts` takes) and scenes.jsonl beside them
+
+The step is `compose(...)`; the command only parses its arguments.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,10 @@ from tqdm import tqdm
 
 from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.geneval import write_prompt, write_prompts_file, write_sample
-from micro_diffusion.data.scenes import NOVEL_PAIRS, SPLITS, Scene, split_prompt, split_scene
+from micro_diffusion.data.scenes import SPLITS, Scene, split_prompt, split_scene
+from micro_diffusion.errors import UsageError
+
+LAYOUTS = ("flat", "geneval")  # the project's one --layout vocabulary (sample writes the same two)
 
 
 def _scene_record(scene: Scene, **where: object) -> str:
@@ -29,7 +33,7 @@ def _scene_record(scene: Scene, **where: object) -> str:
 def _fresh(out: Path) -> None:
     """Refuse a folder that already holds files: nothing written before is overwritten or mixed in."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {out} already exists and is not an empty folder: choose a new one")
+        raise UsageError(f"--out {out} already exists and is not an empty folder: choose a new one")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -72,41 +76,24 @@ def write_geneval(out: str | Path, count: int, seed: int, size: int = 64, split:
     return out
 
 
-def run_compose(args: argparse.Namespace) -> int:
-    """The `data compose` command."""
-    if args.count < 1:
-        raise ValueError(f"--count must be at least 1, got {args.count}")
-    if args.include_novel and args.split != "train":
-        raise ValueError(f"--include-novel only applies to --split train (the {args.split} split is a fixed list)")
-    if args.layout == "geneval":
-        k = 4 if args.images_per_prompt is None else args.images_per_prompt
-        if k < 1:
-            raise ValueError(f"--images-per-prompt must be at least 1, got {k}")
-        write_geneval(args.out, args.count, args.seed, args.size, args.split, k, args.include_novel, progress=True)
-        print(f"wrote {args.count} {args.split} prompts x {k} images in GenEval's layout "
-              f"to {args.out}")
-    else:
-        if args.images_per_prompt is not None:
-            raise ValueError("--images-per-prompt only applies to --layout geneval")
-        write_folder(args.out, args.count, args.seed, args.size, args.split, args.include_novel, progress=True)
-        print(f"wrote {args.count} {args.split} scenes ({args.size} px) to {args.out}")
-    return 0
-
-
-def register_compose(sub: argparse._SubParsersAction) -> None:
-    """Add `data compose` to the data command group."""
-    pairs = ", ".join(f"{c} {s}" for c, s in NOVEL_PAIRS)
-    p = sub.add_parser("compose", help="captioned compositional scenes with GenEval-format prompts",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder")
-    p.add_argument("--count", type=int, required=True, help="scenes (folder layout) or prompts (geneval layout)")
-    p.add_argument("--seed", type=int, required=True, help="train: prompts and drawings; heldout/novel: drawings")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
-    p.add_argument("--split", choices=SPLITS, default="train",
-                   help=f"train: all six tasks at random; heldout: the fixed evaluation list; novel: prompts naming "
-                        f"the colour-shape pairs train leaves out ({pairs})")
-    p.add_argument("--include-novel", action="store_true", help="train: also draw the novel colour-shape pairs")
-    p.add_argument("--layout", choices=("folder", "geneval"), default="folder")
-    p.add_argument("--images-per-prompt", type=int, default=None, help="geneval layout: renderings a prompt "
-                   "(default 4)")
-    p.set_defaults(func=run_compose)
+def compose(out: str | Path, count: int, seed: int, *, size: int = 64, split: str = "train", layout: str = "flat",
+            images_per_prompt: int | None = None, include_novel: bool = False, progress: bool = False) -> Path:
+    """Write `count` scenes (layout flat) or prompts with `images_per_prompt` renderings each (layout geneval, 4 when
+    None) of a split into a new folder `out`; raises UsageError for bad arguments or a folder that holds files."""
+    if layout not in LAYOUTS:
+        hint = " (renamed: use flat)" if layout == "folder" else ""
+        raise UsageError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}{hint}")
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    if count < 1:
+        raise UsageError(f"--count must be at least 1, got {count}")
+    if include_novel and split != "train":
+        raise UsageError(f"--include-novel only applies to --split train (the {split} split is a fixed list)")
+    if layout == "flat":
+        if images_per_prompt is not None:
+            raise UsageError("--images-per-prompt only applies to --layout geneval")
+        return write_folder(out, count, seed, size, split, include_novel, progress=progress)
+    k = 4 if images_per_prompt is None else images_per_prompt
+    if k < 1:
+        raise UsageError(f"--images-per-prompt must be at least 1, got {k}")
+    return write_geneval(out, count, seed, size, split, k, include_novel, progress=progress)

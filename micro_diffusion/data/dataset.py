@@ -20,6 +20,7 @@ from micro_diffusion.data.schema import (
     latent_column,
     latent_spec,
 )
+from micro_diffusion.errors import DataError
 
 
 def dropout_draw(seed: int, epoch: int, sample_id: int) -> float:
@@ -47,7 +48,7 @@ def all_finite(value: np.ndarray) -> bool:
     return int((np.ascontiguousarray(value).view(view) & magnitude).max()) < exponent
 
 
-class BadSampleError(ValueError):
+class BadSampleError(DataError, ValueError):
     """A sample whose latents or caption embedding are not finite, have the wrong shape or do not decode."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import xxhash
 
 from micro_diffusion.data.schema import index_shards
+from micro_diffusion.errors import DataError
 
 SHARD_HASH = "xxh64"  # fast (several GB/s) and recorded by Streaming's own writer
 SHARD_HASHES = [SHARD_HASH]  # the `hashes=` argument precompute and convert give MDSWriter
@@ -24,7 +25,7 @@ VERIFY_MODES = ("size", "hashes")  # data.verify: the size check always runs; "h
 _READ = 1 << 22  # bytes per read while hashing
 
 
-class DamagedShardError(RuntimeError):
+class DamagedShardError(DataError, RuntimeError):
     """Shard files that do not match their index (missing, truncated, corrupted): one line per damaged file."""
 
 

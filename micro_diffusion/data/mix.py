@@ -1,19 +1,18 @@
-"""`micro-diffusion data mix RECIPE [DATA_ROOT]`: the streams a recipe will read, their sizes and shares, and what is
-missing, against the paper's training mix.
+"""`micro-diffusion data mix RECIPE [--data-root DIR]`: the streams a recipe will read, their sizes and shares, and
+what is missing, against the paper's training mix.
 
 Sample counts come from each stream's MDS index.json; nothing is downloaded, so a remote stream without a local copy
-of its index is reported as not checked. Exit code 1 when a stream is missing or empty, else 0.
+of its index is reported as not checked. Exit code 1 when a stream is missing or empty, 2 for a bad recipe, else 0.
+The step is `mix(recipe, data_root)`; the command only parses its arguments.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 from micro_diffusion.data.schema import read_index_samples
+from micro_diffusion.errors import UsageError
 from micro_diffusion.recipe import RecipeError, load_recipe, resolve_streams
 
 # The paper's 37M-image training mix (Sehwag et al., "Stretching Each Dollar", arXiv 2407.15811): images per source.
@@ -111,25 +110,14 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_mix(args: argparse.Namespace) -> int:
-    """Print the mix of args.recipe (data.root replaced by args.data_root if given); 1 if a stream is missing/empty."""
+def mix(recipe: str | Path, data_root: str | Path | None = None) -> dict[str, Any]:
+    """The mix report of a recipe file (its data.root replaced by data_root if given); RecipeError for a bad recipe."""
     try:
-        cfg = load_recipe(args.recipe)
+        cfg = load_recipe(recipe)
     except RecipeError as err:
-        print(f"data mix: error: {err}", file=sys.stderr)
-        return 2
-    if args.data_root is not None:
-        cfg["data"]["root"] = str(args.data_root)
-    report = {"recipe": str(args.recipe), **mix_report(cfg)}
-    print(json.dumps(report, indent=1) if args.json else format_table(report))
-    return 1 if report["missing"] else 0
-
-
-def register_mix(sub: argparse._SubParsersAction) -> None:
-    """Add `data mix` to the data command group."""
-    p = sub.add_parser("mix", help="the streams a recipe reads, samples and shares per stream, against the paper's mix",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("recipe", type=Path, help="recipe YAML (its data.streams)")
-    p.add_argument("data_root", type=Path, nargs="?", help="stream root to use instead of the recipe's data.root")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=run_mix)
+        if isinstance(err, UsageError):
+            raise
+        raise UsageError(str(err)) from err  # until RecipeError is a UsageError itself
+    if data_root is not None:
+        cfg["data"]["root"] = str(data_root)
+    return {"recipe": str(recipe), **mix_report(cfg)}

@@ -21,7 +21,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from data_prep import convert, precompute
+from data_prep.convert import convert
+from data_prep.precompute import precompute
 from micro_diffusion.cost.report import write_report
 from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.eval.coco import generate_missing, image_name
@@ -94,13 +95,9 @@ def make_data(cfg: DemoConfig) -> dict:
     data = cfg.root / "data"
     write_folder(data / "images", cfg.train_images, seed=TRAIN_SEED)
     write_folder(data / "heldout", cfg.heldout_images, seed=HELDOUT_SEED)
-    if convert.main(["--format", "folder", "--input", str(data / "images"), "--output", str(data / "mds"),
-                     "--workers", "0", "--min-size", str(IMAGE_SIZE)]) != 0:  # scenes are small on purpose
-        raise RuntimeError(f"convert failed on {data / 'images'}")
-    if precompute.main(["--input", str(data / "mds"), "--output", str(data / "latents"),
-                        "--resolution", str(IMAGE_SIZE), "--vae", str(demo_vae_path()), "--text-encoder", "minilm",
-                        "--caption-len", str(CAPTION_LEN), "--batch-size", "256"]) != 0:
-        raise RuntimeError(f"precompute failed on {data / 'mds'}")
+    convert(data / "images", data / "mds", "folder", workers=0, min_size=IMAGE_SIZE)  # scenes are small on purpose
+    precompute(data / "mds", data / "latents", [IMAGE_SIZE], vae=str(demo_vae_path()), text_encoder="minilm",
+               caption_len=CAPTION_LEN, batch_size=256)
     return {"images": cfg.train_images, "heldout": cfg.heldout_images, "latents": str(data / "latents")}
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import convert, precompute
+from data_prep.convert import convert
+from data_prep.precompute import precompute
 
 from ..cost.ledger import read_records
 from ..cost.report import load_run, spend_at
@@ -55,13 +56,9 @@ def prepare_data(exp: Experiment, root: Path) -> Path:
     write_geneval(data / "prompts", exp.eval["geneval_prompts"], seed=d["seed"], size=d["size"], split="heldout",
                   images_per_prompt=1)
     for split in ("train", "val"):
-        if convert.main(["--format", "folder", "--input", str(data / "images" / split), "--output",
-                         str(data / "mds" / split), "--workers", "0", "--min-size", str(d["size"])]) != 0:
-            raise RuntimeError(f"convert failed on {data / 'images' / split}")
-        if precompute.main(["--input", str(data / "mds" / split), "--output", str(data / "latents" / split),
-                            "--resolution", str(d["size"]), "--vae", str(d["vae"]), "--text-encoder",
-                            d["text_encoder"], "--caption-len", str(d["caption_len"]), "--batch-size", "256"]) != 0:
-            raise RuntimeError(f"precompute failed on {data / 'mds' / split}")
+        convert(data / "images" / split, data / "mds" / split, "folder", workers=0, min_size=d["size"])
+        precompute(data / "mds" / split, data / "latents" / split, [d["size"]], vae=str(d["vae"]),
+                   text_encoder=d["text_encoder"], caption_len=d["caption_len"], batch_size=256)
     # the reader's trust on these prompts (ground truth, shuffled, chance, through the VAE), once: prompts/scores.json
     write_scores(data / "prompts", vae=load_vae(str(d["vae"]), device="cpu"))
     marker.write_text(json.dumps(want, indent=2) + "\n")
