@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.bench_compose [--scenes 2000] [--sizes 64 32]
 
-Writes OUT/compose.json (`--out`, default benchmarks/results). Issue 14's target: at least 500 scenes/s on one core
+Writes OUT/compose.json (`--out`, default benchmarks/results). The target: at least 500 scenes/s on one core
 at 64 px (drawing only: the prompt, the layout and the raster, no file writes).
 """
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
     .venv/bin/python benchmarks/bench_data.py [--samples 2000] [--images 128]
 
-Writes OUT/data.json (`--out`, default benchmarks/results). Issue 7's target: at least 600 loader samples/s
-per worker on 4x32x32 latents
-with 77x1024 fp16 caption embeddings.
+Writes OUT/data.json (`--out`, default benchmarks/results). The target: at least 600 loader samples/s
+per worker on 4x32x32 latents with 77x1024 fp16 caption embeddings.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Import the paper's released MicroDiT weights (SonyResearch/micro_diffusion's layout) into an exported-model folder.
 
 The released files (Hugging Face VSehwag24/MicroDiT, `ckpts/*.pt`) are pickled state dicts of the reference DiT. Our
-network computes what it computes (docs/interfaces.md, "Released models"); only names and layouts differ:
+network computes what it computes (docs/released-models.md); only names and layouts differ:
 SwiGLU's separate w1/w2 are our fused `w_in` ([gate; up]), `blocks.N.cross_attn.q_linear` is our `blocks.N.cross.q`,
 and so on. The buffers `pos_embed` (1, T, D) and `mask_token` are checked against ours, not copied: positions are
 computed (the file's interpolation is inferred from them) and dropped patches predict zeros.

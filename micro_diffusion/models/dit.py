@@ -83,7 +83,7 @@ def _width_map(d_in: int, d_out: int) -> nn.Module:
 
 
 class MicroDiT(nn.Module):
-    """The sparse text-to-image DiT of 'Stretching Each Dollar'; see shared design notes for each part."""
+    """The sparse text-to-image DiT of 'Stretching Each Dollar'; each part is described in docs/interfaces.md."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
