@@ -7,7 +7,6 @@ at 64 px (drawing only: the prompt, the layout and the raster, no file writes).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -17,6 +16,7 @@ from benchmarks.common import add_out_argument, write_result
 from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.scenes import split_scene
 from micro_diffusion.eval.compose_reader import read_objects
+from micro_diffusion.utils.argparsing import parser as make_parser
 
 
 def measure(scenes: int, size: int) -> dict:
@@ -34,9 +34,9 @@ def measure(scenes: int, size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Time drawing and reading at each size; write the JSON result."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenes", type=int, default=2000)
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 32])
+    p = make_parser("python -m benchmarks.bench_compose", __doc__.splitlines()[0])
+    p.add_argument("--scenes", type=int, default=2000, help="scenes drawn and read per size")
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 32], help="image sides in pixels")
     p.add_argument("--quick", action="store_true", help="name the result compose_quick.json (a harness check)")
     add_out_argument(p)
     args = p.parse_args(argv)

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -18,6 +17,7 @@ from PIL import Image
 
 from benchmarks.common import add_out_argument, write_result
 from data_prep.convert import convert
+from micro_diffusion.utils.argparsing import parser as make_parser
 
 
 def make_folder(root: Path, n: int, size: tuple[int, int]) -> None:
@@ -33,11 +33,11 @@ def make_folder(root: Path, n: int, size: tuple[int, int]) -> None:
 
 def main() -> None:
     """Time convert on generated images for each worker count; write the JSON results."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--images", type=int, default=400)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=768)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p = make_parser("python -m benchmarks.bench_convert", __doc__.splitlines()[0])
+    p.add_argument("--images", type=int, default=400, help="generated images converted")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels")
+    p.add_argument("--height", type=int, default=768, help="image height in pixels")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="worker counts to measure")
     p.add_argument("--quick", action="store_true", help="name the result convert_quick.json (a harness check)")
     add_out_argument(p)
     args = p.parse_args()

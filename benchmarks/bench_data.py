@@ -7,7 +7,6 @@ per worker on 4x32x32 latents with 77x1024 fp16 caption embeddings.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -23,6 +22,7 @@ from streaming import MDSWriter
 from tqdm import tqdm
 
 from benchmarks.common import add_out_argument, write_result
+from micro_diffusion.utils.argparsing import parser as make_parser
 
 
 def write_latent_shards(out: Path, n: int) -> None:
@@ -89,7 +89,7 @@ def bench_precompute(tmp: Path, n: int) -> dict:
 
 def main() -> None:
     """Run both benchmarks and write the JSON."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = make_parser("python -m benchmarks.bench_data", __doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=2000, help="latent samples for the loader benchmark")
     p.add_argument("--images", type=int, default=128, help="images for the precompute benchmark")
     p.add_argument("--quick", action="store_true", help="name the result data_quick.json (a harness check)")

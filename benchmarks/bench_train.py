@@ -1,6 +1,8 @@
-"""Training-step benchmark: forward+backward time, images/s, achieved GFLOP/s and share of the bf16 matmul peak.
+"""Training-step benchmark: forward+backward time, images/s, achieved GFLOP/s and share of the matmul peak.
 
-Runs Tiny and XL (batch 8, 32x32 latents, 77x1024 caption tokens, bf16 autocast) at mask ratios 0, 0.5 and 0.75,
+Runs Tiny and XL (batch 8, 32x32 latents, 77x1024 caption tokens) at mask ratios 0, 0.5 and 0.75 in the device's
+compute dtype (utils.devices.compute_dtype: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; the
+result's `dtype` says which ran, and the peaks are measured or tabled in that dtype),
 deferred against naive masking, and the MoE layer against a dense FFN of the same active FLOPs.
     python benchmarks/bench_train.py                 # the full suite (about 6 minutes on 2 CPU cores)
     python benchmarks/bench_train.py --quick         # tiny sizes, seconds: checks the harness runs
@@ -11,7 +13,6 @@ Without --reference only our network is measured, and no ratio against the refer
 """
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 from pathlib import Path
 
@@ -22,25 +23,29 @@ from benchmarks.common import QUICK, add_out_argument, bench_device, device_name
 from micro_diffusion.cost.flops import train_flops_per_sample
 from micro_diffusion.cost.memory import activation_bytes_per_sample, estimate_memory, resident_bytes
 from micro_diffusion.cost.prices import detect_device_type, device_spec, matmul_peak_tflops
-from micro_diffusion.diffusion.edm import EDMPrecond
+from micro_diffusion.diffusion.edm import SIGMA_DATA, EDMPrecond
 from micro_diffusion.models import create_dit
 from micro_diffusion.models.ffn import ExpertChoiceMoE
+from micro_diffusion.utils.argparsing import parser as make_parser
+from micro_diffusion.utils.argparsing import renamed
+from micro_diffusion.utils.devices import autocast, compute_dtype, dtype_name
+from micro_diffusion.utils.seeds import seeded_generator
 
 SIDE_BY_SIDE_MASK = 0.75  # the mask ratio of the side-by-side rounds: stage 1's
 
 
 def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask: float, device: torch.device,
-            seeded_patches: bool = True):
-    """One forward+backward of the EDM loss under bf16 autocast, as training runs it (patches from the global RNG
-    when not seeded_patches: the reference network draws them so)."""
+            dtype: torch.dtype, seeded_patches: bool = True):
+    """One forward+backward of the EDM loss in `dtype` (autocast unless fp32), as training runs it (patches from the
+    global RNG when not seeded_patches: the reference network draws them so)."""
     x0 = torch.randn(batch, 4, latent, latent, device=device)
     y = torch.randn(batch, *caption, device=device)
-    noise_gen = torch.Generator(device).manual_seed(0)
-    patch_gen = torch.Generator(device).manual_seed(1) if seeded_patches else None
-    denoiser = EDMPrecond(net)
+    noise_gen = seeded_generator(0, device)
+    patch_gen = seeded_generator(1, device) if seeded_patches else None
+    denoiser = EDMPrecond(net, SIGMA_DATA)  # the released models' value: it changes no step's cost
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, dtype):
             loss = denoiser.loss(x0, y, -0.6, 1.2, noise_gen, mask_ratio=mask, generator=patch_gen)  # stage 1's noise
         loss.backward()
         net.zero_grad(set_to_none=True)
@@ -51,7 +56,8 @@ def step_fn(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], m
 def bench_preset(args: tuple) -> list[dict]:
     """All mask ratios of one preset in one process, least memory first, so peak RSS readings stay per config."""
     name, batch, latent, caption, repeats, overrides, device, peak, spec_peak = args
-    device = bench_device(device)  # a spawned process: the allocator setting is set here again
+    device = bench_device(device)
+    dtype = compute_dtype(device)  # a spawned process: the allocator setting is set here again
     runtime = resident_bytes() if device.type == "cpu" else 0.0  # the CUDA allocator's peak has no such term
     torch.manual_seed(0)
     net = create_dit(name, latent_size=latent, caption_dim=caption[1], **overrides).to(device)
@@ -60,7 +66,7 @@ def bench_preset(args: tuple) -> list[dict]:
                                ("naive", 0.75, {"patch_mixer_depth": 0})):
         model = net if not extra else create_dit(name, latent_size=latent, caption_dim=caption[1],
                                                  **{**overrides, **extra}).to(device)
-        seconds = time_fn(step_fn(model, batch, latent, caption, mask, device), device, repeats=repeats)
+        seconds = time_fn(step_fn(model, batch, latent, caption, mask, device, dtype), device, repeats=repeats)
         flops = train_flops_per_sample(model, latent_size=latent, caption_len=caption[0], mask_ratio=mask)
         gflops = flops * batch / seconds / 1e9
         rows.append(dict(preset=name, masking=label, mask_ratio=mask, batch=batch, seconds=seconds,
@@ -87,8 +93,10 @@ def predicted_memory_mb(net: nn.Module, batch: int, latent: int, caption: tuple[
     return (est.total - est.optimizer) / 2**20
 
 
-def bench_moe(dim: int, hidden: int, tokens: int, batch: int, device: torch.device, repeats: int) -> dict:
-    """MoE layer against a dense GELU FFN whose hidden size gives the same FLOPs per token (capacity x hidden)."""
+def bench_moe(dim: int, hidden: int, tokens: int, batch: int, device: torch.device, repeats: int,
+              dtype: torch.dtype) -> dict:
+    """MoE layer against a dense GELU FFN whose hidden size gives the same FLOPs per token (capacity x hidden), in
+    `dtype` (autocast unless fp32)."""
     moe = ExpertChoiceMoE(dim, hidden, num_experts=8, capacity_factor=2.0).to(device)
     nn.init.normal_(moe.w_in, std=0.02)
     nn.init.normal_(moe.w_out, std=0.02)
@@ -99,7 +107,7 @@ def bench_moe(dim: int, hidden: int, tokens: int, batch: int, device: torch.devi
 
     def run(layer: nn.Module):
         def step() -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with autocast(device, dtype):
                 out = layer(x)
             out.float().sum().backward()
         return step
@@ -111,36 +119,41 @@ def bench_moe(dim: int, hidden: int, tokens: int, batch: int, device: torch.devi
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the suite and write OUT/train.json."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser("python -m benchmarks.bench_train", __doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check the harness, not the speed")
-    parser.add_argument("--presets", nargs="+", default=["MicroDiT_Tiny_2", "MicroDiT_XL_2"])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--presets", nargs="+", default=["MicroDiT_Tiny_2", "MicroDiT_XL_2"], help="networks timed")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per timed step")
+    renamed(parser, "--batch", "--batch-size")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per configuration (the median is kept)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to time")
     parser.add_argument("--reference", type=Path, default=None, metavar="DIR",
                         help="a local checkout of SonyResearch/micro_diffusion: time its network beside ours")
     add_out_argument(parser)
     args = parser.parse_args(argv)
     device = bench_device(args.device)
     latent, caption, overrides = (8, (7, 32), QUICK) if args.quick else (32, (77, 1024), {})
-    peak = 1e3 * matmul_peak_tflops(device, size=512 if args.quick else 2048, seconds=0.25 if args.quick else 2.0)
-    print(f"bf16 matmul peak on {device_name(device)}: {peak:.1f} GFLOP/s", flush=True)
-    spec_peak = spec_peak_gflops(device)
+    dtype = compute_dtype(device)
+    peak = 1e3 * matmul_peak_tflops(device, dtype, size=512 if args.quick else 2048,
+                                    seconds=0.25 if args.quick else 2.0)
+    print(f"{dtype_name(dtype)} matmul peak on {device_name(device)}: {peak:.1f} GFLOP/s (the dtype every step below "
+          "runs in)", flush=True)
+    spec_peak = spec_peak_gflops(device, dtype)
     repeats = 1 if args.quick else args.repeats
-    jobs = [(name, args.batch, latent, caption, repeats, overrides, args.device, peak, spec_peak)
+    jobs = [(name, args.batch_size, latent, caption, repeats, overrides, args.device, peak, spec_peak)
             for name in args.presets]
     # each preset in a fresh process: the peak-memory reading of one preset must not include another's
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pools can deadlock
     with ctx.Pool(1, maxtasksperchild=1) as pool:
         rows = [row for result in pool.map(bench_preset, jobs, chunksize=1) for row in result]
-    moe = bench_moe(64, 128, 64, 2, device, 1) if args.quick else bench_moe(1024, 768, 256, args.batch, device, 9)
+    moe = bench_moe(64, 128, 64, 2, device, 1, dtype) if args.quick else \
+        bench_moe(1024, 768, 256, args.batch_size, device, 9, dtype)
     print(f"MoE layer / dense FFN of equal FLOPs: {moe['moe_over_dense']:.2f}x", flush=True)
-    result = dict(device=device_name(device), dtype="bfloat16 autocast", matmul_peak_gflops=peak,
+    result = dict(device=device_name(device), dtype=dtype_name(dtype), matmul_peak_gflops=peak,
                   device_peak_gflops=spec_peak, quick=args.quick,
                   latent=latent, caption=list(caption), runs=rows, moe=moe, speedups=speedups(rows))
     if args.reference is not None:  # the presets at their own size (the reference has no other), even with --quick
-        result["reference"] = [side_by_side(args.reference, name, args.batch, latent, caption, SIDE_BY_SIDE_MASK,
-                                            device, args.repeats) for name in args.presets]
+        result["reference"] = [side_by_side(args.reference, name, args.batch_size, latent, caption,
+                                            SIDE_BY_SIDE_MASK, device, args.repeats) for name in args.presets]
     write_result(args.out, "train_quick" if args.quick else "train", result)
     return result
 
@@ -156,7 +169,7 @@ def side_by_side(checkout: Path, preset: str, batch: int, latent: int, caption: 
     steps = {}
     for name, net in nets.items():
         torch.manual_seed(0)  # the same inputs for both
-        steps[name] = step_fn(net, batch, latent, caption, mask, device, seeded_patches=False)
+        steps[name] = step_fn(net, batch, latent, caption, mask, device, compute_dtype(device), seeded_patches=False)
     times: dict[str, list[float]] = {name: [] for name in nets}
     for r in range(rounds):
         for name, step in steps.items():
@@ -171,14 +184,16 @@ def side_by_side(checkout: Path, preset: str, batch: int, latent: int, caption: 
                 speedup=best["reference"] / best["ours"])
 
 
-def spec_peak_gflops(device: torch.device) -> float | None:
-    """The GPU's dense bf16 peak from the price table, for MFU; None on CPU or a GPU the table lacks."""
+def spec_peak_gflops(device: torch.device, dtype: torch.dtype | None = None) -> float | None:
+    """The GPU's dense peak in `dtype` (None: the device's compute dtype) from the price table, for MFU; None on CPU
+    or a GPU the table lacks."""
     if device.type != "cuda":
         return None
     try:
-        return device_spec(detect_device_type(True)).peak_tflops * 1e3
+        tabled = device_spec(detect_device_type(True)).peak(dtype or compute_dtype(device))
     except KeyError:
         return None
+    return tabled * 1e3 if tabled else None
 
 
 def speedups(rows: list[dict]) -> list[dict]:

@@ -61,7 +61,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
     """The `--out DIR` every benchmark takes: the folder its JSON result goes to."""
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"result folder (default {RESULTS})")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="result folder")
 
 
 def write_result(out_dir: Path, name: str, payload: dict) -> Path:

@@ -4,17 +4,19 @@ Runs on the system python of a bare GPU box (torch, numpy and PyYAML; no Compose
     make gpu-check                                   # GPU_CHECK_PY=python3, results in runs/gpu_check/
     python3 -m benchmarks.gpu_check --out DIR        # the same; --budget S stops starting new items after S seconds
 Measures, within the time budget (4 minutes by default): XL forward+backward of each stage recipe at its per-device
-microbatch (s/step, images/s, MFU against the device's dense bf16 peak, peak memory, whether the stage fits in 80 GB
-with the 1/8 FSDP share of fp32 master weights and Adam state added); flash SDPA against the plain attention path;
-the MoE dispatch against a per-expert loop and a dense FFN of equal FLOPs; torch.compile of one block; guided
-sampling images/s at 512 px. Without CUDA (or with --tiny) the same code runs at a tiny size in well under a minute.
+microbatch (s/step, images/s, MFU against the device's dense peak in the dtype that ran, peak memory, whether the
+stage fits in 80 GB with the 1/8 FSDP share of fp32 master weights and Adam state added); flash SDPA against the
+plain attention path; the MoE dispatch against a per-expert loop and a dense FFN of equal FLOPs; torch.compile of one
+block; guided sampling images/s at 512 px. Without CUDA (or with --quick) the same code runs at a tiny size in well
+under a minute.
+Everything computes in the device's compute dtype (utils.devices.compute_dtype: bf16 autocast on CUDA and on CPUs with
+native bf16, else fp32); JSON and table say which (`dtype`), and MFU divides by the peak of that dtype.
 Writes OUT/gpu_check.json (records: name, config, value, unit, and error where a measurement failed) and
 OUT/gpu_check.md. Every measurement is guarded: an out-of-memory or any other error becomes an error record and the
 rest run; the exit status is 1 when a measurement failed for another reason than memory.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import traceback
@@ -28,11 +30,13 @@ from benchmarks.bench_train import bench_moe, step_fn
 from benchmarks.common import QUICK, bench_device, device_name, peak_memory_mb, time_fn
 from micro_diffusion import recipe
 from micro_diffusion.cost.flops import train_flops_per_sample
-from micro_diffusion.cost.prices import detect_device_type, device_spec, matmul_peak_tflops
-from micro_diffusion.diffusion import DEFAULTS, EDMPrecond, SamplingSettings, generate_latents
+from micro_diffusion.cost.prices import run_peak_tflops
+from micro_diffusion.diffusion import DEFAULTS, SIGMA_DATA, EDMPrecond, SamplingSettings, generate_latents
 from micro_diffusion.models import create_dit
 from micro_diffusion.models.attention import attention, plain_attention
 from micro_diffusion.models.ffn import ExpertChoiceMoE
+from micro_diffusion.utils.argparsing import parser, renamed
+from micro_diffusion.utils.devices import autocast, compute_dtype, dtype_name
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 STAGES = ("res256_masked", "res256_finetune", "res512_masked", "res512_finetune")
@@ -106,24 +110,19 @@ def build(s: dict, device: torch.device) -> torch.nn.Module:
                           **s.get("overrides", {}))
 
 
-def dense_peak_tflops(device: torch.device) -> tuple[float, str]:
-    """The device's dense bf16 peak from the price table, else (CPUs, unknown GPUs) the measured matmul peak."""
-    if device.type == "cuda":
-        try:
-            return device_spec(detect_device_type(True)).peak_tflops, "price table (dense bf16)"
-        except KeyError:
-            pass  # a GPU the table lacks: measured below, and the record's config says so
-    return matmul_peak_tflops(device, size=512 if device.type == "cpu" else 8192), "measured bf16 matmul"
+def dense_peak_tflops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's dense peak in `dtype` from the price table, else (CPUs, unknown GPUs) the measured matmul peak."""
+    return run_peak_tflops(device, dtype, size=512 if device.type == "cpu" else 8192)
 
 
-def train_step(check: Check, net: torch.nn.Module, s: dict, device: torch.device, peak: tuple[float, str],
-               repeats: int) -> None:
+def train_step(check: Check, net: torch.nn.Module, s: dict, device: torch.device, dtype: torch.dtype,
+               peak: tuple[float, str], repeats: int) -> None:
     """s/step, images/s, MFU, peak memory and the 80 GB verdict of one stage's forward+backward."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        seconds = time_fn(step_fn(net, s["microbatch"], s["latent"], tuple(s["caption"]), s["mask_ratio"], device),
-                          device, warmup=1, repeats=repeats)
+        seconds = time_fn(step_fn(net, s["microbatch"], s["latent"], tuple(s["caption"]), s["mask_ratio"], device,
+                                  dtype), device, warmup=1, repeats=repeats)
     finally:  # an out-of-memory in backward leaves partial gradients behind
         net.zero_grad(set_to_none=True)
     flops = train_flops_per_sample(net, latent_size=s["latent"], caption_len=s["caption"][0],
@@ -131,7 +130,7 @@ def train_step(check: Check, net: torch.nn.Module, s: dict, device: torch.device
     params = sum(p.numel() for p in net.parameters())
     peak_bytes = peak_memory_mb(device) * 2**20
     stage_bytes = peak_bytes + params * SHARDED_BYTES_PER_PARAM / FSDP_DEVICES
-    cfg = {**s, "dtype": "bf16 autocast", "params": params}
+    cfg = {**s, "dtype": dtype_name(dtype), "params": params}
     check.add("train_s_per_step", cfg, seconds, "s")
     check.add("train_images_per_s", cfg, s["microbatch"] / seconds, "images/s")
     check.add("train_mfu", {**cfg, "peak_tflops": peak[0], "peak_source": peak[1], "tflop_per_step": flops / 1e12},
@@ -144,16 +143,16 @@ def train_step(check: Check, net: torch.nn.Module, s: dict, device: torch.device
               bool(stage_bytes <= H100_BYTES), "bool")
 
 
-def attention_check(check: Check, s: dict, device: torch.device) -> None:
+def attention_check(check: Check, s: dict, device: torch.device, dtype: torch.dtype) -> None:
     """Flash SDPA (CUDA; the default SDPA kernel on CPU) against the plain three products: outputs and fwd+bwd time."""
     heads, d = 16, 64
     if "overrides" in s:
         heads, d = 4, s["overrides"]["head_dim"]
     tokens = (s["latent"] // 2) ** 2
-    q, k, v = (torch.randn(s["microbatch"], heads, tokens, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(s["microbatch"], heads, tokens, d, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
     backend = "flash" if device.type == "cuda" else "default"
-    cfg = dict(shape=list(q.shape), dtype="bfloat16", backend=backend, tolerance=2e-2)
+    cfg = dict(shape=list(q.shape), dtype=dtype_name(dtype), backend=backend, tolerance=2e-2)
 
     def fused() -> torch.Tensor:
         if device.type != "cuda":
@@ -187,7 +186,8 @@ def moe_reference(moe: ExpertChoiceMoE, x: torch.Tensor) -> torch.Tensor:
     return out  # (N, T, D)
 
 
-def moe_check(check: Check, net: torch.nn.Module, s: dict, device: torch.device, repeats: int) -> None:
+def moe_check(check: Check, net: torch.nn.Module, s: dict, device: torch.device, dtype: torch.dtype,
+              repeats: int) -> None:
     """The first backbone MoE layer's dispatch against the loop (fp32), then its fwd+bwd time against a dense FFN."""
     moe = next(m for m in net.blocks.modules() if isinstance(m, ExpertChoiceMoE))
     dim, hidden = moe.w_in.shape[1:]
@@ -199,14 +199,14 @@ def moe_check(check: Check, net: torch.nn.Module, s: dict, device: torch.device,
                tolerance=1e-4)
     error = None if diff <= cfg["tolerance"] else f"dispatch differs from the loop: {diff:.3g} > {cfg['tolerance']}"
     check.add("moe_dispatch_max_abs_diff", cfg, diff, "abs", error)
-    r = bench_moe(dim, hidden, tokens, s["microbatch"], device, repeats)
-    cfg = {**cfg, "batch": s["microbatch"], "dtype": "bf16 autocast", "dense_hidden": r["dense_hidden"]}
+    r = bench_moe(dim, hidden, tokens, s["microbatch"], device, repeats, dtype)
+    cfg = {**cfg, "batch": s["microbatch"], "dtype": dtype_name(dtype), "dense_hidden": r["dense_hidden"]}
     check.add("moe_fwd_bwd_ms", cfg, 1e3 * r["moe_seconds"], "ms")
     check.add("moe_over_dense_ffn", cfg, r["moe_over_dense"], "x")
 
 
-def compile_check(check: Check, net: torch.nn.Module, s: dict, device: torch.device, repeats: int,
-                  backend: str) -> None:
+def compile_check(check: Check, net: torch.nn.Module, s: dict, device: torch.device, dtype: torch.dtype,
+                  repeats: int, backend: str) -> None:
     """One backbone block eager and under torch.compile: compile time (first call), step times, equal outputs."""
     block = net.blocks[1]
     D, tokens = net.cfg.width, round((s["latent"] // 2) ** 2 * (1 - s["mask_ratio"]))
@@ -217,14 +217,14 @@ def compile_check(check: Check, net: torch.nn.Module, s: dict, device: torch.dev
 
     def step(fn: Callable) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with autocast(device, dtype):
                 out = fn(x, c, y)
             out.float().sum().backward()
             return out
         return run
 
     cfg = dict(block=1, moe=isinstance(block.ffn, ExpertChoiceMoE), tokens=tokens, batch=s["microbatch"], width=D,
-               dtype="bf16 autocast", backend=backend)
+               dtype=dtype_name(dtype), backend=backend)
     start = time.perf_counter()
     out_c = step(compiled)()
     check.add("compile_first_call_s", cfg, time.perf_counter() - start, "s")
@@ -240,19 +240,20 @@ def compile_check(check: Check, net: torch.nn.Module, s: dict, device: torch.dev
     net.zero_grad(set_to_none=True)
 
 
-def sampling_check(check: Check, net: torch.nn.Module, s: dict, device: torch.device, batch: int, steps: int) -> None:
+def sampling_check(check: Check, net: torch.nn.Module, s: dict, device: torch.device, dtype: torch.dtype, batch: int,
+                   steps: int) -> None:
     """Guided sampling images/s on the project's one sampling path (Heun, guidance scale as the defaults)."""
     settings = SamplingSettings(steps=steps, guidance=DEFAULTS.guidance, sampler=DEFAULTS.sampler)
     cond = torch.randn(batch, *s["caption"], device=device)
     null = torch.zeros(*s["caption"], device=device)
     net.eval()
-    generate = lambda: generate_latents(EDMPrecond(net), cond, null, settings, list(range(batch)),  # noqa: E731
-                                        (s["channels"], s["latent"], s["latent"]))
-    with torch.autocast(device.type, dtype=torch.bfloat16):
+    generate = lambda: generate_latents(EDMPrecond(net, SIGMA_DATA), cond, null, settings,  # noqa: E731
+                                        list(range(batch)), (s["channels"], s["latent"], s["latent"]))
+    with autocast(device, dtype):
         seconds = time_fn(generate, device, warmup=0, repeats=1)
     net.train()
     cfg = dict(resolution=s["resolution"], latent=s["latent"], batch=batch, **settings.to_dict(),
-               dtype="bf16 autocast")
+               dtype=dtype_name(dtype))
     check.add("sample_images_per_s", cfg, batch / seconds, "images/s")
 
 
@@ -270,22 +271,24 @@ def table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every measurement within the budget, write OUT/gpu_check.json and OUT/gpu_check.md; 1 if one failed."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="result folder")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny sizes (always on CPU): checks the harness")
-    parser.add_argument("--compile-backend", default=None,
-                        help="torch.compile backend (default inductor; aot_eager at tiny size, where inductor's "
-                             "C++ build takes minutes on a CPU)")
-    parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no new item starts")
-    args = parser.parse_args(argv)
+    p = parser("python -m benchmarks.gpu_check", __doc__)
+    p.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="result folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to measure")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (always on CPU): checks the harness")
+    renamed(p, "--tiny", "--quick")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (None: inductor; aot_eager at tiny size, where inductor's "
+                        "C++ build takes minutes on a CPU)")
+    p.add_argument("--budget", type=float, default=240.0, help="seconds after which no new item starts")
+    args = p.parse_args(argv)
     device = bench_device(args.device)
-    tiny = args.tiny or device.type == "cpu"
+    dtype = compute_dtype(device)
+    tiny = args.quick or device.type == "cpu"
     repeats = 1 if tiny else 3
     backend = args.compile_backend or ("aot_eager" if tiny else "inductor")
     check = Check(args.budget)
     stages = [stage_settings(name, tiny) for name in STAGES]
-    peak = dense_peak_tflops(device)
+    peak = dense_peak_tflops(device, dtype)
     nets: dict[str, torch.nn.Module] = {}  # one network per preset: positions are computed for any latent size
 
     def net(s: dict) -> torch.nn.Module:
@@ -294,21 +297,23 @@ def main(argv: list[str] | None = None) -> int:
         return nets[s["preset"]]
 
     for s in stages:
-        check.run("train_step", s, lambda s=s: train_step(check, net(s), s, device, peak, repeats))
+        check.run("train_step", s, lambda s=s: train_step(check, net(s), s, device, dtype, peak, repeats))
     s256, s512 = stages[0], stages[-1]  # 256 px masked (the MoE and compile sizes), 512 px unmasked
-    check.run("attention", s512, lambda: attention_check(check, s512, device))
-    check.run("moe", s256, lambda: moe_check(check, net(s256), s256, device, repeats))
-    check.run("compile", s256, lambda: compile_check(check, net(s256), s256, device, repeats, backend))
-    check.run("sampling", s512, lambda: sampling_check(check, net(s512), s512, device, batch=2 if tiny else 8,
-                                                       steps=2 if tiny else DEFAULTS.steps))
-    result = dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, tiny=tiny,
+    check.run("attention", s512, lambda: attention_check(check, s512, device, dtype))
+    check.run("moe", s256, lambda: moe_check(check, net(s256), s256, device, dtype, repeats))
+    check.run("compile", s256, lambda: compile_check(check, net(s256), s256, device, dtype, repeats, backend))
+    check.run("sampling", s512, lambda: sampling_check(check, net(s512), s512, device, dtype,
+                                                       batch=2 if tiny else 8, steps=2 if tiny else DEFAULTS.steps))
+    result = dict(device=device_name(device), dtype=dtype_name(dtype), torch=torch.__version__, cuda=torch.version.cuda,
+                  tiny=tiny,
                   budget_s=args.budget, elapsed_s=check.elapsed(), records=check.records)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "gpu_check.md").write_text(f"GPU check on {result['device']} (torch {torch.__version__}, "
-                                           f"{check.elapsed():.0f} s)\n\n" + table(check.records))
+    (args.out / "gpu_check.md").write_text(f"GPU check on {result['device']} in {result['dtype']} (torch "
+                                           f"{torch.__version__}, {check.elapsed():.0f} s)\n\n" + table(check.records))
     failed = check.failed()
-    print(f"wrote {args.out}/gpu_check.json and gpu_check.md: {len(check.records)} records, {len(failed)} failed")
+    print(f"wrote {args.out}/gpu_check.json and gpu_check.md: {len(check.records)} records in {result['dtype']}, "
+          f"{len(failed)} failed")
     return 1 if failed else 0
 
 

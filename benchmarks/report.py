@@ -1,12 +1,12 @@
 """Collect a result folder's *.json (default benchmarks/results) into one markdown table file: summary.md there."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from benchmarks.common import add_out_argument
+from micro_diffusion.utils.argparsing import parser
 
 
 def _load(folder: Path, name: str) -> dict | None:
@@ -18,7 +18,8 @@ def train_table(t: dict) -> list[str]:
     """The training-step rows, the masking speed-ups and the MoE comparison."""
     mfu = bool(t.get("device_peak_gflops"))  # on a GPU of the price table: MFU against its spec peak too
     lines = [f"### Training step ({t['device']}, {t['dtype']}, latents {t['latent']}x{t['latent']}, "
-             f"captions {t['caption'][0]}x{t['caption'][1]}; bf16 matmul peak {t['matmul_peak_gflops']:.0f} GFLOP/s"
+             f"captions {t['caption'][0]}x{t['caption'][1]}; {t['dtype']} matmul peak "
+             f"{t['matmul_peak_gflops']:.0f} GFLOP/s"
              + (f", spec peak {t['device_peak_gflops']:.0f} GFLOP/s)" if mfu else ")"),
              "", "| preset | masking | mask | s / step | images/s | GFLOP/image | GFLOP/s | share of peak | "
              + ("MFU | " if mfu else "") + "peak MB |", "| --- " * (10 if mfu else 9) + "|"]
@@ -53,7 +54,7 @@ def train_table(t: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Write summary.md from whichever result files exist."""
-    p = argparse.ArgumentParser(description=__doc__)
+    p = parser("python -m benchmarks.report", __doc__)
     add_out_argument(p)
     folder = p.parse_args(argv).out
     lines = ["# Benchmark results", "",
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if (t := _load(folder, "train")) is not None:
         lines += train_table(t)
     if (s := _load(folder, "sample")) is not None:
-        lines += [f"### Sampling ({s['device']}): {s['preset']}, batch {s['batch']}, "
+        lines += [f"### Sampling ({s['device']}, {s.get('dtype', 'bf16')}): {s['preset']}, batch {s['batch']}, "
                   f"{s['steps']} {s['sampler']} steps, "
                   f"guidance {s['guidance']}: {s['images_per_s']:.2f} images/s ({s['gflop_per_s']:.0f} GFLOP/s)", ""]
     if (d := _load(folder, "data")) is not None:

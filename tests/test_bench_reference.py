@@ -10,6 +10,7 @@ import micro_diffusion
 from benchmarks import bench_train
 from benchmarks.reference import REFERENCE_PACKAGE, load_reference_models
 from benchmarks.report import train_table
+from micro_diffusion.utils.devices import compute_dtype, dtype_name
 
 # A stand-in for the reference's micro_diffusion/models/dit.py: its call convention (x, t, y (N, 1, L, D),
 # mask_ratio) -> {'sample', 'mask' (N, T) float, 1 = dropped}, a network of its own inside, and a relative import.
@@ -68,6 +69,13 @@ def test_reference_loads_under_its_own_name_and_runs_beside_ours(tmp_path):
 def test_without_reference_no_ratio_is_reported(tmp_path):
     result = bench_train.main(["--quick", "--presets", "MicroDiT_Tiny_2", "--out", str(tmp_path)])
     assert "reference" not in result and not any("reference" in line for line in train_table(result))
+    assert result["dtype"] == dtype_name(compute_dtype("cpu"))  # the result says which dtype ran
+
+
+def test_the_batch_flag_is_renamed_to_batch_size(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_train.main(["--quick", "--batch", "4"])
+    assert exc.value.code == 2 and "--batch was renamed: use --batch-size" in capsys.readouterr().err
 
 
 def test_a_folder_without_the_reference_network_is_named(tmp_path):

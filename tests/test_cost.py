@@ -267,3 +267,26 @@ def test_project_stage_recipes_match_the_papers_table(tmp_path):
         assert (mine.steps, mine.global_batch, mine.resolution, mine.mask_ratio) == \
             (theirs.steps, theirs.global_batch, theirs.resolution, theirs.mask_ratio), mine.name
         assert mine.flops == pytest.approx(theirs.flops), mine.name
+
+
+@pytest.mark.parametrize("device,device_type,precision,dtype,peak", [
+    ("cpu", "cpu", "fp32", torch.float32, None), ("cpu", "cpu", "amp_bf16", torch.bfloat16, None),
+    ("gpu", "h100", "fp32", torch.float32, 67.0), ("gpu", "h100", "amp_bf16", torch.bfloat16, 989.0)])
+def test_utilisation_divides_by_the_peak_of_the_precision_that_ran(tmp_path, monkeypatch, device, device_type,
+                                                                    precision, dtype, peak):
+    """fp32 training on a CPU is measured against an fp32 matmul, never a bf16 one; GPUs take the table's peak."""
+    from types import SimpleNamespace
+
+    from composer.core import Precision
+
+    from micro_diffusion.cost import prices
+
+    measured = []
+    monkeypatch.setattr(prices, "matmul_peak_tflops", lambda dev, dt, size, seconds: measured.append(dt) or 0.2)
+    ledger = CostCallback(tmp_path, FLOPS, device_type=device_type, usd_per_device_hour=PRICE)
+    ledger.init(SimpleNamespace(device=SimpleNamespace(name=device), precision=Precision(precision)), None)
+    assert ledger.peak_dtype == dtype
+    if peak is None:  # a CPU: measured in the run's precision, shared by the process's cores
+        assert measured == [dtype] and ledger.peak_tflops == pytest.approx(0.2 / torch.get_num_threads())
+    else:
+        assert measured == [] and ledger.peak_tflops == peak

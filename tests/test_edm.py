@@ -10,10 +10,10 @@ from micro_diffusion.models.patches import keep_pixels
 
 def test_preconditioning_limits():
     tiny_sigma, huge_sigma = torch.tensor(1e-6), torch.tensor(1e6)
-    assert math.isclose(edm.c_skip(tiny_sigma).item(), 1.0, abs_tol=1e-9)
-    assert edm.c_out(tiny_sigma).item() < 1e-5
-    assert edm.c_skip(huge_sigma).item() < 1e-9
-    assert math.isclose(edm.c_out(huge_sigma).item(), edm.SIGMA_DATA, rel_tol=1e-6)
+    assert math.isclose(edm.c_skip(tiny_sigma, edm.SIGMA_DATA).item(), 1.0, abs_tol=1e-9)
+    assert edm.c_out(tiny_sigma, edm.SIGMA_DATA).item() < 1e-5
+    assert edm.c_skip(huge_sigma, edm.SIGMA_DATA).item() < 1e-9
+    assert math.isclose(edm.c_out(huge_sigma, edm.SIGMA_DATA).item(), edm.SIGMA_DATA, rel_tol=1e-6)
 
 
 def test_preconditioning_gives_unit_variance_input_and_target():
@@ -79,7 +79,7 @@ def test_denoiser_is_the_preconditioned_network_and_passes_network_options_throu
 
 def test_edm_loss_is_finite_differentiable_and_seeded():
     net = tiny_net()
-    d = edm.EDMPrecond(net)
+    d = edm.EDMPrecond(net, edm.SIGMA_DATA)
     x0, y = torch.randn(4, 4, 8, 8), torch.randn(4, 5, 16)
 
     def loss(noise_seed: int, patch_seed: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_vae_missing_folder_is_named(tmp_path):
 
 def test_minilm_tokens():
     assert (minilm_path() / "config.json").is_file()
-    text = load_text_encoder("minilm", batch_size=2)
+    text = load_text_encoder("minilm", caption_len=77, batch_size=2)
     assert (text.caption_len, text.dim, text.name) == (77, 384, "minilm")
     assert not any(p.requires_grad for p in text.parameters())
     emb = text.encode(["a red square on a blue field", "two green circles", "a red square on a blue field"])
@@ -63,7 +63,7 @@ def test_open_clip_text_tower_offline(tmp_path):
     (tmp_path / "md-test-tiny-clip.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(tmp_path)
     torch.manual_seed(0)
-    text = load_text_encoder("open_clip:md-test-tiny-clip")
+    text = load_text_encoder("open_clip:md-test-tiny-clip", caption_len=77)
     assert (text.caption_len, text.dim) == (77, 48)
     emb = text.encode(["a photo of a cat", "a diagram"])
     assert emb.shape == (2, 77, 48)
@@ -76,7 +76,7 @@ def test_open_clip_text_tower_offline(tmp_path):
 
 def test_bad_text_spec_is_named():
     with pytest.raises(ValueError, match="no-such-encoder"):
-        load_text_encoder("no-such-encoder")
+        load_text_encoder("no-such-encoder", caption_len=77)
 
 
 def test_a_hub_vae_inside_a_pipeline_repo_loads_from_its_subfolder(monkeypatch):

@@ -84,6 +84,6 @@ def test_sampling_flops_count_network_evaluations():
     with pytest.raises(ValueError, match="unknown sampler 'plms'"):
         network_evals(10, "plms")
     with pytest.raises(ValueError, match="mask_ratio"):
-        train_flops_per_sample(net, mask_ratio=1.0)
+        train_flops_per_sample(net, 32, 77, mask_ratio=1.0)
     with pytest.raises(ValueError, match="not a multiple of the patch size"):
-        forward_flops(net, latent_size=(31, 32))
+        forward_flops(net, latent_size=(31, 32), caption_len=77)

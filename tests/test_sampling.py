@@ -69,7 +69,8 @@ def test_evaluation_counts_follow_steps():
     for name, steps, evals in [("heun", 7, 2 * 7 - 1), ("euler", 7, 7), ("ddim", 7, 7), ("dpmpp_2m", 7, 7),
                                ("stochastic", 7, 13), ("consistency", 4, 4)]:
         d = Counting(ideal_denoiser)
-        sample(d, noise(8), steps=steps, sampler=name)
+        levels = {"sigma_data": 0.9} if name == "consistency" else {}  # its levels need the denoiser's sigma_data
+        sample(d, noise(8), steps=steps, sampler=name, **levels)
         assert d.calls == evals == network_evals(steps, name), name
     assert set(SAMPLERS) == {"heun", "euler", "ddim", "dpmpp_2m", "stochastic", "consistency"}  # each counted above
 
@@ -110,6 +111,8 @@ def test_unknown_sampler_and_options_raise_naming_them():
     with pytest.raises(ValueError, match="S_chrun"):
         sample(ideal_denoiser, noise(4), sampler="stochastic", S_chrun=10.0)
     assert set(sampler_options("stochastic")) == {"S_churn", "S_min", "S_max", "S_noise"}
+    with pytest.raises(ValueError, match="sigma_data"):  # no silent default: the denoiser's value must be given
+        sample(ideal_denoiser, noise(4), steps=2, sampler="consistency")
 
 
 def test_cfg_math_and_interval():

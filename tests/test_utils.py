@@ -1,14 +1,15 @@
-"""The small shared helpers: seed derivation, device selection, sizes, image files, JSON lines."""
+"""The small shared helpers: seeds and seeded draws, device and dtype selection, sizes, image files, JSON lines."""
 import os
 
 import pytest
 import torch
 from PIL import Image
 
+from micro_diffusion.utils import devices
 from micro_diffusion.utils.devices import composer_device, loader_workers, torch_device, usable_cpus
 from micro_diffusion.utils.images import grid, save_atomic, to_pil
 from micro_diffusion.utils.jsonl import read_jsonl
-from micro_diffusion.utils.seeds import derive_seed
+from micro_diffusion.utils.seeds import derive_seed, draw, seeded_generator
 from micro_diffusion.utils.sizes import as_hw
 
 
@@ -78,3 +79,27 @@ def test_fid_uses_loader_workers_only_where_the_cpus_exist(monkeypatch, tmp_path
         monkeypatch.setattr(fid, "usable_cpus", lambda n=cpus: n)
         fid.fid_kid(tmp_path, tmp_path, weights=tmp_path / "unused.pth")
     assert seen == [True, False]
+
+
+def test_seeded_generators_and_draws_give_the_same_numbers_on_any_target_device():
+    a = draw("randn", (3, 4), seeded_generator(7), "cpu")
+    assert torch.equal(a, draw("randn", (3, 4), seeded_generator(7), "cpu", torch.float32))
+    assert not torch.equal(a, draw("randn", (3, 4), seeded_generator(8), "cpu"))
+    assert torch.equal(a, torch.randn(3, 4, generator=torch.Generator().manual_seed(7)))  # torch's own stream
+    half = draw("rand", (5,), seeded_generator(1), "cpu", torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and bool(((half >= 0) & (half <= 1)).all())
+    with pytest.raises(KeyError):
+        draw("normal", (2,), None, "cpu")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_compute_dtype_is_bf16_only_where_the_device_runs_it_natively(monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)  # the CPU's answer, mocked
+    assert devices.compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    assert devices.compute_dtype(torch.device("cuda")) == torch.bfloat16  # no GPU needed to name the choice
+    assert devices.dtype_name(devices.compute_dtype("cpu")) == ("bf16" if native else "fp32")
+    x = torch.randn(4, 4)
+    with devices.autocast("cpu", devices.compute_dtype("cpu")):
+        assert (x @ x).dtype == (torch.bfloat16 if native else torch.float32)
+    with pytest.raises(ValueError, match="no compute dtype"):
+        devices.dtype_name(torch.int8)

@@ -25,8 +25,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
+from ..utils.devices import dtype_name
 from .ledger import COST_FILE, Totals, load_carry_over, read_records
-from .prices import detect_device_type, device_spec, matmul_peak_tflops, usd_per_device_hour
+from .prices import detect_device_type, device_spec, run_peak_tflops, usd_per_device_hour
 
 
 class CostCallback(Callback):
@@ -40,7 +41,8 @@ class CostCallback(Callback):
         max_usd, max_device_hours: budget caps on the running total, carried-over stages included.
         stage: name of this stage, written in every record.
         carry_over: previous stage's run folder or totals dict.
-        peak_tflops: per-device peak override; None takes the table, or on CPU a short bf16 matmul timing.
+        peak_tflops: per-device peak override; None takes the table's peak in the run's precision (Composer's
+            state.precision: fp32, or bf16/fp16 autocast), or on CPU a short matmul timing in that precision.
         log_interval_s: least wall-clock seconds between records (always one at the end and at a budget stop).
         clock: monotonic seconds; replaceable so tests can drive time exactly.
     """
@@ -87,9 +89,11 @@ class CostCallback(Callback):
         per_process = torch.get_num_threads() if spec.unit == "core" else 1
         self.devices = dist.get_world_size() * per_process
         self.price = usd_per_device_hour(self.device_type, self._price_override)
-        peak = self._peak_override or spec.peak_tflops
-        if peak is None:  # CPUs: a process's bf16 matmul peak, shared by its cores
-            peak = matmul_peak_tflops() / per_process
+        self.peak_dtype = run_dtype(state.precision)  # utilisation divides by the peak of the precision that ran
+        peak = self._peak_override
+        if peak is None:  # the table's peak in that precision, else (CPUs) a process's matmul peak, shared by its cores
+            device = "cuda" if use_cuda else "cpu"
+            peak = run_peak_tflops(device, self.peak_dtype, self.device_type)[0] / per_process
         self.peak_tflops = float(peak)
         self._last_tick = self.clock()
 
@@ -202,9 +206,16 @@ class CostCallback(Callback):
             "time": time.time(), "event": event, "stage": self.stage, "session": self.session,
             "batch": int(state.timestamp.batch), "device_type": self.device_type, "devices": self.devices,
             "usd_per_device_hour": self.price, "peak_tflops_per_device": self.peak_tflops,
+            "peak_dtype": dtype_name(self.peak_dtype),
             "flops_per_sample": self.flops_per_sample, "metrics": metrics,
             "stage_totals": stage.to_dict(), "total": total.to_dict(),
         }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / COST_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def run_dtype(precision: Any) -> torch.dtype:
+    """The dtype matrix products run in under a Composer precision (Precision enum or its string): fp32 or autocast."""
+    name = str(getattr(precision, "value", precision)).lower()
+    return {"fp32": torch.float32, "amp_fp16": torch.float16}.get(name, torch.bfloat16)

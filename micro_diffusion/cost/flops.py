@@ -89,7 +89,7 @@ def _grid_tokens(net: MicroDiT, latent_size: int | tuple[int, int]) -> int:
 
 
 def forward_flops_breakdown(
-    net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77, mask_ratio: float = 0.0
+    net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0
 ) -> dict[str, int]:
     """Forward FLOPs of one sample, by part: embed, caption, mixer, backbone, final."""
     if not isinstance(net, MicroDiT):
@@ -114,27 +114,27 @@ def forward_flops_breakdown(
 
 
 def forward_flops(
-    net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77, mask_ratio: float = 0.0
+    net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0
 ) -> int:
     """Forward FLOPs of one sample."""
     return sum(forward_flops_breakdown(net, latent_size, caption_len, mask_ratio).values())
 
 
 def train_flops_per_sample(
-    net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77, mask_ratio: float = 0.0
+    net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0
 ) -> int:
     """Forward plus backward FLOPs of one training sample (backward counted as twice the forward)."""
     return 3 * forward_flops(net, latent_size, caption_len, mask_ratio)
 
 
-def caption_only_flops(net: MicroDiT, caption_len: int = 77) -> int:
+def caption_only_flops(net: MicroDiT, caption_len: int) -> int:
     """Forward FLOPs that depend on the caption alone: its embedding, cross-attention keys and values, the mixer map."""
     kv = sum(_linear(block.cross.kv, caption_len) for block in [*net.mixer, *net.blocks])
     mixer = _linear(net.mixer_caption, caption_len) if len(net.mixer) else 0
     return _caption_flops(net.caption_embed, caption_len) + kv + mixer
 
 
-def jvp_flops(net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77) -> int:
+def jvp_flops(net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int) -> int:
     """One forward-mode JVP in (x, t) of the unmasked forward, as FlopCounterMode counts torch.func.jvp.
 
     Every product on the path of x or t runs three times (the primal and the two tangent terms of its derivative);
@@ -143,7 +143,7 @@ def jvp_flops(net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_le
     return 3 * forward_flops(net, latent_size, caption_len) - 2 * caption_only_flops(net, caption_len)
 
 
-def distill_flops_per_sample(net: MicroDiT, latent_size: int | tuple[int, int] = 32, caption_len: int = 77,
+def distill_flops_per_sample(net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int,
                              guidance: bool = True, weight: nn.Module | None = None) -> int:
     """One consistency-distillation sample: the teacher's forward (twice with guidance), the student's JVP, the
     student's forward and backward, and the learned loss weighting's (Linear layers on one row per sample)."""
@@ -155,8 +155,8 @@ def distill_flops_per_sample(net: MicroDiT, latent_size: int | tuple[int, int] =
 
 def sample_flops_per_image(
     net: MicroDiT,
-    latent_size: int | tuple[int, int] = 32,
-    caption_len: int = 77,
+    latent_size: int | tuple[int, int],
+    caption_len: int,
     steps: int = DEFAULTS.steps,
     sampler: str = DEFAULTS.sampler,
     guidance: bool = True,

@@ -85,12 +85,13 @@ def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int
     torch.manual_seed(0)
     x0 = torch.randn(batch, net.in_channels, latent, latent)
     y = torch.randn(batch, *caption)
+    denoiser = EDMPrecond(net, sigma_data=1.0)  # sigma_data scales values, never a saved tensor's size
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         if fused:
             with fused_attention():
-                EDMPrecond(net).loss(x0, y, 0.0, 1.0, mask_ratio=mask_ratio)
+                denoiser.loss(x0, y, 0.0, 1.0, mask_ratio=mask_ratio)
         else:
-            EDMPrecond(net).loss(x0, y, 0.0, 1.0, mask_ratio=mask_ratio)
+            denoiser.loss(x0, y, 0.0, 1.0, mask_ratio=mask_ratio)
     return sum(storages.values())
 
 

@@ -1,8 +1,10 @@
 """Device prices and peak throughputs: the defaults the cost ledger and the estimates use.
 
 Prices are on-demand list prices per device-hour in US dollars (assumptions, not quotes): H100 at $3.75 as the paper
-assumes ($30 per 8-GPU node-hour). CPU runs are priced per core-hour. Peaks are dense bf16 tensor throughput
-without sparsity. Override a price with the recipe (`usd_per_device_hour`) or the environment variable
+assumes ($30 per 8-GPU node-hour). CPU runs are priced per core-hour. Peaks are dense throughput without sparsity,
+per precision: bf16 tensor cores, and fp32 without TF32 (torch's default for matrix products). Utilisation divides by
+the peak of the precision the run computed in; a CPU's peak is measured in that precision (`run_peak_tflops`).
+Override a price with the recipe (`usd_per_device_hour`) or the environment variable
 MICRO_DIFFUSION_USD_PER_DEVICE_HOUR; an explicit argument wins over the variable, the variable over this table.
 """
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..utils.devices import dtype_name
+
 PRICE_ENV = "MICRO_DIFFUSION_USD_PER_DEVICE_HOUR"
 
 
@@ -22,16 +26,21 @@ class DeviceSpec:
 
     name: str
     usd_per_hour: float
-    peak_tflops: float | None  # dense bf16; None: measured at run time (CPUs)
+    peak_tflops: float | None  # dense bf16 (fp16 the same); None: measured at run time (CPUs)
+    peak_tflops_fp32: float | None = None  # dense fp32 (no TF32); None: measured at run time
     unit: str = "GPU"  # what one "device" is: a GPU, or a CPU core
+
+    def peak(self, dtype: torch.dtype) -> float | None:
+        """The tabled dense peak in the precision `dtype` computes in; None where it is measured instead."""
+        return self.peak_tflops_fp32 if dtype == torch.float32 else self.peak_tflops
 
 
 DEVICES: dict[str, DeviceSpec] = {
-    "h100": DeviceSpec("NVIDIA H100 SXM", 3.75, 989.0),
-    "h200": DeviceSpec("NVIDIA H200 SXM", 4.50, 989.0),
-    "a100": DeviceSpec("NVIDIA A100 SXM", 2.00, 312.0),
-    "l40s": DeviceSpec("NVIDIA L40S", 1.20, 362.0),
-    "a10g": DeviceSpec("NVIDIA A10G", 1.00, 70.0),
+    "h100": DeviceSpec("NVIDIA H100 SXM", 3.75, 989.0, 67.0),
+    "h200": DeviceSpec("NVIDIA H200 SXM", 4.50, 989.0, 67.0),
+    "a100": DeviceSpec("NVIDIA A100 SXM", 2.00, 312.0, 19.5),
+    "l40s": DeviceSpec("NVIDIA L40S", 1.20, 362.0, 91.6),
+    "a10g": DeviceSpec("NVIDIA A10G", 1.00, 70.0, 31.2),
     "cpu": DeviceSpec("CPU core", 0.05, None, unit="core"),  # about one vCPU-hour of a compute-optimised cloud VM
 }
 
@@ -78,7 +87,7 @@ def usd_per_device_hour(device_type: str, override: float | None = None) -> floa
     return price
 
 
-def matmul_peak_tflops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.bfloat16, size: int = 1024,
+def matmul_peak_tflops(device: torch.device | str, dtype: torch.dtype, size: int = 1024,
                        seconds: float = 0.25) -> float:
     """Achieved TFLOP/s of size^3 matrix products in dtype on device, over about `seconds` after one warm-up product.
 
@@ -102,3 +111,17 @@ def matmul_peak_tflops(device: torch.device | str = "cpu", dtype: torch.dtype = 
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
             return runs * 2 * size**3 / elapsed / 1e12
+
+
+def run_peak_tflops(device: torch.device | str, dtype: torch.dtype, device_type: str | None = None,
+                    size: int = 1024, seconds: float = 0.25) -> tuple[float, str]:
+    """Dense peak TFLOP/s of one device in the precision a run computes in, and where it came from: the table for a
+    known GPU, else (CPUs, GPUs or precisions the table lacks) a size^3 matmul timing in that dtype on the device."""
+    device = torch.device(device)
+    try:
+        tabled = device_spec(device_type or detect_device_type(device.type == "cuda")).peak(dtype)
+    except KeyError:  # a GPU the table lacks: measured below, and the source says so
+        tabled = None
+    if tabled is not None:
+        return tabled, f"price table (dense {dtype_name(dtype)})"
+    return matmul_peak_tflops(device, dtype, size, seconds), f"measured {dtype_name(dtype)} matmul"

@@ -202,7 +202,8 @@ def render_html(runs: list[RunData], plots: list[Path]) -> str:
     rows = [stage_row(r) for r in runs]
     parts = [f"<h1>Training cost: {html.escape(', '.join(r.name for r in runs))}</h1>",
              "<h2>Cost per stage</h2>", cost_table(rows),
-             '<p class="note">Utilisation: achieved FLOP/s over the device peak (dense bf16), FLOPs counted '
+             '<p class="note">Utilisation: achieved FLOP/s over the device peak in the precision the run computed '
+             "in (the ledger's peak_dtype: bf16 autocast on GPUs, fp32 as CPU runs train), FLOPs counted "
              "analytically (micro_diffusion.cost.flops).</p>"]
     if plots:
         parts.append("<h2>Loss and evaluations against cost</h2>")

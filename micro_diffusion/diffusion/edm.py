@@ -7,20 +7,22 @@ from typing import Any
 import torch
 from torch import nn
 
-SIGMA_DATA = 0.9  # std of SDXL-VAE latents after the VAE's scaling factor
+from ..utils.seeds import draw
+
+SIGMA_DATA = 0.9  # the released models' (and the paper recipe's) value: std of SDXL-VAE latents after its scaling
 
 
-def c_skip(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_skip(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """Skip-connection weight: sigma_data^2 / (sigma^2 + sigma_data^2)."""
     return sigma_data**2 / (sigma**2 + sigma_data**2)
 
 
-def c_out(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_out(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """Output scale: sigma * sigma_data / sqrt(sigma^2 + sigma_data^2)."""
     return sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
 
 
-def c_in(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def c_in(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """Input scale: 1 / sqrt(sigma^2 + sigma_data^2)."""
     return 1 / (sigma**2 + sigma_data**2).sqrt()
 
@@ -30,7 +32,7 @@ def c_noise(sigma: torch.Tensor) -> torch.Tensor:
     return sigma.log() / 4
 
 
-def loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+def loss_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma * sigma_data)^2."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
@@ -39,8 +41,7 @@ def training_sigmas(
     n: int, p_mean: float, p_std: float, device: torch.device | str = "cpu", generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Log-normal noise levels: ln(sigma) ~ N(P_mean, P_std^2), shape (n,)."""
-    gen_device = generator.device if generator is not None else device
-    return (torch.randn(n, generator=generator, device=gen_device).to(device) * p_std + p_mean).exp()
+    return (draw("randn", (n,), generator, device) * p_std + p_mean).exp()
 
 
 def sigma_grid(n: int, p_mean: float, p_std: float) -> torch.Tensor:
@@ -70,7 +71,7 @@ class EDMPrecond(nn.Module):
     an object with `.sample` (N, C, H, W) and `.keep` ((N, 1, H, W) weights of the pixels it predicted, or None).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = SIGMA_DATA):
+    def __init__(self, net: nn.Module, sigma_data: float):
         super().__init__()
         self.net, self.sigma_data = net, float(sigma_data)
 
@@ -94,8 +95,7 @@ class EDMPrecond(nn.Module):
         the network's keyword arguments carry, so the two draws can be seeded independently.
         """
         sigma = training_sigmas(x0.shape[0], p_mean, p_std, x0.device, noise_generator)  # (N,)
-        gen_device = noise_generator.device if noise_generator is not None else x0.device
-        noise = torch.randn(x0.shape, generator=noise_generator, device=gen_device).to(x0.device, x0.dtype)
+        noise = draw("randn", x0.shape, noise_generator, x0.device, x0.dtype)
         return self.loss_at(x0, cond, sigma, noise, **net_kwargs).mean()
 
     def loss_at(self, x0: torch.Tensor, cond: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,

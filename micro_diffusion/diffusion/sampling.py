@@ -1,5 +1,6 @@
-"""Samplers for the EDM probability-flow ODE/SDE, as plain functions sharing one signature, guidance, and the one
-function every caller samples latents with (`generate_latents`).
+"""Samplers for the EDM probability-flow ODE/SDE, as plain functions sharing one signature, described by one table
+(SAMPLERS: function, evaluations per step, options, noise, schedule), guidance, and the one function every caller
+samples latents with (`generate_latents`).
 
 Every sampler is called as `fn(denoiser, x, sigmas, generator, **options)`: `x` is the starting point already scaled to
 sigmas[0], `sigmas` the decreasing noise levels with a trailing 0 (steps+1 values). The denoiser is called as
@@ -9,17 +10,16 @@ torch.Generator, or one per sample (image k's draws then do not depend on the ot
 """
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
-from ..utils.seeds import derive_seed
-from .edm import SIGMA_DATA, EDMPrecond
+from ..utils.seeds import derive_seed, draw, seeded_generator
+from .edm import EDMPrecond
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Noise = torch.Generator | Sequence[torch.Generator] | None
@@ -59,10 +59,8 @@ def _call(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Ten
 def _randn_like(x: torch.Tensor, generator: Noise) -> torch.Tensor:
     """Standard normal noise of x's shape, drawn on the generator's device (per sample for a list of generators)."""
     if isinstance(generator, Sequence):
-        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device).to(x.device, x.dtype)
-                            for g in generator])
-    gen_device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=gen_device).to(x.device, x.dtype)
+        return torch.stack([draw("randn", x.shape[1:], g, x.device, x.dtype) for g in generator])
+    return draw("randn", x.shape, generator, x.device, x.dtype)
 
 
 def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
@@ -94,9 +92,9 @@ def _heun_step(denoiser: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, t_next:
 
 
 def sample_stochastic(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
-                      generator: Noise = None, S_churn: float = 40.0, S_min: float = 0.05,
-                      S_max: float = 50.0, S_noise: float = 1.003) -> torch.Tensor:
-    """EDM Algorithm 2: stochastic sampling (noise churn, then a Heun step); defaults are EDM's ImageNet-64 settings."""
+                      generator: Noise = None, *, S_churn: float, S_min: float, S_max: float,
+                      S_noise: float) -> torch.Tensor:
+    """EDM Algorithm 2: stochastic sampling (noise churn, then a Heun step); SAMPLERS holds the option defaults."""
     steps = len(sigmas) - 1
     for i in range(steps):
         t_cur, t_next = sigmas[i], sigmas[i + 1]
@@ -147,8 +145,8 @@ def sample_consistency(denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor
 CONSISTENCY_MID_TIMES: dict[int, tuple[float, ...]] = {1: (), 2: (1.1,), 4: (1.3, 1.1, 0.8)}
 
 
-def consistency_sigmas(steps: int, sigma_max: float = 80.0, sigma_data: float = SIGMA_DATA,
-                       mid_times: Sequence[float] | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+def consistency_sigmas(steps: int, sigma_max: float, sigma_data: float, mid_times: Sequence[float] | None = None,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
     """(sigma_max, sigma_d tan(t_1), ..., 0): the levels of `steps`-step consistency sampling, (steps+1,)."""
     if mid_times is None:
         if steps not in CONSISTENCY_MID_TIMES:
@@ -165,42 +163,74 @@ def consistency_sigmas(steps: int, sigma_max: float = 80.0, sigma_data: float = 
     return torch.tensor(levels, dtype=torch.float32, device=device)
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
-    "heun": sample_heun,
-    "euler": sample_euler,
-    "ddim": sample_euler,  # DDIM's update in sigma space is Euler's (Karras et al. 2022, sec. 3): one implementation
-    "stochastic": sample_stochastic,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "consistency": sample_consistency,  # for distilled students; noise levels from consistency_sigmas
+@dataclass(frozen=True)
+class Sampler:
+    """Everything the project knows about one sampler: its function, cost, options and noise levels."""
+
+    fn: Callable[..., torch.Tensor]  # fn(denoiser, x, sigmas, generator, **options)
+    evaluations: Callable[[int], int]  # network evaluations per image for `steps` levels, without guidance
+    options: Mapping[str, object] = field(default_factory=dict)  # the sampler's own options and their defaults
+    stochastic: bool = False  # draws noise from the generator while it integrates
+    schedule: str = "karras"  # "karras" (karras_sigmas) or "consistency" (consistency_sigmas)
+    for_students: bool = False  # samples distilled consistency students, never a diffusion model
+
+    def schedule_options(self) -> dict[str, object]:
+        """Options of the noise levels (consistency: sigma_data, required, and mid_times), with their defaults."""
+        return {"sigma_data": REQUIRED, "mid_times": None} if self.schedule == "consistency" else {}
+
+
+class _Required:
+    """The default of an option that has none: the caller must give it (e.g. the denoiser's sigma_data)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = _Required()
+
+
+def _two_per_step(steps: int) -> int:
+    """Heun-type samplers: two evaluations a level, the correction skipped on the last one (sigma reaches 0)."""
+    return 2 * steps - 1
+
+
+def _one_per_step(steps: int) -> int:
+    """One evaluation a level."""
+    return steps
+
+
+# The one sampler table: name -> function, evaluation count, options, noise and schedule.
+SAMPLERS: dict[str, Sampler] = {
+    "heun": Sampler(sample_heun, _two_per_step),
+    "euler": Sampler(sample_euler, _one_per_step),
+    "ddim": Sampler(sample_euler, _one_per_step),  # DDIM's update in sigma space is Euler's (Karras et al. sec. 3)
+    "stochastic": Sampler(sample_stochastic, _two_per_step, stochastic=True,  # EDM's ImageNet-64 settings
+                          options={"S_churn": 40.0, "S_min": 0.05, "S_max": 50.0, "S_noise": 1.003}),
+    "dpmpp_2m": Sampler(sample_dpmpp_2m, _one_per_step),
+    "consistency": Sampler(sample_consistency, _one_per_step, stochastic=True, schedule="consistency",
+                           for_students=True),
 }
-SCHEDULE_OPTIONS = {"consistency": ("sigma_data", "mid_times")}  # options of the sampler's own noise levels
-# Network evaluations per image for `steps` noise levels, without guidance (it doubles them).
-EVALUATIONS: dict[str, Callable[[int], int]] = {
-    "heun": lambda steps: 2 * steps - 1,
-    "euler": lambda steps: steps,
-    "ddim": lambda steps: steps,
-    "stochastic": lambda steps: 2 * steps - 1,
-    "dpmpp_2m": lambda steps: steps,
-    "consistency": lambda steps: steps,
-}
+
+
+def sampler_spec(sampler: str) -> Sampler:
+    """The table entry of a sampler; an unknown name is an error listing the known ones."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[sampler]
 
 
 def network_evals(steps: int, sampler: str = DEFAULTS.sampler) -> int:
     """Network evaluations one image costs with `sampler` over `steps` noise levels, without guidance."""
-    if sampler not in EVALUATIONS:
-        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(EVALUATIONS)}")
+    spec = sampler_spec(sampler)
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
-    return EVALUATIONS[sampler](steps)
+    return spec.evaluations(steps)
 
 
 def sampler_options(sampler: str) -> dict[str, object]:
-    """The extra options a sampler accepts, with their defaults."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
-    params = list(inspect.signature(SAMPLERS[sampler]).parameters.values())[4:]  # after denoiser, x, sigmas, generator
-    schedule = inspect.signature(consistency_sigmas).parameters
-    return {p.name: p.default for p in params} | {k: schedule[k].default for k in SCHEDULE_OPTIONS.get(sampler, ())}
+    """The extra options a sampler accepts, with their defaults (REQUIRED where the caller must give one)."""
+    spec = sampler_spec(sampler)
+    return {**spec.options, **spec.schedule_options()}
 
 
 @torch.no_grad()
@@ -214,21 +244,24 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULTS.steps,
     the noise of the stochastic and the consistency samplers (the deterministic ones draw nothing). `options` go to
     the sampler (e.g. S_churn for "stochastic"; sigma_data and mid_times for the consistency levels).
     """
-    known = sampler_options(sampler)
+    spec, known = sampler_spec(sampler), sampler_options(sampler)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"sampler {sampler!r} has no option(s) {unknown}; it accepts {sorted(known) or 'none'}")
+    missing = sorted(k for k, v in known.items() if v is REQUIRED and k not in options)
+    if missing:
+        raise ValueError(f"sampler {sampler!r} needs the option(s) {missing} (e.g. the denoiser's sigma_data)")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-    if sampler in SCHEDULE_OPTIONS:  # consistency sampling: sigma_max, the intermediate levels, 0
-        levels = {k: options.pop(k) for k in SCHEDULE_OPTIONS[sampler] if k in options}
+    levels = {k: options.pop(k) for k in spec.schedule_options() if k in options}
+    if spec.schedule == "consistency":  # sigma_max, the intermediate levels, 0
         sigmas = consistency_sigmas(steps, sigma_max, device=noise.device, **levels)
     else:
         sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, device=noise.device)  # (steps+1,)
     x = noise.float() * sigmas[0]  # x_0 ~ N(0, sigma_max^2 I)
-    return SAMPLERS[sampler](denoiser, x, sigmas, generator, **options)
+    return spec.fn(denoiser, x, sigmas, generator, **{**spec.options, **options})
 
 
 def cfg_denoiser(denoiser_cond: Denoiser, denoiser_uncond: Denoiser, scale: float,
@@ -288,9 +321,10 @@ def generate_latents(denoiser: EDMPrecond, cond: torch.Tensor, null_caption: tor
     """
     if len(seeds) != cond.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {cond.shape[0]} caption embeddings")
-    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])  # (N, C, H, W)
-    churn = [torch.Generator().manual_seed(derive_seed(s, 1)) for s in seeds]
+    noise = torch.stack([torch.randn(shape, generator=seeded_generator(s)) for s in seeds])  # (N, C, H, W)
+    stochastic = sampler_spec(settings.sampler).stochastic  # the deterministic samplers draw nothing
+    churn = [seeded_generator(derive_seed(s, 1)) for s in seeds] if stochastic else None
     guided = guided_denoiser(denoiser, cond, null_caption, settings.guidance, settings.guidance_interval)
-    levels = {"sigma_data": denoiser.sigma_data} if settings.sampler in SCHEDULE_OPTIONS else {}
+    levels = {"sigma_data": denoiser.sigma_data} if "sigma_data" in sampler_options(settings.sampler) else {}
     return sample(guided, noise.to(cond.device), steps=settings.steps, sampler=settings.sampler, generator=churn,
                   **levels)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.func import jvp
 
+from ..utils.seeds import draw
 from .edm import EDMPrecond, c_noise, per_sample
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> dx_t/dt
@@ -61,8 +62,7 @@ def guided_velocity(teacher: EDMPrecond, cond: torch.Tensor, uncond: torch.Tenso
 def training_times(n: int, p_mean: float, p_std: float, sigma_data: float, sigma_max: float,
                    device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
     """t = arctan(exp(tau) / sigma_d) with tau ~ N(P_mean, P_std^2), clamped to arctan(sigma_max / sigma_d): (n,)."""
-    gen_device = generator.device if generator is not None else device
-    tau = torch.randn(n, generator=generator, device=gen_device).to(device) * p_std + p_mean
+    tau = draw("randn", (n,), generator, device) * p_std + p_mean
     return torch.atan(tau.exp() / sigma_data).clamp(max=math.atan(sigma_max / sigma_data))
 
 
@@ -121,8 +121,7 @@ def scd_loss(student: EDMPrecond, velocity: Velocity, weight: nn.Module, x0: tor
     """
     sd = student.sigma_data
     t = training_times(x0.shape[0], p_mean, p_std, sd, sigma_max, x0.device, generator)  # (N,)
-    gen_device = generator.device if generator is not None else x0.device
-    z = torch.randn(x0.shape, generator=generator, device=gen_device).to(x0.device, x0.dtype) * sd
+    z = draw("randn", x0.shape, generator, x0.device, x0.dtype) * sd
     x_t = per_sample(t.cos()) * x0 + per_sample(t.sin()) * z  # (N, C, H, W)
     with torch.no_grad():
         dxdt = velocity(x_t, t)

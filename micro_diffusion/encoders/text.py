@@ -137,7 +137,8 @@ def load_text_encoder(
     spec: str = DEFAULT_TEXT_ENCODER,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    caption_len: int = 77,
+    *,
+    caption_len: int,
     batch_size: int = 64,
 ) -> FrozenTextEncoder:
     """Load a frozen text encoder.
@@ -149,7 +150,8 @@ def load_text_encoder(
             of a Hugging Face transformers encoder (config.json, tokenizer and weights).
         device: where the weights live and the computation runs.
         dtype: weight and compute dtype (outputs are always float32).
-        caption_len: tokens per caption for transformers encoders (open_clip models use their own context length).
+        caption_len: tokens per caption for transformers encoders (open_clip models use their own context length);
+            required: it comes from the recipe, the shard metadata or the export, never a silent default.
         batch_size: micro-batch size of encode.
 
     Returns:

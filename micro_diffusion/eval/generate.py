@@ -13,7 +13,7 @@ from ..diffusion.edm import EDMPrecond
 from ..diffusion.sampling import SamplingSettings, generate_latents, image_seeds
 from ..encoders import load_text_encoder, load_vae
 from ..exported import load_exported
-from ..utils.devices import torch_device
+from ..utils.devices import autocast, compute_dtype, dtype_name, torch_device
 from ..utils.images import to_pil
 from ..utils.sizes import as_hw
 
@@ -63,8 +63,9 @@ class TextToImage:
         return self.latent_hw[0] * int(self.config["encoders"]["downsample"])
 
     def record(self) -> dict:
-        """What decides the images besides their captions: weights, sampling settings and seed."""
-        return {"weights": self.config["weights_file"], "sampling": self.settings.to_dict(), "seed": self.seed}
+        """What decides the images besides their captions: weights, sampling settings, seed and compute dtype."""
+        return {"weights": self.config["weights_file"], "sampling": self.settings.to_dict(), "seed": self.seed,
+                "dtype": dtype_name(compute_dtype(self.device))}
 
     def latents(self, captions: list[str], indices: list[int]) -> torch.Tensor:
         """Sampled latents (N, C, h, w) for captions, image k seeded by (seed, indices[k])."""
@@ -73,7 +74,7 @@ class TextToImage:
     def sample(self, emb: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """Sampled latents (N, C, h, w) for caption embeddings (N, L, D): the network's part of rendering."""
         shape = (self.net.in_channels, *self.latent_hw)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device, compute_dtype(self.device)):  # bf16 where the device runs it fast, else fp32
             return generate_latents(self.denoiser, emb, self.null, self.settings, image_seeds(self.seed, indices),
                                     shape)
 

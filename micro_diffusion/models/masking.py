@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..utils.seeds import draw
+
 
 def num_kept(tokens: int, mask_ratio: float) -> int:
     """Tokens kept per sample at a mask ratio: int(T x (1 - r)) as the released network truncates it, at least one."""
@@ -13,8 +15,7 @@ def draw_keep(
     batch: int, tokens: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, a uniform random subset of kept tokens: indices (N, K) ascending, mask (N, T) True = dropped."""
-    gen_device = generator.device if generator is not None else device
-    scores = torch.rand(batch, tokens, generator=generator, device=gen_device).to(device)  # (N, T)
+    scores = draw("rand", (batch, tokens), generator, device)  # (N, T)
     keep = scores.argsort(dim=1)[:, : num_kept(tokens, mask_ratio)].sort(dim=1).values  # (N, K)
     mask = torch.ones(batch, tokens, dtype=torch.bool, device=device).scatter_(1, keep, False)  # (N, T)
     return keep, mask

@@ -11,7 +11,7 @@ from composer.models import ComposerModel
 from micro_diffusion.diffusion.edm import EDMPrecond
 from micro_diffusion.models import MicroDiT
 from micro_diffusion.models.blocks import DiTBlock
-from micro_diffusion.utils.seeds import derive_seed
+from micro_diffusion.utils.seeds import derive_seed, draw, seeded_generator
 
 NOISE_STREAM, PATCH_STREAM = 0, 1  # the two seeded draws of a microbatch: noise levels and noise; the patch draw
 
@@ -53,7 +53,7 @@ class DiffusionModel(ComposerModel):
             return None, None  # outside the trainer: the global RNG
         seeds = [derive_seed(self._batch_seed, self._microbatch, s) for s in (NOISE_STREAM, PATCH_STREAM)]
         self._microbatch += 1
-        noise, patches = (torch.Generator(device=device).manual_seed(s) for s in seeds)
+        noise, patches = (seeded_generator(s, device) for s in seeds)
         return noise, patches
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -76,7 +76,7 @@ class DiffusionModel(ComposerModel):
         if sigmas is None:
             return self.denoiser.loss(x0, cond, self.p_mean, self.p_std, generator)
         losses = [self.denoiser.loss_at(x0, cond, s.expand(x0.shape[0]).to(x0.device),
-                                        torch.randn(x0.shape, generator=generator, device=generator.device).to(x0))
+                                        draw("randn", x0.shape, generator, x0.device, x0.dtype))
                   for s in sigmas]
         return torch.stack(losses).mean()
 

@@ -15,7 +15,9 @@ from PIL import Image
 
 from micro_diffusion.diffusion.sampling import SamplingSettings, generate_latents, image_seeds
 from micro_diffusion.training.model import unwrap
+from micro_diffusion.utils.devices import autocast, compute_dtype
 from micro_diffusion.utils.images import grid, to_pil
+from micro_diffusion.utils.seeds import seeded_generator
 
 
 class ValidationLoss(Callback):
@@ -48,7 +50,7 @@ class ValidationLoss(Callback):
         """Mean validation loss over the held-out batches, summed over ranks."""
         model = unwrap(state.model)
         device = next(model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(self.seed + dist.get_global_rank())
+        gen = seeded_generator(self.seed + dist.get_global_rank(), device)
         total = torch.zeros(2, device=device)  # (sum of losses x samples, samples)
         with model.weights(use_ema), get_precision_context(state.precision):
             for batch in self._held_out():
@@ -118,7 +120,7 @@ class SampleGrid(Callback):
         was_training = model.training
         model.eval()
         try:
-            with model.weights(use_ema), get_precision_context(state.precision):
+            with model.weights(use_ema), autocast(device, compute_dtype(device)):  # as `micro-diffusion sample`
                 return generate_latents(model.denoiser, self.prompt_emb.to(device, torch.float32),
                                         self.null_caption, self.settings, seeds, self.shape)
         finally:

@@ -47,3 +47,32 @@ def loader_workers(requested: int) -> int:
         return 0
     share = usable_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return max(1, min(requested, share))
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, tens of times slower
+    than fp32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype the device computes fastest: bf16 on CUDA, bf16 on a CPU with native bf16, else fp32."""
+    kind = torch.device(device).type
+    if kind == "cuda" or (kind == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name results report a dtype by: "bf16", "fp16" or "fp32"."""
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    if dtype not in names:
+        raise ValueError(f"no compute dtype {dtype}; use bf16, fp16 or fp32")
+    return names[dtype]
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype) -> torch.autocast:
+    """Autocast to `dtype` on the device; plain fp32 (autocast off) when dtype is fp32."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+                          enabled=dtype != torch.float32)
