@@ -46,7 +46,7 @@ def _add_run(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--raw", action="store_true", help="the raw weights, even when the export has EMA weights")
     weights.add_argument("--ema", action="store_true", help="the EMA weights (an error when the export has none)")
-    p.add_argument("--device", default=None, help="None: cuda when available, else cpu")
+    p.add_argument("--device", default=None, help="None picks cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=batch_size)
 
 
@@ -129,8 +129,8 @@ def _register_sample(subparsers: argparse._SubParsersAction) -> None:
     renamed(p, "--prompts-file", "--prompts")
     p.add_argument("--layout", choices=("flat", "geneval"), default="flat",
                    help="flat: OUT/<00000>.png + grid.png; geneval: OUT/<00000>/samples/<0000>.png + metadata.jsonl")
-    p.add_argument("--images-per-prompt", type=int, default=None, help="--layout geneval only: images a prompt "
-                   "(None: 4)")
+    p.add_argument("--images-per-prompt", type=int, default=None, help="--layout geneval only: images a prompt; "
+                   "None means 4")
     p.add_argument("--save-latents", action="store_true", help="also write the sampled latents as latents.npy")
     _add_settings(p)
     _add_run(p)
@@ -146,7 +146,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
     renamed(p, "--gen", "the positional GEN (eval fid GEN --ref REF)")
     p.add_argument("--ref", required=True, help="folder of reference images")
     p.add_argument("--out", default=None, help="JSON file for the result")
-    p.add_argument("--device", default=None, help="None: cuda when available, else cpu")
+    p.add_argument("--device", default=None, help="None picks cuda when available, else cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=_eval_fid)
 
@@ -166,7 +166,8 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=fn)
     coco = sub.choices["coco"]
     _add_settings(coco)
-    coco.add_argument("--resolution", type=int, default=None, help="None: the model's (latent size x VAE factor)")
+    coco.add_argument("--resolution", type=int, default=None, help="image side; None means the model's (latent "
+                      "size x VAE factor)")
     coco.add_argument("--clip-model", default="ViT-L-14")
     coco.add_argument("--clip-pretrained", default="openai", help="open_clip weights tag; '' for random weights")
     coco.add_argument("--dry-run", action="store_true", help="print the resolved settings and exit")
@@ -186,9 +187,9 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparser(sub, "compose", help="GenEval-style scores of a GenEval-layout folder of compositional scenes")
     p.add_argument("dir", help="GenEval layout: <00000>/metadata.jsonl, <00000>/samples/<0000>.png")
-    p.add_argument("--out", default=None, help="scores file (None: DIR/scores.json)")
+    p.add_argument("--out", default=None, help="scores file; None means DIR/scores.json")
     p.add_argument("--vae", default=None, help="VAE whose reconstructions of the ground truth to score too "
-                   "(None: the sampling model's, named in DIR/sampling.json, if any)")
+                   "(None: the sampling model's VAE, named in DIR/sampling.json, if any)")
     p.set_defaults(func=_eval_compose)
 
 
@@ -197,7 +198,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparser(subparsers, "export", help="write a run's network as safetensors + config.json")
     p.add_argument("run", help="runs/<stage> folder or a Composer checkpoint file")
     p.add_argument("--out", required=True, help="export folder to write")
-    p.add_argument("--config", default=None, help="config.yaml of the run (None: found beside the checkpoint)")
+    p.add_argument("--config", default=None, help="config.yaml of the run; None finds it "
+                   "beside the checkpoint")
     p.set_defaults(func=_export)
     _register_sample(subparsers)
     _register_eval(subparsers)

@@ -12,7 +12,6 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from ..diffusion.sampling import SamplingSettings
 from ..errors import MicroDiffusionError, UsageError
 from ..exported import is_export
 from ..utils.devices import torch_device
@@ -171,12 +170,12 @@ def coco(model: str | Path, out: str | Path, annotations: str | Path, images: st
     """
     model, out = Path(model), Path(out)
     if dry_run:
-        given = settings.to_dict() if isinstance(settings, SamplingSettings) else dict(settings or {})
-        resolved = settings_for(export_config(model), settings).to_dict() if is_export(model) else \
-            {"given": given, "others": "the export's, once exported"}
+        exported = is_export(model)
+        resolved = settings_for(export_config(model) if exported else {}, settings).to_dict()
         return {"model": str(model), "annotations": str(annotations), "images": str(images), "out": str(out),
                 "num": num, "draw_seed": draw_seed, "clip_model": clip_model, "clip_pretrained": clip_pretrained,
-                "sampling": resolved, "seed": seed,
+                "sampling": resolved, "seed": seed, "sampling_from": "the export's record" if exported else
+                "the package defaults: a run is exported first, and its recipe's samples: settings apply",
                 "inputs_present": {k: Path(v).exists() for k, v in
                                    [("model", model), ("annotations", annotations), ("images", images)]}}
     if not is_export(model):  # a run folder or checkpoint: export it first, beside the results
