@@ -75,7 +75,7 @@ eval-coco: install
 	@test -n "$(CKPT)" || { echo 'make eval-coco: give CKPT=<run folder, checkpoint or exported model>' >&2; exit 2; }
 	m="$(CKPT)"; if [ -z "$(DRY_RUN)" ] && [ ! -f "$(CKPT)/model.safetensors" ]; then \
 	  $(PY) -m micro_diffusion.cli export "$(CKPT)" --out "$(EVAL_OUT)/model" && m="$(EVAL_OUT)/model"; fi; \
-	$(if $(DRY_RUN),$(PY),$(LAUNCH)) -m micro_diffusion.cli eval coco --model "$$m" --out "$(EVAL_OUT)" \
+	$(if $(DRY_RUN),$(PY),$(LAUNCH)) -m micro_diffusion.cli eval coco "$$m" --out "$(EVAL_OUT)" \
 	  --annotations $(COCO)/annotations/captions_val2014.json --images $(COCO)/val2014 $(EVAL_ARGS) \
 	  $(if $(DRY_RUN),--dry-run)
 
@@ -106,7 +106,7 @@ gpu-check:
 # QUICK=1 runs every step at a tiny size (CI runs it so); DEMO_ROOT=DIR writes elsewhere.
 DEMO_ROOT ?= runs/demo
 demo: install
-	$(VENV)/bin/micro-diffusion demo --root $(DEMO_ROOT) $(if $(FRESH),--fresh) $(if $(QUICK),--quick)
+	$(VENV)/bin/micro-diffusion demo --out $(DEMO_ROOT) $(if $(FRESH),--fresh) $(if $(QUICK),--quick)
 
 # Equal-compute ablations on CPU (recipes/experiments/): every variant trained, evaluated, its claims judged; a killed
 # run resumes on the next call. QUICK=1: the whole chain at a toy size (CI runs it so); SEEDS="0 1 2" overrides the

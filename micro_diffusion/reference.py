@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .diffusion.edm import SIGMA_DATA
+from .errors import UsageError
 from .exported import export_model
 from .models import MicroDiT, create_dit, list_presets, preset_config
 from .version import __version__
@@ -42,8 +43,8 @@ _INNER = [(".cross.q.", ".cross_attn.q_linear."), (".cross.kv.", ".cross_attn.kv
 CHECKED = ("pos_embed", "mask_token")  # reference buffers compared with ours, not copied
 
 
-class ReferenceImportError(ValueError):
-    """A released file that cannot become our network: the message names the file and the tensors at fault."""
+class ReferenceImportError(UsageError):
+    """A released file that cannot become our network: the message names the file and the tensors at fault (exit 2)."""
 
 
 def reference_names(our_name: str) -> list[str]:

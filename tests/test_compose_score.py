@@ -160,11 +160,11 @@ def _tiny_export(tmp_path):
     return export_model(state, None, config, null, tmp_path / "export")
 
 
-def test_sample_writes_genevals_layout_one_seed_an_image(tmp_path):
+def test_sample_writes_genevals_layout_one_seed_an_image(tmp_path, capsys):
     model = _tiny_export(tmp_path)
     prompts = write_prompts_file(tmp_path / "evaluation_metadata.jsonl", [split_prompt("heldout", 0, i)
                                                                           for i in range(3)])
-    base = ["sample", "--model", str(model), "--prompts-file", str(prompts), "--layout", "geneval", "--steps", "2",
+    base = ["sample", str(model), "--prompts", str(prompts), "--layout", "geneval", "--steps", "2",
             "--seed", "4"]
     assert main([*base, "--images-per-prompt", "2", "--out", str(tmp_path / "a"), "--batch-size", "4"]) == 0
     layout = read_layout(tmp_path / "a")
@@ -174,7 +174,7 @@ def test_sample_writes_genevals_layout_one_seed_an_image(tmp_path):
     assert info["seed"] == 4 and info["images_per_prompt"] == 2 and info["vae"] == str(tmp_path / "vae")
     # image k of prompt p is image p*K+k of the run: the flat layout with the same seed gives the same pixels
     texts = [p.metadata["prompt"] for p in layout]
-    assert main(["sample", "--model", str(model), "--prompt", texts[0], "--prompt", texts[0], "--prompt", texts[1],
+    assert main(["sample", str(model), "--prompt", texts[0], "--prompt", texts[0], "--prompt", texts[1],
                  "--steps", "2", "--seed", "4", "--out", str(tmp_path / "flat")]) == 0
     a = [np.asarray(Image.open(p.images[0]), np.int16) for p in layout]
     pixels = np.asarray(Image.open(tmp_path / "flat" / "00002.png"), np.int16)  # image 2: prompt 1's image 0
@@ -183,11 +183,36 @@ def test_sample_writes_genevals_layout_one_seed_an_image(tmp_path):
     (tmp_path / "a" / "00002" / "samples" / "0001.png").unlink()
     assert main([*base, "--images-per-prompt", "2", "--out", str(tmp_path / "a"), "--batch-size", "1"]) == 0
     assert len(read_layout(tmp_path / "a")[2].images) == 2
-    with pytest.raises(ValueError, match="--prompts-file evaluation_metadata.jsonl alone"):
-        main([*base, "--prompt", "a photo of a circle", "--out", str(tmp_path / "b")])
-    with pytest.raises(ValueError, match="--images-per-prompt only applies"):
-        main(["sample", "--model", str(model), "--prompt", "x", "--images-per-prompt", "2", "--out",
-              str(tmp_path / "c")])
+    capsys.readouterr()
+    assert main([*base, "--prompt", "a photo of a circle", "--out", str(tmp_path / "b")]) == 2
+    assert "--prompts evaluation_metadata.jsonl alone" in capsys.readouterr().err
+    assert main(["sample", str(model), "--prompt", "x", "--images-per-prompt", "2", "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "--images-per-prompt only applies" in capsys.readouterr().err
+
+
+def test_sample_defaults_to_the_exports_recorded_settings(tmp_path):
+    from micro_diffusion.diffusion.sampling import DEFAULTS
+
+    model = _tiny_export(tmp_path)
+
+    def sampled(name, *flags):
+        out = tmp_path / name
+        assert main(["sample", str(model), "--prompt", "a red circle", "--prompt", "a blue square", "--save-latents",
+                     "--out", str(out), *flags]) == 0
+        return json.loads((out / "prompts.json").read_text())["sampling"], np.load(out / "latents.npy")
+
+    older, _ = sampled("older")  # an export that records no sampling settings: the package defaults
+    assert older == {**DEFAULTS.to_dict(), "guidance_interval": None}
+    recorded = {"steps": 2, "guidance": 2.5, "sampler": "euler", "guidance_interval": [0.1, 10.0]}
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "sampling": recorded}))
+    settings, latents = sampled("recorded")
+    assert settings == recorded
+    _, explicit = sampled("explicit", "--steps", "2", "--guidance", "2.5", "--sampler", "euler",
+                          "--guidance-interval", "0.1", "10")
+    assert np.array_equal(latents, explicit)  # the recorded settings are the ones that ran
+    assert sampled("steps", "--steps", "3")[0] == {**recorded, "steps": 3}  # a flag overrides only its setting
 
 
 def test_committed_vae_carries_the_scenes():

@@ -121,6 +121,18 @@ def test_fresh_refuses_a_folder_the_demo_did_not_make(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_demo_dry_run_prints_its_plan_and_writes_nothing(tmp_path, capsys):
+    from micro_diffusion.cli import main
+
+    assert main(["demo", "--quick", "--dry-run", "--out", str(tmp_path / "demo")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["config"]["root"] == str(tmp_path / "demo") and plan["config"]["sample_steps"] == 2
+    steps = {s["step"]: s for s in plan["steps"]}
+    assert list(steps)[:3] == ["data", "train_masked", "train_finetune"] and "train_distill" in steps
+    assert steps["train_masked"]["recipe"] == DemoConfig().masked_recipe and not steps["data"]["reused"]
+    assert not (tmp_path / "demo").exists()
+
+
 class _Table(HTMLParser):
     """The cells of the dashboard's cost table, row by row."""
 

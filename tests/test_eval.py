@@ -201,7 +201,7 @@ def test_export_from_checkpoint_and_sample_cli(tmp_path):
     loaded, cfg, _ = load_exported(model_dir, use_ema=False)
     assert torch.equal(loaded.state_dict()["final.linear.weight"], net.state_dict()["final.linear.weight"])
 
-    args = ["sample", "--model", str(model_dir), "--prompt", "a red square", "--prompt", "a blue circle",
+    args = ["sample", str(model_dir), "--prompt", "a red square", "--prompt", "a blue circle",
             "--steps", "2", "--guidance", "3", "--seed", "0"]
     assert main(args + ["--out", str(tmp_path / "ema")]) == 0
     assert main(args + ["--raw", "--out", str(tmp_path / "raw")]) == 0
@@ -270,3 +270,42 @@ def test_clip_score_with_random_open_clip(tmp_path):
     assert a["settings"]["clip_model"] == "ViT-S-32" and a["settings"]["num_images"] == 3
     with pytest.raises(ValueError, match="one caption per image"):
         clip_score(files, ["only one"], model_name="ViT-S-32", pretrained=None)
+
+
+# ---------------------------------------------------------------- the command line's grammar and errors
+@pytest.mark.parametrize("argv, new", [
+    (["sample", "--model", "m", "--out", "o"], "positional MODEL"),
+    (["sample", "m", "--out", "o", "--prompts-file", "p.jsonl"], "use --prompts"),
+    (["eval", "fid", "--gen", "g", "--ref", "r"], "positional GEN"),
+    (["eval", "coco", "--model", "m", "--out", "o"], "positional MODEL"),
+    (["eval", "sweep", "--model", "m", "--out", "o"], "positional MODEL"),
+    (["eval", "sweep", "m", "--out", "o", "--prompts", "p"], "use --geneval"),
+    (["eval", "sweep", "m", "--out", "o", "--steps", "3"], "use --presets"),
+    (["demo", "--root", "d"], "use --out"),
+])
+def test_old_flags_fail_naming_the_new_ones(argv, new, capsys):
+    from micro_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and new in capsys.readouterr().err
+
+
+def test_a_project_error_is_one_line_and_its_exit_code(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "micro_diffusion.cli", "eval", "fid", str(tmp_path / "nowhere"),
+                           "--ref", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"micro-diffusion eval fid: image folder {tmp_path / 'nowhere'} "
+                                               "does not exist"]
+
+
+def test_sample_help_says_the_export_decides_its_settings(capsys):
+    from micro_diffusion.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.count("(default: the export's") == 4 and "--prompts FILE" in text  # steps, guidance, sampler, interval

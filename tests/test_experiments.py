@@ -157,6 +157,7 @@ def test_a_run_trained_with_other_settings_is_an_error_not_reused(quick_runs, tm
     import argparse
     import shutil
 
+    from micro_diffusion.errors import exit_with
     from micro_diffusion.experiments.cli import run
 
     out = tmp_path / "copy"
@@ -165,5 +166,5 @@ def test_a_run_trained_with_other_settings_is_an_error_not_reused(quick_runs, tm
     saved = json.loads(marker.read_text())
     marker.write_text(json.dumps({**saved, "overrides": saved["overrides"] + ["optimizer.lr=0.5"]}))
     args = argparse.Namespace(file=str(MASKING), quick=True, seeds=None, out=str(out), dry_run=False)
-    assert run(args) == 2
+    assert exit_with("micro-diffusion experiment", lambda: run(args)) == 2
     assert json.loads(marker.read_text())["overrides"][-1] == "optimizer.lr=0.5"  # nothing rewritten

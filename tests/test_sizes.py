@@ -141,8 +141,8 @@ def test_quick_sizes_sweeps_every_run_and_judges_at_common_budgets(quick_sizes):
 def test_eval_sweep_alone_on_the_compositional_set(quick_sizes, tmp_path):
     model = quick_sizes / "runs" / "w64_s0" / "eval" / "model"
     data = quick_sizes / "data"
-    cmd = [sys.executable, "-m", "micro_diffusion.cli", "eval", "sweep", "--model", str(model), "--out",
-           str(tmp_path), "--scenes", str(data / "images" / "val"), "--prompts", str(data / "prompts"), "--num", "4",
+    cmd = [sys.executable, "-m", "micro_diffusion.cli", "eval", "sweep", str(model), "--out",
+           str(tmp_path), "--scenes", str(data / "images" / "val"), "--geneval", str(data / "prompts"), "--num", "4",
            "--presets", "euler:1", "dpmpp_2m:2", "--guidances", "2", "4"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]

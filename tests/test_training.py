@@ -244,7 +244,7 @@ def test_sample_grids_from_the_datasets_encoders(tmp_path):
     model_dir = export_run(plan.run_dir, tmp_path / "model")
     for weights in ("raw", "ema"):
         out = tmp_path / f"sampled_{weights}"
-        assert cli(["sample", "--model", str(model_dir), "--prompt", "a red fox", "--prompt", "a blue boat",
+        assert cli(["sample", str(model_dir), "--prompt", "a red fox", "--prompt", "a blue boat",
                     "--steps", "2", "--seed", "0", f"--{weights}", "--save-latents", "--out", str(out)]) == 0
         sampled = torch.from_numpy(np.load(out / "latents.npy"))
         assert sampled.shape == grid.latest[weights].shape == (2, 4, 8, 8)

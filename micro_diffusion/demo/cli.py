@@ -1,25 +1,50 @@
-"""`micro-diffusion demo [--root DIR] [--fresh] [--quick]`: the whole pipeline on CPU (what `make demo` runs)."""
+"""`micro-diffusion demo [--out DIR] [--fresh] [--quick] [--dry-run]`: the whole pipeline on CPU (`make demo`)."""
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from ..utils.argparsing import renamed, subparser
 from . import DEFAULT_ROOT
+
+if TYPE_CHECKING:
+    from .pipeline import DemoConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` subcommand."""
-    p = subparsers.add_parser("demo", help="the whole pipeline end to end on CPU on the embedded shapes dataset")
-    p.add_argument("--root", type=Path, default=DEFAULT_ROOT, help=f"output folder (default {DEFAULT_ROOT})")
+    p = subparser(subparsers, "demo", help="the whole pipeline end to end on CPU on generated shape scenes")
+    p.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="demo folder")
+    renamed(p, "--root", "--out")
     p.add_argument("--fresh", action="store_true", help="delete the demo folder first and start over")
     p.add_argument("--quick", action="store_true", help="every step at a tiny size: checks the pipeline in a minute")
+    p.add_argument("--dry-run", action="store_true", help="print the demo's plan (config, steps, recipes) and exit "
+                   "without writing anything")
     p.set_defaults(func=run)
+
+
+def demo_plan(cfg: DemoConfig) -> dict[str, Any]:
+    """What run_demo(cfg) would do, in order: its config, its steps and the recipe each training step reads."""
+    recipes = {"train_masked": cfg.masked_recipe, "train_finetune": cfg.finetune_recipe,
+               "train_distill": cfg.distill_recipe}
+    steps = ["data", "train_masked", "train_finetune", "export", "sample", "evaluate", "train_distill",
+             "export_student", "distilled", "report"]
+    done = {s: (Path(cfg.root) / "steps" / f"{s}.json").is_file() and not cfg.fresh for s in steps}
+    return {"config": {k: v if isinstance(v, (int, float, bool, list)) else str(v) for k, v in asdict(cfg).items()},
+            "steps": [{"step": s, **({"recipe": recipes[s], "recipe_exists": Path(recipes[s]).is_file()}
+                                     if s in recipes else {}), "reused": done[s]} for s in steps]}
 
 
 def run(args: argparse.Namespace) -> int:
     """Run (or finish) the demo; its pipeline imports Composer, Streaming and the encoders (seconds), hence here."""
     from .pipeline import DemoConfig, run_demo
 
-    cfg = DemoConfig.quick(args.root, args.fresh) if args.quick else DemoConfig(root=args.root, fresh=args.fresh)
+    cfg = DemoConfig.quick(args.out, args.fresh) if args.quick else DemoConfig(root=args.out, fresh=args.fresh)
+    if args.dry_run:
+        print(json.dumps(demo_plan(cfg), indent=2))
+        return 0
     run_demo(cfg)
     return 0

@@ -12,12 +12,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from ..diffusion.sampling import SamplingSettings
+from ..errors import MicroDiffusionError, UsageError
+from ..exported import is_export
 from ..utils.devices import torch_device
 from ..utils.images import save_atomic
 from .clip_score import clip_score
 from .fid import fid_kid
-from .generate import TextToImage
+from .generate import Sampling, TextToImage, export_config, settings_for
 
 DRAW_SEED = 2014  # the draw is part of the protocol: changing it changes which captions every run is scored on
 Render = Callable[[list[str], list[int]], list[Image.Image]]
@@ -27,18 +28,18 @@ def draw_captions(annotations: str | Path, num: int = 30000, seed: int = DRAW_SE
     """A seeded draw of `num` distinct images with one caption each: [{index, image_id, file_name, caption}]."""
     path = Path(annotations)
     if not path.is_file():
-        raise FileNotFoundError(f"COCO annotations {path} do not exist (captions_val2014.json)")
+        raise UsageError(f"COCO annotations {path} do not exist (captions_val2014.json)")
     data = json.loads(path.read_text())
     for key in ("images", "annotations"):
         if key not in data:
-            raise KeyError(f"{path} has no '{key}' list: not a COCO captions file")
+            raise UsageError(f"{path} has no '{key}' list: not a COCO captions file")
     files = {im["id"]: im["file_name"] for im in data["images"]}
     captions: dict[int, list[tuple[int, str]]] = {}
     for ann in data["annotations"]:
         captions.setdefault(ann["image_id"], []).append((ann["id"], ann["caption"].strip()))
     ids = sorted(i for i in captions if i in files)  # sorted: the draw never depends on the json's order
     if num > len(ids):
-        raise ValueError(f"{path} has {len(ids)} captioned images, fewer than the {num} to draw")
+        raise UsageError(f"{path} has {len(ids)} captioned images, fewer than the {num} to draw")
     rng = np.random.default_rng(seed)
     chosen = rng.choice(len(ids), size=num, replace=False)
     out = []
@@ -54,7 +55,7 @@ def rank_world() -> tuple[int, int]:
     """(rank, world size) from the launcher's RANK / WORLD_SIZE (torchrun, composer -n); (0, 1) when unset."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
 
 
@@ -100,7 +101,7 @@ def prepare_reference(draw: list[dict], images_dir: str | Path, out_dir: str | P
             continue
         path = src / d["file_name"]
         if not path.is_file():
-            raise FileNotFoundError(f"COCO image {path} (image_id {d['image_id']}) does not exist")
+            raise UsageError(f"COCO image {path} (image_id {d['image_id']}) does not exist")
         save_atomic(center_crop_resize(Image.open(path), size), dst)
         made += 1
     return made
@@ -121,17 +122,18 @@ def _barrier(world: int) -> None:
 
 
 def evaluate_coco(model: str | Path, annotations: str | Path, images_dir: str | Path, out_dir: str | Path,
-                  settings: SamplingSettings, seed: int = 0, use_ema: bool | None = None, num: int = 30000,
+                  settings: Sampling = None, seed: int = 0, use_ema: bool | None = None, num: int = 30000,
                   draw_seed: int = DRAW_SEED, resolution: int | None = None, clip_model: str = "ViT-L-14",
                   clip_pretrained: str | None = "openai", batch_size: int = 16,
                   device: str | None = None) -> dict | None:
-    """The full protocol; every rank generates its share, rank 0 writes metrics.json (other ranks return None)."""
+    """The full protocol on an export; every rank generates its share, rank 0 writes metrics.json (other ranks return
+    None). settings: see eval.generate.settings_for (None: the export's)."""
     rank, world = rank_world()
     device = str(torch_device(device))
     out = Path(out_dir)
     draw = draw_captions(annotations, num, draw_seed)
     gen_dir, ref_dir = out / "generated", out / f"reference_{num}_{draw_seed}"
-    render = TextToImage(model, settings, seed, use_ema, device)
+    render = TextToImage(model, settings_for(export_config(model), settings), seed, use_ema, device)
     size = resolution or render.resolution
     record = render.record()
     if rank == 0:
@@ -145,7 +147,7 @@ def evaluate_coco(model: str | Path, annotations: str | Path, images_dir: str | 
     for folder in (gen_dir, ref_dir):
         gone = missing_images(draw, folder)
         if gone:
-            raise FileNotFoundError(f"{folder} lacks {len(gone)} images of the draw (first: {image_name(gone[0])})")
+            raise MicroDiffusionError(f"{folder} lacks {len(gone)} images of the draw (first: {image_name(gone[0])})")
     names = [gen_dir / image_name(d["index"]) for d in draw]
     metrics = fid_kid(gen_dir, ref_dir, device=device)
     clip = clip_score(names, [d["caption"] for d in draw], clip_model, clip_pretrained, device)
@@ -156,3 +158,34 @@ def evaluate_coco(model: str | Path, annotations: str | Path, images_dir: str | 
                            **record, "fid": metrics["settings"], "clip": clip["settings"]}}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def coco(model: str | Path, out: str | Path, annotations: str | Path, images: str | Path, settings: Sampling = None,
+         seed: int = 0, use_ema: bool | None = None, num: int = 30000, draw_seed: int = DRAW_SEED,
+         resolution: int | None = None, clip_model: str = "ViT-L-14", clip_pretrained: str | None = "openai",
+         batch_size: int = 16, device: str | None = None, dry_run: bool = False) -> dict | None:
+    """The COCO zero-shot evaluation of an export, a run folder or a checkpoint (exported first, to OUT/model).
+
+    dry_run: only the resolved plan (nothing written). Otherwise metrics.json's content on rank 0, None elsewhere.
+    """
+    model, out = Path(model), Path(out)
+    if dry_run:
+        exported = is_export(model)
+        resolved = settings_for(export_config(model) if exported else {}, settings).to_dict()
+        return {"model": str(model), "annotations": str(annotations), "images": str(images), "out": str(out),
+                "num": num, "draw_seed": draw_seed, "clip_model": clip_model, "clip_pretrained": clip_pretrained,
+                "sampling": resolved, "seed": seed, "sampling_from": "the export's record" if exported else
+                "the package defaults: a run is exported first, and its recipe's samples: settings apply",
+                "inputs_present": {k: Path(v).exists() for k, v in
+                                   [("model", model), ("annotations", annotations), ("images", images)]}}
+    if not is_export(model):  # a run folder or checkpoint: export it first, beside the results
+        from ..training.export import export_run  # imports Composer (seconds): only a run folder needs it
+
+        if not model.exists():
+            raise UsageError(f"{model} does not exist (an export, a run folder or a checkpoint)")
+        if rank_world()[1] > 1:  # ranks exporting at once would race on one folder
+            raise UsageError(f"{model} is not an exported model: with several processes, run "
+                             f"`micro-diffusion export {model} --out DIR` first and pass DIR")
+        model = export_run(model, out / "model")
+    return evaluate_coco(model, annotations, images, out, settings, seed, use_ema, num, draw_seed, resolution,
+                         clip_model, clip_pretrained, batch_size, device)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.geneval import read_layout
 from micro_diffusion.data.scenes import TASKS, Scene, check_metadata, scene_for
+from micro_diffusion.errors import UsageError
 from micro_diffusion.eval.compose_reader import Detection, by_class, read_objects
 from micro_diffusion.eval.geneval_rules import evaluate
 
@@ -114,7 +115,7 @@ def score_folder(folder: str | Path, vae: Any | None = None, trust: bool = True)
         correct += verdicts
         lines += [p.metadata] * len(verdicts)
     if not correct:
-        raise ValueError(f"{folder}: no images under <00000>/samples/ (expected <0000>.png files)")
+        raise UsageError(f"{folder}: no images under <00000>/samples/ (expected <0000>.png files)")
     result = {**summarise(tags, correct), "images": len(correct), "prompts": records}
     if trust:
         result["reader"] = reader_trust(lines, size, vae)
@@ -130,3 +131,20 @@ def write_scores(folder: str | Path, out: str | Path | None = None, vae: Any | N
     tmp.write_text(json.dumps(scores, indent=1) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path, scores
+
+
+def compose_scores(folder: str | Path, out: str | Path | None = None, vae: str | None = None) -> tuple[Path, dict]:
+    """`eval compose`: score a GenEval-layout folder and write scores.json; the reader's ceiling through `vae` (an
+    encoders.load_vae spec; default: the sampling model's, named in FOLDER/sampling.json, if any)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder (expected a GenEval layout: <00000>/metadata.jsonl, "
+                         "<00000>/samples/<0000>.png)")
+    if vae is None and (folder / "sampling.json").is_file():  # samples of a model: its VAE's ceiling
+        vae = json.loads((folder / "sampling.json").read_text()).get("vae")
+    autoencoder = None
+    if vae:
+        from micro_diffusion.encoders import load_vae  # diffusers: only when a VAE is scored
+
+        autoencoder = load_vae(vae, device="cpu")
+    return write_scores(folder, out, autoencoder)

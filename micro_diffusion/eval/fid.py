@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from ..errors import UsageError
 from ..utils.devices import usable_cpus
 from .inception import default_cache_dir, local_inception_weights, torch_fidelity_inception
 
@@ -20,10 +22,10 @@ def list_images(folder: str | Path) -> list[Path]:
     """Image files (png/jpg) directly inside a folder, sorted; an error when there are fewer than two."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+        raise UsageError(f"image folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
     if len(files) < 2:
-        raise ValueError(f"{folder} holds {len(files)} png/jpg images; FID and KID need at least 2")
+        raise UsageError(f"{folder} holds {len(files)} png/jpg images; FID and KID need at least 2")
     return files
 
 
@@ -69,6 +71,16 @@ def fid_kid(gen_dir: str | Path, ref_dir: str | Path, weights: str | Path | None
                      "weights": str(weights), "kid_subset_size": subset, "kid_subsets": kid_subsets,
                      "kid_seed": seed, "library": f"torch-fidelity {torch_fidelity.__version__}"},
     }
+
+
+def fid(gen: str | Path, ref: str | Path, out: str | Path | None = None, batch_size: int = 64,
+        device: str | None = None) -> dict:
+    """FID and KID of the images of `gen` against those of `ref` (see fid_kid), also written as JSON to `out`."""
+    result = fid_kid(gen, ref, batch_size=batch_size, device=device)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
 @torch.no_grad()

@@ -1,21 +1,59 @@
 """Text-to-image from an exported model: captions -> embeddings -> latents (the one sampling path) -> PIL images."""
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..data.geneval import sample_path, write_prompt, write_sample
+from ..data.geneval import check_line, read_prompts_file, sample_path, write_prompt, write_sample
 from ..diffusion.edm import EDMPrecond
-from ..diffusion.sampling import SamplingSettings, generate_latents, image_seeds
+from ..diffusion.sampling import DEFAULTS, SamplingSettings, generate_latents, image_seeds
 from ..encoders import load_text_encoder, load_vae
-from ..exported import load_exported
+from ..errors import UsageError
+from ..exported import CONFIG_FILE, load_exported, read_config
 from ..utils.devices import autocast, compute_dtype, dtype_name, torch_device
-from ..utils.images import to_pil
+from ..utils.images import grid, save_atomic, to_pil
 from ..utils.sizes import as_hw
+
+Sampling = SamplingSettings | Mapping[str, Any] | None  # all settings; the ones to set (the rest: the export's); None
+Prompt = str | Mapping[str, Any]  # a caption, or a GenEval metadata line ({"prompt", "tag", "include", ...})
+
+
+def export_config(model: str | Path) -> dict:
+    """An exported model's config.json; a missing folder or file is a usage error naming it."""
+    if not (Path(model) / CONFIG_FILE).is_file():
+        raise UsageError(f"{model} is not an exported model (no {CONFIG_FILE}): write one with "
+                         "`micro-diffusion export RUN --out DIR`")
+    return read_config(model)
+
+
+def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> SamplingSettings:
+    """The sampling settings of an export: each given one, else the export's recorded `sampling`, else DEFAULTS.
+
+    A consistency sampler (a distilled student) defaults to guidance 1 and no interval: its teacher's guidance is
+    baked in. Older exports record no `sampling`; they sample with the package DEFAULTS.
+    """
+    if isinstance(settings, SamplingSettings):
+        return settings
+    names = {f.name for f in fields(SamplingSettings)}
+    recorded, given = dict(config.get("sampling") or {}), {k: v for k, v in (settings or {}).items() if v is not None}
+    for where, keys in (("the export's sampling", recorded), ("sampling settings", given)):
+        if set(keys) - names:
+            raise UsageError(f"{where}: unknown keys {sorted(set(keys) - names)} (known: {sorted(names)})")
+    merged = {**DEFAULTS.to_dict(), **recorded, **given}
+    if merged["sampler"] == "consistency":
+        merged["guidance"] = given.get("guidance", 1.0)
+        merged["guidance_interval"] = given.get("guidance_interval")
+    interval = merged["guidance_interval"]
+    return SamplingSettings(steps=int(merged["steps"]), guidance=float(merged["guidance"]), sampler=merged["sampler"],
+                            guidance_interval=tuple(float(v) for v in interval) if interval else None)
 
 
 def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None:
@@ -23,13 +61,13 @@ def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None
     never with `consistency`. Anything else is an error naming the export and what to ask for instead."""
     student = config.get("distilled")
     if student and settings.sampler != "consistency":
-        raise ValueError(f"{where} is a distilled student (guidance {student['guidance']} baked in): sample it with "
+        raise UsageError(f"{where} is a distilled student (guidance {student['guidance']} baked in): sample it with "
                          f"--sampler consistency --steps 1, 2 or 4, not --sampler {settings.sampler}")
     if student and settings.guidance != 1.0:
-        raise ValueError(f"{where} is a distilled student with its teacher's guidance {student['guidance']} baked "
+        raise UsageError(f"{where} is a distilled student with its teacher's guidance {student['guidance']} baked "
                          f"in: drop --guidance {settings.guidance:g}")
     if not student and settings.sampler == "consistency":
-        raise ValueError(f"{where} is a diffusion model: consistency sampling needs a student made by "
+        raise UsageError(f"{where} is a diffusion model: consistency sampling needs a student made by "
                          "`micro-diffusion distill`; use heun, euler, ddim, stochastic or dpmpp_2m")
 
 
@@ -98,3 +136,76 @@ def sample_geneval(render: TextToImage, lines: list[dict], out: str | Path, imag
         for (p, k), image in zip(batch, images, strict=True):
             write_sample(out, p, k, image)
     return len(todo)
+
+
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts of a file: a GenEval evaluation_metadata.jsonl (by its .jsonl suffix: checked metadata lines) or a
+    text file (one caption a line, blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"prompts file {path} does not exist")
+    if path.suffix == ".jsonl":
+        try:
+            return list(read_prompts_file(path))
+        except ValueError as err:  # a malformed line: the message names the file and line
+            raise UsageError(str(err)) from err
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write_flat(render: TextToImage, captions: list[str], out: Path, batch_size: int, save_latents: bool) -> int:
+    """OUT/<00000>.png for each caption (image k seeded by (seed, k)), grid.png and, asked, latents.npy."""
+    images, latents = [], []
+    for i in tqdm(range(0, len(captions), batch_size), desc="sample"):
+        idx = list(range(i, min(i + batch_size, len(captions))))
+        z = render.latents([captions[j] for j in idx], idx)  # (B, C, h, w)
+        latents.append(z.float().cpu())
+        images += to_pil(render.vae.decode(z))
+    for j, im in enumerate(images):
+        save_atomic(im, out / f"{j:05d}.png")
+    grid(images).save(out / "grid.png")
+    if save_latents:
+        np.save(out / "latents.npy", torch.cat(latents).numpy())
+    return len(images)
+
+
+@torch.no_grad()
+def sample(model: str | Path, prompts: Sequence[Prompt], out: str | Path, settings: Sampling = None, seed: int = 0,
+           layout: Literal["flat", "geneval"] = "flat", images_per_prompt: int | None = None, batch_size: int = 16,
+           use_ema: bool | None = None, device: str | None = None, save_latents: bool = False) -> dict[str, Any]:
+    """Images of an exported model for prompts, written to `out`; returns what was written and how.
+
+    layout "flat": OUT/<00000>.png per prompt, grid.png, prompts.json (and latents.npy with save_latents).
+    layout "geneval": GenEval metadata lines only, `images_per_prompt` (default 4) each in GenEval's layout
+    OUT/<00000>/samples/<0000>.png and sampling.json; images on disk are kept (a rerun resumes).
+    settings: see `settings_for` (None: the export's recorded settings). use_ema=None takes EMA weights when present.
+    """
+    if not prompts:
+        raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (one per line, or a GenEval "
+                         "evaluation_metadata.jsonl)")
+    if layout not in ("flat", "geneval"):
+        raise UsageError(f"layout {layout!r} is not flat or geneval")
+    if layout == "flat" and images_per_prompt is not None:
+        raise UsageError("--images-per-prompt only applies to --layout geneval")
+    if layout == "geneval" and (save_latents or not all(isinstance(p, Mapping) for p in prompts)):
+        raise UsageError("--layout geneval takes its prompts from --prompts evaluation_metadata.jsonl alone "
+                         "(no --prompt, no text file, no --save-latents)")
+    k = 4 if images_per_prompt is None else images_per_prompt
+    if k < 1:
+        raise UsageError(f"--images-per-prompt must be at least 1, got {k}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    render = TextToImage(model, settings_for(export_config(model), settings), seed, use_ema, device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {"model": str(model), **render.record()}
+    if layout == "geneval":
+        lines = [check_line(dict(p), f"prompt {i}") for i, p in enumerate(prompts)]
+        written = sample_geneval(render, lines, out, k, batch_size)
+        record.update(vae=render.config["encoders"]["vae"], images_per_prompt=k)
+        (out / "sampling.json").write_text(json.dumps(record, indent=2))
+        return {"out": str(out), "layout": layout, "images": written, "prompts": len(lines), "images_per_prompt": k,
+                **record}
+    captions = [p if isinstance(p, str) else str(p["prompt"]) for p in prompts]
+    written = _write_flat(render, captions, out, batch_size, save_latents)
+    (out / "prompts.json").write_text(json.dumps({**record, "prompts": captions}, indent=2))
+    return {"out": str(out), "layout": layout, "images": written, "prompts": len(captions), **record}

@@ -17,10 +17,11 @@ from typing import Any
 from ..cost.flops import sample_flops_per_image
 from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import DEFAULTS, SamplingSettings
+from ..errors import UsageError
 from .coco import DRAW_SEED, Render, draw_captions, generate_missing, prepare_reference
 from .compose import score_folder
 from .fid import FidScorer
-from .generate import TextToImage, check_sampling, sample_geneval
+from .generate import TextToImage, check_sampling, export_config, sample_geneval, settings_for
 from .sweep_plots import plot_sweep
 
 REFERENCE_PRESET = "heun:30"
@@ -41,7 +42,7 @@ def parse_preset(preset: str) -> tuple[str, int]:
     """'SAMPLER:STEPS' -> (sampler, steps)."""
     sampler, sep, steps = preset.partition(":")
     if not sep or not steps.isdigit() or int(steps) < 1:
-        raise ValueError(f"preset {preset!r} is not SAMPLER:STEPS (e.g. heun:30)")
+        raise UsageError(f"preset {preset!r} is not SAMPLER:STEPS (e.g. heun:30)")
     return sampler, int(steps)
 
 
@@ -56,16 +57,21 @@ def point_name(s: SamplingSettings) -> str:
     return f"{s.sampler}_{s.steps}_g{s.guidance:g}"
 
 
-def compose_heldout(scenes: str | Path, prompts: str | Path, num: int, images_per_prompt: int = 1) -> HeldOut:
-    """The compositional held-out set: a scenes folder (<id>.png + <id>.txt, `data compose --layout folder`) whose
-    first `num` captions are drawn for FID against all its images, and a GenEval-layout prompts folder."""
+def compose_heldout(scenes: str | Path, geneval: str | Path, num: int, images_per_prompt: int = 1) -> HeldOut:
+    """The compositional held-out set: a scenes folder (<id>.png + <id>.txt, `data compose --layout flat`) whose
+    first `num` captions are drawn for FID against all its images, and a GenEval-layout folder of prompts
+    (`data compose --layout geneval`: its evaluation_metadata.jsonl)."""
     scenes = Path(scenes)
     captions = sorted(scenes.glob("*.txt"))
     if not captions:
-        raise FileNotFoundError(f"{scenes} holds no <id>.txt captions (write it with micro-diffusion data compose "
-                                "--layout folder)")
+        raise UsageError(f"{scenes} holds no <id>.txt captions (write it with micro-diffusion data compose "
+                         "--layout flat)")
     draw = [{"index": i, "caption": p.read_text(encoding="utf-8").strip()} for i, p in enumerate(captions[:num])]
-    return HeldOut(draw, scenes, read_prompts_file(Path(prompts) / "evaluation_metadata.jsonl"), images_per_prompt)
+    metadata = Path(geneval) / "evaluation_metadata.jsonl"
+    if not metadata.is_file():
+        raise UsageError(f"{metadata} does not exist (write the folder with micro-diffusion data compose --layout "
+                         "geneval)")
+    return HeldOut(draw, scenes, read_prompts_file(metadata), images_per_prompt)
 
 
 def sweep(points: list[SamplingSettings], held: HeldOut, out: Path, make_render: Callable[[SamplingSettings], Render],
@@ -127,18 +133,23 @@ def model_sweep(render: TextToImage, points: list[SamplingSettings], held: HeldO
 
 def run_sweep(model: str | Path, out: str | Path, presets: list[str], guidances: list[float], num: int = 5000,
               annotations: str | Path | None = None, images: str | Path | None = None,
-              scenes: str | Path | None = None, prompts: str | Path | None = None, images_per_prompt: int = 1,
+              scenes: str | Path | None = None, geneval: str | Path | None = None, images_per_prompt: int = 1,
               seed: int = 0, use_ema: bool | None = None, device: str | None = None, batch_size: int = 16,
-              base: SamplingSettings | None = None, draw_seed: int = DRAW_SEED) -> dict:
-    """The grid on COCO (annotations + images) or on the compositional held-out set (scenes + prompts); writes
-    sweep.json and sweep.png into `out`."""
+              guidance_interval: tuple[float, float] | None = None, draw_seed: int = DRAW_SEED) -> dict:
+    """The grid on COCO (annotations + images) or on the compositional held-out set (scenes + geneval); writes
+    sweep.json and sweep.png into `out`. guidance_interval: every point's (default: the export's)."""
+    if (scenes is None) != (geneval is None):
+        raise UsageError("--scenes and --geneval go together (the compositional held-out set)")
+    if scenes is None and (annotations is None or images is None):
+        raise UsageError("a sweep scores on COCO (--annotations and --images) or on compositional scenes "
+                         "(--scenes and --geneval)")
     out = Path(out)
-    base = base or SamplingSettings()
+    base = settings_for(export_config(model), {"guidance_interval": guidance_interval})
     points = grid(base, presets, guidances)
     render = TextToImage(model, points[0], seed, use_ema, device)
     if scenes is not None:
-        held = compose_heldout(scenes, prompts, num, images_per_prompt)
-        source = {"scenes": str(scenes), "prompts": str(prompts), "images_per_prompt": images_per_prompt}
+        held = compose_heldout(scenes, geneval, num, images_per_prompt)
+        source = {"scenes": str(scenes), "geneval": str(geneval), "images_per_prompt": images_per_prompt}
     else:
         draw = draw_captions(annotations, num, draw_seed)
         held = HeldOut(draw, out / f"reference_{num}")
