@@ -16,6 +16,7 @@ from PIL import Image
 from micro_diffusion.diffusion.sampling import SamplingSettings, generate_latents, image_seeds
 from micro_diffusion.training.model import unwrap
 from micro_diffusion.utils.images import grid, to_pil
+from micro_diffusion.utils.run_folder import VAL_LOSS, VAL_LOSS_EMA
 
 
 class ValidationLoss(Callback):
@@ -62,10 +63,10 @@ class ValidationLoss(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if not self.due(state, Event.BATCH_END):
             return
-        metrics = {"val/loss": self.loss(state, use_ema=False)}
+        metrics = {VAL_LOSS: self.loss(state, use_ema=False)}
         if unwrap(state.model).ema_active():
-            metrics["val/loss_ema"] = self.loss(state, use_ema=True)
-        self.history.append((int(state.timestamp.batch), metrics["val/loss"]))
+            metrics[VAL_LOSS_EMA] = self.loss(state, use_ema=True)
+        self.history.append((int(state.timestamp.batch), metrics[VAL_LOSS]))
         logger.log_metrics(metrics)
 
 
