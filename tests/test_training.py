@@ -234,6 +234,10 @@ def test_train_step_returns_its_run_and_a_sigterm_raises_preempted(data_root, tm
     monkeypatch.setattr(builder, "build_trainer", lambda cfg, plan: build(cfg, plan, callbacks=[SendSigterm(2)]))
     with pytest.raises(Preempted, match=f"checkpoint saved at batch 3 in {out / 'checkpoints'}"):
         training.train("demo_masked.yaml", overrides, out)
+    capsys.readouterr()
+    strings = tiny_overrides(data_root, tmp_path / "runs", steps=6)
+    assert cli(["train", "demo_masked.yaml", *strings, "--out", str(tmp_path / "cli")]) == Preempted.exit_code == 143
+    assert "micro-diffusion train: preempted: checkpoint saved at batch 3" in capsys.readouterr().err
     monkeypatch.undo()
     run = training.train("demo_masked.yaml", overrides, out)  # the rerun resumes and finishes
     assert isinstance(run, training.Run) and run.run_dir == out and run.stage == "demo_masked"
