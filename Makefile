@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export MPLCONFIGDIR ?= $(CURDIR)/.venv/.mplconfig
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test lint demo report bench gpu-check ablation ablation-arch sizes
+.PHONY: install test lint demo report bench gpu-check experiment ablation ablation-arch sizes
 
 install: $(STAMP)
 
@@ -29,7 +29,7 @@ lint: install
 # make report RUN="runs/stage1 runs/stage2" [OUT=report.html]: the cost dashboard of one or more run folders.
 report: install
 	@test -n "$(RUN)" || { echo 'make report: give the run folder(s), e.g. make report RUN=runs/s1_256_masked' >&2; exit 2; }
-	$(VENV)/bin/micro-diffusion report $(RUN) $(if $(OUT),--out $(OUT))
+	$(VENV)/bin/micro-diffusion cost report $(RUN) $(if $(OUT),--out $(OUT))
 
 # Training stages through Composer's launcher: NGPUS processes on this node; NNODES > 1 adds the multi-node flags
 # (every node runs the same command with its own NODE_RANK and the same MASTER_ADDR/MASTER_PORT).
@@ -103,24 +103,29 @@ gpu-check:
 		$(GPU_CHECK_ARGS)
 
 # The whole pipeline on CPU on the embedded shapes dataset, under runs/demo/; FRESH=1 starts over;
-# QUICK=1 runs every step at a tiny size (CI runs it so); DEMO_ROOT=DIR writes elsewhere.
+# QUICK=1 runs every step at a tiny size (CI runs it so); DRY_RUN=1 prints the plan; DEMO_ROOT=DIR writes elsewhere.
 DEMO_ROOT ?= runs/demo
 demo: install
-	$(VENV)/bin/micro-diffusion demo --out $(DEMO_ROOT) $(if $(FRESH),--fresh) $(if $(QUICK),--quick)
+	$(VENV)/bin/micro-diffusion demo --out $(DEMO_ROOT) $(if $(FRESH),--fresh) $(if $(QUICK),--quick) \
+		$(if $(DRY_RUN),--dry-run)
 
-# Equal-compute ablations on CPU (recipes/experiments/): every variant trained, evaluated, its claims judged; a killed
-# run resumes on the next call. QUICK=1: the whole chain at a toy size (CI runs it so); SEEDS="0 1 2" overrides the
-# file's seeds; EXP_OUT=DIR writes elsewhere (default runs/experiments/NAME).
+# Equal-compute experiments on CPU (recipes/experiments/NAME.yaml): every variant trained, evaluated, its claims
+# judged; a killed run resumes on the next call. make experiment NAME=masking [QUICK=1] [DRY_RUN=1] [SEEDS="0 1"]
+# [EXP_OUT=DIR]. QUICK=1: the whole chain at a toy size (CI runs it so); DRY_RUN=1 prints the plan; SEEDS overrides
+# the file's seeds; EXP_OUT=DIR writes into DIR/NAME (default runs/experiments/NAME).
+NAME ?=
+SEEDS ?=
+EXP_OUT ?=
+experiment: install
+	@test -n "$(NAME)" || { echo 'make experiment: give NAME, e.g. make experiment NAME=masking (recipes/experiments/)' >&2; exit 2; }
+	$(VENV)/bin/micro-diffusion experiment recipes/experiments/$(NAME).yaml $(if $(QUICK),--quick) \
+		$(if $(DRY_RUN),--dry-run) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXP_OUT),--out $(EXP_OUT)/$(NAME))
+
+# The experiments by their old names: masking, architecture, and sampling efficiency across four model sizes
+# (each sampled on a grid of samplers x steps x guidance scales, quality against sampling FLOPs per image).
 ablation: install
-	$(VENV)/bin/micro-diffusion experiment recipes/experiments/masking.yaml $(if $(QUICK),--quick) \
-		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXP_OUT),--out $(EXP_OUT)/masking)
-
+	$(MAKE) -o install experiment NAME=masking
 ablation-arch: install
-	$(VENV)/bin/micro-diffusion experiment recipes/experiments/architecture.yaml $(if $(QUICK),--quick) \
-		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXP_OUT),--out $(EXP_OUT)/architecture)
-
-# Sampling efficiency across four model sizes trained for the same steps: each sampled on a grid of samplers x steps
-# x guidance scales, quality against sampling FLOPs per image, claims at the lowest and highest common budget.
+	$(MAKE) -o install experiment NAME=architecture
 sizes: install
-	$(VENV)/bin/micro-diffusion experiment recipes/experiments/sizes.yaml $(if $(QUICK),--quick) \
-		$(if $(SEEDS),--seeds $(SEEDS)) $(if $(EXP_OUT),--out $(EXP_OUT)/sizes)
+	$(MAKE) -o install experiment NAME=sizes

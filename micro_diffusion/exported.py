@@ -15,8 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .models import MicroDiT, create_dit
+from .utils.run_folder import EMA_WEIGHTS as EMA_FILE
+from .utils.run_folder import EXPORT_CONFIG as CONFIG_FILE
+from .utils.run_folder import MODEL_WEIGHTS as MODEL_FILE
+from .utils.run_folder import NULL_CAPTION as NULL_FILE
 
-MODEL_FILE, EMA_FILE, CONFIG_FILE, NULL_FILE = "model.safetensors", "ema.safetensors", "config.json", "null_caption.npy"
 REQUIRED_KEYS = ("preset", "network", "sigma_data", "encoders")
 # The network's math, versioned: weights of another format compute something else in this code. 1: exports before
 # the released MicroDiT's math (no "network_format" key); 2: q/k LayerNorms, column-first positions, features of

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from micro_diffusion.data.integrity import VERIFY_MODES
 from micro_diffusion.data.schema import ENCODERS_FILE, caption_spec, latent_column, latent_spec, read_index_columns
 from micro_diffusion.diffusion.edm import SIGMA_DATA
 from micro_diffusion.diffusion.sampling import DEFAULTS
+from micro_diffusion.errors import UsageError
 from micro_diffusion.models import MicroDiT, create_dit
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the repository's recipes/, beside the package
 
 STREAM_KEYS = {"local": None, "remote": None, "proportion": None}
 
@@ -87,13 +91,24 @@ NAMED_SECTIONS = ("scheduler",)  # a `name:` picks a registry entry; a section n
 REGISTRY_SECTIONS = {"scheduler": SCHEDULERS, "algorithms": ALGORITHMS}  # options checked against the registry
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """A recipe that cannot run: the message names the file, key, stage or path."""
+
+
+def find_recipe(path: str | os.PathLike) -> Path:
+    """A recipe path as given when it exists (relative to the current folder), else under the repository's recipes/
+    ("recipes/demo_masked.yaml" and "demo_masked.yaml" both work from any folder)."""
+    given = Path(path)
+    if given.is_file() or given.is_absolute():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("recipes",) else given.parts
+    packaged = RECIPES_DIR.joinpath(*parts) if parts else RECIPES_DIR
+    return packaged if packaged.is_file() else given
 
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+        raise RecipeError(f"recipe file not found: {path} (a relative path is also looked up in {RECIPES_DIR})")
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
@@ -119,7 +134,7 @@ def merge(base: dict, over: dict, _where: str = "") -> dict:
 
 
 def load_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
-    """Read a recipe file and merge it over its `base:` chain (paths relative to the file)."""
+    """Read a recipe file and merge it over its `base:` chain (paths relative to the file, else as find_recipe)."""
     path = Path(path).resolve()
     if path in _seen:
         raise RecipeError(f"{path}: `base:` chain loops ({' -> '.join(str(p) for p in _seen)})")
@@ -127,17 +142,28 @@ def load_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
-    return merge(load_file(path.parent / base, (*_seen, path)), data)
+    beside = path.parent / base
+    return merge(load_file(beside if beside.is_file() else find_recipe(base), (*_seen, path)), data)
 
 
-def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    """Apply command-line `key.sub=value` overrides; values are parsed as YAML (`0.5`, `null`, `[1, 2]`)."""
-    cfg = copy.deepcopy(cfg)
-    for item in overrides:
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """Command-line `key.sub=value` strings as {dotted key: value}, values parsed as YAML (`0.5`, `null`, `[1, 2]`)."""
+    out: dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not of the form key.sub=value")
         dotted, raw = item.split("=", 1)
-        keys = dotted.strip().split(".")
+        out[dotted.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def apply_overrides(cfg: dict, overrides: Mapping[str, Any] | Sequence[str]) -> dict:
+    """Set {dotted key: value} overrides (or the command line's `key.sub=value` strings) in a copy of a recipe."""
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    cfg = copy.deepcopy(cfg)
+    for dotted, value in overrides.items():
+        keys = dotted.split(".")
         node = cfg
         for depth, key in enumerate(keys[:-1]):
             child = node.get(key)
@@ -146,7 +172,7 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise RecipeError(f"override {dotted}: {'.'.join(keys[:depth + 1])} is not a section")
             node = child
-        node[keys[-1]] = yaml.safe_load(raw)
+        node[keys[-1]] = copy.deepcopy(value)
     return cfg
 
 
@@ -307,10 +333,17 @@ def check_stage_order(cfg: dict) -> None:
                           f"(stages: {' -> '.join(stages)})")
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
-    """Read a recipe (with its base chain), apply `key.sub=value` overrides, validate and fill defaults."""
-    cfg = apply_overrides(load_file(path), list(overrides or []))
-    cfg = validate(cfg)
+def load_recipe(recipe: str | os.PathLike | Mapping[str, Any],
+                overrides: Mapping[str, Any] | Sequence[str] | None = None) -> dict:
+    """Read a recipe file (found by find_recipe) or take a recipe mapping, merge it over its base chain, apply
+    overrides ({dotted key: value}, or `key.sub=value` strings), validate and fill defaults."""
+    if isinstance(recipe, Mapping):
+        cfg = dict(recipe)
+        base = cfg.pop("base", None)
+        cfg = merge(load_file(find_recipe(base)), cfg) if base is not None else cfg
+    else:
+        cfg = load_file(find_recipe(recipe))
+    cfg = validate(apply_overrides(cfg, overrides or {}))
     check_stage_order(cfg)
     return cfg
 

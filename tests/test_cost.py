@@ -290,3 +290,26 @@ def test_utilisation_divides_by_the_peak_of_the_precision_that_ran(tmp_path, mon
         assert measured == [dtype] and ledger.peak_tflops == pytest.approx(0.2 / torch.get_num_threads())
     else:
         assert measured == [] and ledger.peak_tflops == peak
+
+
+def test_cost_commands_take_overrides_positionally_and_report_under_cost(tmp_path, capsys, monkeypatch, two_stages):
+    """`cost estimate RECIPE key=value`, `cost report RUN --out FILE`; the old `report` and `--set` name the new."""
+    from micro_diffusion.cli import main
+
+    monkeypatch.delenv(PRICE_ENV, raising=False)
+    recipe = str(paper_recipes(tmp_path)[0])
+    assert main(["cost", "estimate", recipe, "--json"]) == 0
+    base = json.loads(capsys.readouterr().out)["stages"][0]
+    assert main(["cost", "estimate", recipe, "train.max_duration=1000ba", "--json"]) == 0
+    halved = json.loads(capsys.readouterr().out)["stages"][0]
+    assert halved["steps"] == 1000 != base["steps"] and halved["flops"] < base["flops"]
+    with pytest.raises(SystemExit) as stop:
+        main(["cost", "estimate", recipe, "--set", "train.max_duration=1000ba"])
+    assert stop.value.code == 2 and "positional key=value" in capsys.readouterr().err
+
+    run1, run2, _ = two_stages
+    out = tmp_path / "dash" / "cost.html"
+    assert main(["cost", "report", str(run1), str(run2), "--out", str(out)]) == 0
+    assert out.is_file() and str(out) in capsys.readouterr().out
+    assert main(["report", str(run1)]) == 2
+    assert "micro-diffusion cost report" in capsys.readouterr().err

@@ -275,13 +275,12 @@ def test_a_short_distillation_brings_the_student_towards_the_guided_teachers_ode
     from tiny_runs import REPO, tiny_overrides, write_shards
 
     from micro_diffusion.cli import main as cli
-    from micro_diffusion.training.cli import train
     from micro_diffusion.training.export import export_run
 
     data, runs = tmp_path / "data", tmp_path / "runs"
     write_shards(data / "latents", 64, prefix="t", seed=0)
     teacher_args = tiny_overrides(data, runs, steps=120) + ["diffusion.mask_ratio=0.0", "optimizer.lr=3e-3"]
-    assert train(str(REPO / "recipes" / "demo_masked.yaml"), teacher_args) == 0
+    assert cli(["train", str(REPO / "recipes" / "demo_masked.yaml"), *teacher_args]) == 0
     teacher = export_run(runs / "demo_masked", tmp_path / "teacher")
     distill_args = tiny_overrides(data, runs, steps=DISTILL_STEPS) + [
         "stages=[]", "init_from=null", f"init_checkpoint={runs / 'demo_masked/checkpoints/latest-rank0.pt'}",

@@ -38,6 +38,9 @@ def test_trained_network_exports_loads_samples_and_starts_a_stage(tmp_path):
     out = export_run(plan.run_dir, tmp_path / "export")
     net, config, null = load_exported(out)
     assert config["network_format"] == NETWORK_FORMAT and config["null_caption"] == "shards"
+    samples = load_recipe(REPO / "recipes" / "demo_masked.yaml")["samples"]  # the export records how to sample it
+    assert config["sampling"] == {"steps": samples["steps"], "guidance": samples["guidance"],
+                                  "sampler": samples["sampler"], "guidance_interval": None}
     emb, seeds = torch.randn(2, 8, 32), image_seeds(3, range(2))
     x = generate_latents(EDMPrecond(net, config["sigma_data"]), emb, null, SamplingSettings(steps=3, guidance=2.0),
                          seeds, (4, 8, 8))
@@ -71,3 +74,14 @@ def test_an_export_of_another_network_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match=f"holds network format 1, this micro_diffusion reads format {NETWORK_FORMAT}"):
         load_exported(out)
     assert np.load(out / "null_caption.npy").shape == (8, 32)  # the folder is untouched
+
+
+def test_export_sampling_settings_follow_the_recipe_and_a_student_samples_by_consistency():
+    from micro_diffusion.training.export import sampling_settings
+
+    cfg = load_recipe(REPO / "recipes" / "demo_masked.yaml", {"samples.steps": 12, "samples.guidance": 3.5,
+                                                               "samples.sampler": "euler"})
+    assert sampling_settings(cfg) == {"steps": 12, "guidance": 3.5, "sampler": "euler", "guidance_interval": None}
+    student = load_recipe(REPO / "recipes" / "demo_distill.yaml")
+    assert sampling_settings(student) == {"steps": 1, "guidance": 1.0, "sampler": "consistency",
+                                          "guidance_interval": None}

@@ -215,3 +215,28 @@ def test_fsdp_keeps_bf16_weights_and_reduces_in_fp32():
     _, param, reduce, _ = get_mixed_precision("amp_bf16", fsdp["mixed_precision"])
     assert (param, reduce) == (torch.bfloat16, torch.float32)
     assert parallelism_config(SimpleNamespace(parallelism="ddp")) is None
+
+
+def test_recipe_paths_resolve_from_any_folder(tmp_path, monkeypatch):
+    """A recipe path is read relative to the current folder first, then under the repository's recipes/."""
+    monkeypatch.chdir(tmp_path)
+    want = load_recipe(RECIPES / "demo_masked.yaml")
+    assert load_recipe("recipes/demo_masked.yaml") == want and load_recipe("demo_masked.yaml") == want
+    (tmp_path / "demo_masked.yaml").write_text("base: recipes/demo_masked.yaml\ntrain: {seed: 5}\n")
+    local = load_recipe("demo_masked.yaml")  # the current folder's file wins; its base resolves beside it
+    assert local["train"]["seed"] == 5 and local["stage"] == want["stage"]
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe("no_such_recipe.yaml")
+
+
+def test_overrides_as_a_mapping_equal_the_command_line_strings():
+    """{dotted key: typed value} and the CLI's key=value strings (parsed once, as YAML) give the same recipe."""
+    from micro_diffusion.recipe import parse_overrides
+
+    strings = ["train.max_duration=3ba", "diffusion.mask_ratio=0.5", "data.streams=[{local: a}]", "eval.interval=null"]
+    mapping = {"train.max_duration": "3ba", "diffusion.mask_ratio": 0.5, "data.streams": [{"local": "a"}],
+               "eval.interval": None}
+    assert parse_overrides(strings) == mapping
+    assert recipe("demo_masked", *strings) == load_recipe(RECIPES / "demo_masked.yaml", mapping)
+    with pytest.raises(RecipeError, match="not of the form"):
+        parse_overrides(["train.max_duration"])

@@ -15,10 +15,11 @@ from tiny_runs import REPO, RESOLUTION, tiny_overrides, write_shards  # noqa: I0
 
 from micro_diffusion.cli import main as cli_main
 from micro_diffusion.data.integrity import check_folder
-from micro_diffusion.training.cli import DATA_EXIT, train
+from micro_diffusion.errors import DataError
 from micro_diffusion.utils.jsonl import read_jsonl
 
 RECIPE = str(REPO / "recipes" / "demo_masked.yaml")
+DATA_EXIT = DataError.exit_code
 LATENTS = f"latents_{RESOLUTION}"
 
 
@@ -57,7 +58,7 @@ def poison(root: Path, index: int, column: str = LATENTS) -> Path:
 
 
 def run_train(tmp_path: Path, capsys, *extra: str, steps: int = 4) -> tuple[int, str]:
-    rc = train(RECIPE, tiny_overrides(tmp_path / "data", tmp_path / "runs", steps=steps) + list(extra))
+    rc = cli_main(["train", RECIPE, *tiny_overrides(tmp_path / "data", tmp_path / "runs", steps=steps), *extra])
     return rc, capsys.readouterr().err
 
 

@@ -219,6 +219,36 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(data_root, tmp_path):
     t2.close()
 
 
+def test_train_step_returns_its_run_and_a_sigterm_raises_preempted(data_root, tmp_path, monkeypatch, capsys):
+    """training.train/dry_run as the demo and experiments call them: a dict of overrides in, a Run (or an error) out."""
+    from micro_diffusion import training
+    from micro_diffusion.errors import Preempted
+    from micro_diffusion.recipe import parse_overrides
+    from micro_diffusion.training import builder
+
+    overrides = parse_overrides(tiny_overrides(data_root, tmp_path / "runs", steps=6))
+    out = tmp_path / "run"
+    plan = training.dry_run("demo_masked.yaml", overrides, out)  # found in the repository's recipes/
+    assert f"run_dir: {out}" in plan and "# all inputs found" in plan and not out.exists()
+    build = builder.build_trainer
+    monkeypatch.setattr(builder, "build_trainer", lambda cfg, plan: build(cfg, plan, callbacks=[SendSigterm(2)]))
+    with pytest.raises(Preempted, match=f"checkpoint saved at batch 3 in {out / 'checkpoints'}"):
+        training.train("demo_masked.yaml", overrides, out)
+    capsys.readouterr()
+    strings = tiny_overrides(data_root, tmp_path / "runs", steps=6)
+    assert cli(["train", "demo_masked.yaml", *strings, "--out", str(tmp_path / "cli")]) == Preempted.exit_code == 143
+    assert "micro-diffusion train: preempted: checkpoint saved at batch 3" in capsys.readouterr().err
+    monkeypatch.undo()
+    run = training.train("demo_masked.yaml", overrides, out)  # the rerun resumes and finishes
+    assert isinstance(run, training.Run) and run.run_dir == out and run.stage == "demo_masked"
+    assert Path(run.checkpoint) == out / "checkpoints" / "latest-rank0.pt"
+    assert os.path.realpath(run.checkpoint).endswith("ep0-ba6-rank0.pt")
+    assert run.stage_totals.samples == 6 * 8 and run.totals.samples == run.stage_totals.samples
+    with pytest.raises(SystemExit) as stop:
+        cli(["train", "demo_masked.yaml", "--run-dir", str(out)])
+    assert stop.value.code == 2 and "use --out" in capsys.readouterr().err
+
+
 def test_sample_grids_from_the_datasets_encoders(tmp_path):
     """Prompts encoded once with the text encoder of encoders.json, grids decoded with its VAE, raw and EMA."""
     from diffusers import AutoencoderKL

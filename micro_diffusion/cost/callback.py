@@ -26,6 +26,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from ..utils.devices import dtype_name
+from ..utils.run_folder import cost_key
 from .ledger import COST_FILE, Totals, load_carry_over, read_records
 from .prices import detect_device_type, device_spec, run_peak_tflops, usd_per_device_hour
 
@@ -191,14 +192,14 @@ class CostCallback(Callback):
         achieved = flops_delta / seconds / self.devices / 1e12 if seconds > 0 else 0.0  # per device, TFLOP/s
         self._last_record = (now, stage.flops)
         held = stage.device_hours * 3600 * self.peak_tflops * 1e12
-        metrics = {
-            "cost/wall_hours": stage.wall_seconds / 3600, "cost/device_hours": stage.device_hours,
-            "cost/usd": stage.usd, "cost/samples": stage.samples, "cost/flops": stage.flops,
-            "cost/tflops_per_device": achieved, "cost/mfu": achieved / self.peak_tflops,
-            "cost/stage_mfu": stage.flops / held if held > 0 else 0.0,
-            "cost/total_device_hours": total.device_hours, "cost/total_usd": total.usd, "cost/total_flops": total.flops,
-            "cost/total_samples": total.samples,
-        }
+        metrics = {cost_key(name): value for name, value in {
+            "wall_hours": stage.wall_seconds / 3600, "device_hours": stage.device_hours,
+            "usd": stage.usd, "samples": stage.samples, "flops": stage.flops,
+            "tflops_per_device": achieved, "mfu": achieved / self.peak_tflops,
+            "stage_mfu": stage.flops / held if held > 0 else 0.0,
+            "total_device_hours": total.device_hours, "total_usd": total.usd, "total_flops": total.flops,
+            "total_samples": total.samples,
+        }.items()}
         logger.log_metrics(metrics)
         if dist.get_global_rank() != 0:
             return

@@ -6,6 +6,7 @@ price. MFU (model FLOP utilisation) is the share of the device's dense bf16 peak
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -82,9 +83,9 @@ def steps_of(max_duration: str | int, global_batch: int, where: str) -> int:
     raise ValueError(f"{where}: cannot count steps of max_duration {max_duration!r}; give it in batches ('250000ba')")
 
 
-def estimate_recipe(path: str | os.PathLike, overrides: list[str], devices: int, device_type: str, mfu: float,
-                    usd_per_hour: float | None = None) -> StageEstimate:
-    """Estimate one stage from its recipe file (the recipe loader, with `key.sub=value` overrides)."""
+def estimate_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None, devices: int, device_type: str,
+                    mfu: float, usd_per_hour: float | None = None) -> StageEstimate:
+    """Estimate one stage from its recipe file (the recipe loader, with {dotted key: value} overrides)."""
     cfg = load_recipe(path, overrides)
     batch = int(cfg["train"]["global_batch"])
     steps = steps_of(cfg["train"]["max_duration"], batch, f"{path}: train.max_duration")

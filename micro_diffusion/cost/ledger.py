@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.jsonl import read_jsonl
-
-COST_FILE = "cost.jsonl"
+from ..utils.run_folder import COST as COST_FILE
+from ..utils.run_folder import cost_file
 
 
 @dataclass
@@ -46,8 +46,17 @@ class Totals:
 
 def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
     """Every record of a run folder's cost.jsonl (empty when the file is absent)."""
-    path = Path(run_dir) / COST_FILE
+    path = cost_file(run_dir)
     return read_jsonl(path) if path.exists() else []
+
+
+def last_totals(run_dir: str | Path) -> tuple[Totals, Totals] | None:
+    """(this stage's totals, totals with the stages it carried over) of a run's last ledger record; None without one."""
+    records = read_records(run_dir)
+    if not records:
+        return None
+    where = f"{cost_file(run_dir)} (last record)"
+    return Totals.from_dict(records[-1]["stage_totals"], where), Totals.from_dict(records[-1]["total"], where)
 
 
 def load_carry_over(carry_over: str | Path | dict[str, Any] | None) -> Totals:
@@ -59,4 +68,4 @@ def load_carry_over(carry_over: str | Path | dict[str, Any] | None) -> Totals:
     records = read_records(carry_over)
     if not records:
         raise FileNotFoundError(f"carry_over: no {COST_FILE} records in {carry_over}")
-    return Totals.from_dict(records[-1]["total"], f"{Path(carry_over) / COST_FILE} (last record, 'total')")
+    return Totals.from_dict(records[-1]["total"], f"{cost_file(carry_over)} (last record, 'total')")

@@ -20,11 +20,9 @@ matplotlib.use("Agg")  # files only: no display on training nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..utils.jsonl import read_jsonl  # noqa: E402
+from ..utils.run_folder import BAD_SAMPLES_SKIPPED as BAD_SAMPLES  # noqa: E402
+from ..utils.run_folder import COST, METRICS, REPORT, STAGE_MFU, STEP, TRAIN_LOSS, read_metrics, samples_dir  # noqa: E402  # noqa: E402
 from .ledger import read_records  # noqa: E402
-
-TRAIN_LOSS = "loss/train/total"  # the key Composer gives the training loss
-BAD_SAMPLES = "data/bad_samples"  # samples the loader skipped in a step (data.skip_bad_samples)
 
 
 @dataclass
@@ -56,15 +54,14 @@ def _read_evals(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def load_run(run_dir: str | Path) -> RunData:
-    """Read a run folder; a folder with neither cost.jsonl nor metrics.jsonl is an error naming it."""
+    """Read a run folder; a folder with neither a cost ledger nor a metrics log is an error naming it."""
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"run folder not found: {path}")
-    metrics_file = path / "metrics.jsonl"
-    cost, metrics = read_records(path), read_jsonl(metrics_file) if metrics_file.exists() else []
+    cost, metrics = read_records(path), read_metrics(path)
     if not cost and not metrics:
-        raise FileNotFoundError(f"{path}: no cost.jsonl or metrics.jsonl to report on")
-    samples = sorted((path / "samples").glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))
+        raise FileNotFoundError(f"{path}: no {COST} or {METRICS} to report on")
+    samples = sorted(samples_dir(path).glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))
     return RunData(path, cost, metrics, _read_evals(path), samples[-1] if samples else None)
 
 
@@ -91,7 +88,7 @@ def stage_row(run: RunData) -> dict[str, Any]:
     stage = last["stage_totals"]
     return {"stage": run.name, "device": f"{last['devices']} x {last['device_type']}",
             "device_hours": stage["device_hours"], "usd": stage["usd"], "flops": stage["flops"],
-            "mfu": last["metrics"]["cost/stage_mfu"], "samples": stage["samples"],
+            "mfu": last["metrics"][STAGE_MFU], "samples": stage["samples"],
             "wall_hours": stage["wall_seconds"] / 3600, "bad_samples": bad}
 
 
@@ -131,9 +128,9 @@ def make_plots(runs: list[RunData], prefix: Path) -> list[Path]:
     """Loss against dollars and against device-hours, and evaluation metrics against dollars, as PNG files."""
     losses = []
     for run in runs:
-        rows = [r for r in run.metrics if TRAIN_LOSS in r and r.get("step") is not None]
+        rows = [r for r in run.metrics if TRAIN_LOSS in r and r.get(STEP) is not None]
         # Composer logs a batch's loss under the batches completed before it; its cost is paid when it completes
-        steps = np.array([r["step"] + 1 for r in rows], dtype=float)
+        steps = np.array([r[STEP] + 1 for r in rows], dtype=float)
         losses.append((run.name, steps, np.array([r[TRAIN_LOSS] for r in rows], dtype=float), run))
     by_usd = [(n, spend_at(r, s, "usd"), y) for n, s, y, r in losses]
     by_hours = [(n, spend_at(r, s, "device_hours"), y) for n, s, y, r in losses]
@@ -225,7 +222,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> P
     if not run_dirs:
         raise ValueError("give at least one run folder")
     runs = [load_run(d) for d in run_dirs]
-    out = Path(out) if out is not None else runs[0].path / "report.html"
+    out = Path(out) if out is not None else runs[0].path / REPORT
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = make_plots(runs, out.with_suffix(""))
     out.write_text(render_html(runs, plots), encoding="utf-8")

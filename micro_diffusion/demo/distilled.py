@@ -5,10 +5,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from micro_diffusion.cost.ledger import last_totals
 from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.eval.coco import generate_missing
 from micro_diffusion.eval.generate import TextToImage
-from micro_diffusion.utils.jsonl import read_jsonl
 
 STUDENT_STEPS = (1, 2, 4)
 SPEED_BATCH = 64  # images per timed batch, the same for teacher and student
@@ -28,7 +28,10 @@ def images_per_s(render: TextToImage, captions: list[str], repeats: int = 2) -> 
 
 def stage_flops(run_dir: str | Path) -> float:
     """The FLOPs a finished stage trained with, from its cost ledger."""
-    return float(read_jsonl(Path(run_dir) / "cost.jsonl")[-1]["stage_totals"]["flops"])
+    totals = last_totals(run_dir)
+    if totals is None:
+        raise FileNotFoundError(f"{run_dir} has no cost ledger")
+    return float(totals[0].flops)
 
 
 def score_student(root: Path, captions: list[str], teacher: TextToImage, student_dir: Path, seed: int,

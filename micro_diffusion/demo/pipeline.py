@@ -28,11 +28,10 @@ from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.eval.coco import generate_missing, image_name
 from micro_diffusion.eval.fid import fid_kid
 from micro_diffusion.eval.generate import TextToImage
-from micro_diffusion.recipe import load_recipe
-from micro_diffusion.training.cli import train
+from micro_diffusion.training import Run, train
 from micro_diffusion.training.export import export_run
 from micro_diffusion.utils.images import grid
-from micro_diffusion.utils.jsonl import read_jsonl
+from micro_diffusion.utils.run_folder import EVAL, REPORT, SAMPLES, TRAIN_LOSS, metric_series, metrics_file
 
 from . import DEFAULT_ROOT, demo_vae_path
 from .distilled import score_student
@@ -60,15 +59,16 @@ class DemoConfig:
     masked_recipe: str = "recipes/demo_masked.yaml"
     finetune_recipe: str = "recipes/demo_finetune.yaml"
     distill_recipe: str = "recipes/demo_distill.yaml"  # the finetuned model distilled into a 1-4 step student
-    train_overrides: list[str] = field(default_factory=list)  # key=value applied to every stage
+    train_overrides: dict[str, Any] = field(default_factory=dict)  # {dotted key: value} applied to every stage
     fresh: bool = False
 
     @classmethod
     def quick(cls, root: Path, fresh: bool = False) -> DemoConfig:
         """Every step at a much smaller size (seconds of training): checks the pipeline, not the results."""
         return cls(root=root, train_images=64, heldout_images=12, grid_images=8, sample_steps=2, fresh=fresh,
-                   train_overrides=["train.max_duration=3ba", "train.global_batch=16", "train.device_microbatch=16",
-                                    "train.log_interval=1ba", "checkpoint.save_interval=3ba"])
+                   train_overrides={"train.max_duration": "3ba", "train.global_batch": 16,
+                                    "train.device_microbatch": 16, "train.log_interval": "1ba",
+                                    "checkpoint.save_interval": "3ba"})
 
 
 def _step(root: Path, name: str, fn: Callable[[], Any], log: list[str]) -> tuple[Any, float]:
@@ -101,26 +101,25 @@ def make_data(cfg: DemoConfig) -> dict:
     return {"images": cfg.train_images, "heldout": cfg.heldout_images, "latents": str(data / "latents")}
 
 
-def train_stage(cfg: DemoConfig, recipe: str, extra: tuple[str, ...] = ()) -> dict:
-    """Train one demo stage as `micro-diffusion train` does and read back its loss and cost."""
-    overrides = [f"runs_root={cfg.root}", f"data.root={cfg.root / 'data'}", *cfg.train_overrides, *extra]
-    if train(recipe, overrides) != 0:
-        raise RuntimeError(f"training {recipe} failed")
-    stage = load_recipe(recipe, overrides)
-    return stage_summary(cfg.root / stage["stage"], stage)
+def train_stage(cfg: DemoConfig, recipe: str, extra: dict[str, Any] | None = None) -> dict:
+    """Train one demo stage with training.train and read back its loss and cost."""
+    overrides = {"runs_root": str(cfg.root), "data.root": str(cfg.root / "data"), **cfg.train_overrides,
+                 **(extra or {})}
+    return stage_summary(train(recipe, overrides))
 
 
-def stage_summary(run_dir: Path, stage: dict) -> dict:
+def stage_summary(run: Run) -> dict:
     """Name, steps, mask ratio, first and last training loss, device-hours and dollars of a finished run."""
-    losses = [row["loss/train/total"] for row in read_jsonl(run_dir / "metrics.jsonl") if "loss/train/total" in row]
+    losses = [loss for _, loss in metric_series(run.run_dir, TRAIN_LOSS)]
     if not losses:
-        raise RuntimeError(f"{run_dir / 'metrics.jsonl'} has no training loss")
+        raise RuntimeError(f"{metrics_file(run.run_dir)} has no training loss")
+    if run.stage_totals is None:
+        raise RuntimeError(f"{run.run_dir} has no cost ledger")
     window = max(1, min(LOSS_WINDOW, len(losses) // 2))  # EDM losses vary with the drawn sigma: average a few
-    cost = read_jsonl(run_dir / "cost.jsonl")[-1]["stage_totals"]
-    return {"name": stage["stage"], "steps": len(losses), "mask_ratio": float(stage["diffusion"]["mask_ratio"]),
+    return {"name": run.stage, "steps": len(losses), "mask_ratio": float(run.recipe["diffusion"]["mask_ratio"]),
             "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
-            "loss_window": window, "device_hours": float(cost["device_hours"]), "usd": float(cost["usd"]),
-            "run_dir": str(run_dir)}
+            "loss_window": window, "device_hours": run.stage_totals.device_hours, "usd": run.stage_totals.usd,
+            "run_dir": str(run.run_dir)}
 
 
 def heldout_captions(cfg: DemoConfig) -> tuple[list[Path], list[str]]:
@@ -138,11 +137,11 @@ def generate(cfg: DemoConfig, model_dir: Path) -> dict:
     generate_missing([{"index": i, "caption": c} for i, c in enumerate(captions)], out, render, batch_size=64)
     tiles = [Image.open(out / image_name(i)).convert("RGB").resize((96, 96), Image.Resampling.NEAREST)
              for i in range(min(cfg.grid_images, len(captions)))]
-    samples = cfg.root / "samples"
+    samples = cfg.root / SAMPLES
     samples.mkdir(parents=True, exist_ok=True)
     grid(tiles, cols=8).save(samples / "grid.png")
     (samples / "grid_captions.txt").write_text("\n".join(captions[: len(tiles)]) + "\n", encoding="utf-8")
-    return {"generated": str(out), "grid": "samples/grid.png", "settings": {**settings.to_dict(), "seed": cfg.seed}}
+    return {"generated": str(out), "grid": f"{SAMPLES}/grid.png", "settings": {**settings.to_dict(), "seed": cfg.seed}}
 
 
 def evaluate(cfg: DemoConfig, generated: Path) -> dict:
@@ -212,16 +211,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     model = step("export", export)
     samples = step("sample", lambda: generate(cfg, Path(model["model"])))
     metrics = step("evaluate", lambda: evaluate(cfg, Path(samples["generated"])))
-    (Path(stages[-1]["run_dir"]) / "eval.json").write_text(json.dumps(
+    (Path(stages[-1]["run_dir"]) / EVAL).write_text(json.dumps(
         {"fid": metrics["fid"]["value"], "caption_match": metrics["caption_match"]["value"]}) + "\n")
     # the student learns the teacher as the demo samples it: guided at the demo's scale
     stages.append(step("train_distill", lambda: train_stage(cfg, cfg.distill_recipe,
-                                                            (f"distill.guidance={cfg.guidance}",))))
+                                                            {"distill.guidance": cfg.guidance})))
     student = step("export_student", lambda: {"model": str(export_run(stages[-1]["run_dir"], root / "student"))})
     distilled = step("distilled", lambda: distill_scores(cfg, Path(model["model"]), Path(student["model"]), metrics,
                                                          [s["run_dir"] for s in stages]))
 
-    report = write_report([s["run_dir"] for s in stages], out=root / "report.html")
+    report = write_report([s["run_dir"] for s in stages], out=root / REPORT)
     reused = {line.split(":")[0] for line in log if line.endswith("reused")}
     this_run = time.perf_counter() - start
     wall = this_run + sum(sec for name, sec in seconds.items() if name in reused)  # reused: as measured when run

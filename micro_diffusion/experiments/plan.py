@@ -15,14 +15,14 @@ import torch
 
 from ..cost.estimate import flops_per_sample
 from ..recipe import build_network, load_recipe
-from .spec import Experiment, Variant, override_args
+from .spec import Experiment, Variant
 
 
 @dataclass
 class StagePlan:
     """One training stage of a run: its recipe overrides, steps and FLOPs per sample."""
 
-    overrides: list[str]
+    overrides: dict[str, Any]  # {dotted recipe key: value}
     steps: int
     flops_per_sample: int
 
@@ -48,14 +48,14 @@ class RunPlan:
         return f"{self.variant}_s{self.seed}"
 
 
-def stage_config(exp: Experiment, overrides: dict[str, Any], extra: list[str] | None = None) -> dict:
-    """The base recipe with a variant's overrides (and any extra key=value) applied and checked."""
-    return load_recipe(exp.base_recipe, stage_overrides(exp, overrides) + list(extra or []))
+def stage_config(exp: Experiment, overrides: dict[str, Any], extra: dict[str, Any] | None = None) -> dict:
+    """The base recipe with a variant's overrides (and any extra ones) applied and checked."""
+    return load_recipe(exp.base_recipe, {**stage_overrides(exp, overrides), **(extra or {})})
 
 
-def stage_overrides(exp: Experiment, overrides: dict[str, Any]) -> list[str]:
-    """A variant's overrides as key=value, at the experiment's image size."""
-    return [f"data.resolution={exp.data['size']}", *override_args(overrides)]
+def stage_overrides(exp: Experiment, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A variant's overrides, at the experiment's image size."""
+    return {"data.resolution": exp.data["size"], **overrides}
 
 
 def _cost(cfg: dict) -> tuple[int, int]:
@@ -103,8 +103,8 @@ def plan_runs(exp: Experiment, seeds: list[int] | None = None) -> list[RunPlan]:
             f2, _ = _cost(stage_config(exp, second))
             stages.append((second, _steps(exp.budget, variant.then["fraction"], f2, batch), f2))
         for seed in seeds if seeds is not None else exp.seeds:
-            seeded = [f"train.seed={seed}", f"data.seed={seed}"]  # weights, noise, masks and data order
-            out.append(RunPlan(variant.name, seed, [StagePlan(stage_overrides(exp, o) + seeded, s, f)
+            seeded = {"train.seed": seed, "data.seed": seed}  # weights, noise, masks and data order
+            out.append(RunPlan(variant.name, seed, [StagePlan({**stage_overrides(exp, o), **seeded}, s, f)
                                                     for o, s, f in stages], params, batch))
     return out
 

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..cost.report import CSS, cost_table, img_tag, load_run, save_plot, stage_row  # noqa: E402
+from ..utils.run_folder import REPORT  # noqa: E402
 from .spec import Experiment  # noqa: E402
 from .sweeps import budget_values, crossovers, expand_claims, grid_samplers, sweep_section, swept  # noqa: E402
 from .verdict import mean_and_var, verdict  # noqa: E402
@@ -144,7 +145,7 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path
     parts += ["<h2>Cost of every run</h2>", cost_table(stages)]
     (out / "summary.md").write_text(f"## {exp.name}\n\n" + markdown_table(claims_cells(results["claims"])) + "\n"
                                     + markdown_table(metrics_cells(rows)), encoding="utf-8")
-    page = out / "report.html"
+    page = out / REPORT
     page.write_text("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
                     f'<link rel="icon" href="data:,"><title>micro_diffusion experiment {html.escape(exp.name)}</title>'
                     f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>", encoding="utf-8")

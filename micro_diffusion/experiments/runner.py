@@ -29,14 +29,13 @@ from ..eval.compose import write_scores
 from ..eval.generate import TextToImage
 from ..eval.sweep import compose_heldout, model_sweep
 from ..recipe import RecipeError
-from ..training.cli import train
+from ..training import train
 from ..training.export import export_run
+from ..utils.run_folder import METRICS, STAGE_DONE, STEP, VAL_LOSS, latest_checkpoint
 from .plan import RunPlan, stage_dirs
 from .spec import Experiment
 
-VAL_KEY = "val/loss"
 VAL_BATCH = 32  # held-out latents a validation batch
-STAGE_DONE = "stage_done.json"  # written beside a stage's run folder files once its training returned 0
 
 
 def prepare_data(exp: Experiment, root: Path) -> Path:
@@ -65,20 +64,20 @@ def prepare_data(exp: Experiment, root: Path) -> Path:
     return data / "latents"
 
 
-def stage_args(exp: Experiment, run: RunPlan, k: int, root: Path, latents: Path) -> list[str]:
+def stage_overrides(exp: Experiment, run: RunPlan, k: int, root: Path, latents: Path) -> dict[str, Any]:
     """The recipe overrides of stage k of a run: its variant's keys, steps, data, validation and run folder."""
     stage, dirs = run.stages[k], stage_dirs(root, run)
     e = exp.eval
     batch = min(VAL_BATCH, e["val_samples"])
-    args = [*stage.overrides, f"runs_root={dirs[k].parent}", f"stage={dirs[k].name}", "stages=[]",
-            f"data.root={latents}", "data.streams=[{local: train}]", "data.val_streams=[{local: val}]",
-            f"train.max_duration={stage.steps}ba", f"eval.interval={max(1, stage.steps // e['val_points'])}ba",
-            f"eval.sigmas={e['val_sigmas']}", f"eval.batch_size={batch}",
-            f"eval.batches={e['val_samples'] // batch}", "samples.interval=null",
-            f"checkpoint.save_interval={max(1, stage.steps // 4)}ba", "checkpoint.keep=1", "train.progress_bar=false"]
+    out = {**stage.overrides, "runs_root": str(dirs[k].parent), "stage": dirs[k].name, "stages": [],
+           "data.root": str(latents), "data.streams": [{"local": "train"}], "data.val_streams": [{"local": "val"}],
+           "train.max_duration": f"{stage.steps}ba", "eval.interval": f"{max(1, stage.steps // e['val_points'])}ba",
+           "eval.sigmas": e["val_sigmas"], "eval.batch_size": batch, "eval.batches": e["val_samples"] // batch,
+           "samples.interval": None, "checkpoint.save_interval": f"{max(1, stage.steps // 4)}ba",
+           "checkpoint.keep": 1, "train.progress_bar": False}
     if k:  # a later stage starts from the weights the one before ended with
-        args += ["init_from=null", f"init_checkpoint={dirs[k - 1] / 'checkpoints' / 'latest-rank0.pt'}"]
-    return args
+        out.update({"init_from": None, "init_checkpoint": str(latest_checkpoint(dirs[k - 1]))})
+    return out
 
 
 def train_run(exp: Experiment, run: RunPlan, root: Path, latents: Path) -> list[Path]:
@@ -95,9 +94,7 @@ def train_run(exp: Experiment, run: RunPlan, root: Path, latents: Path) -> list[
             done.write_text(json.dumps(marker) + "\n")
             continue
         print(f"[experiment] {run.name} stage{k}: {stage.steps} steps", flush=True)
-        code = train(str(exp.base_recipe), stage_args(exp, run, k, root, latents))
-        if code != 0:
-            raise RuntimeError(f"training {run.name} stage{k} exited with {code} (see {dirs[k]})")
+        train(exp.base_recipe, stage_overrides(exp, run, k, root, latents))
         done.write_text(json.dumps(marker) + "\n")
     return dirs
 
@@ -108,7 +105,7 @@ def val_curve(run: RunPlan, dirs: list[Path]) -> dict[str, list[float]]:
     flops0 = usd0 = steps0 = 0.0
     for stage, folder in zip(run.stages, dirs, strict=True):
         ran = load_run(folder)
-        rows = {int(r["step"]): float(r[VAL_KEY]) for r in ran.metrics if VAL_KEY in r}
+        rows = {int(r[STEP]): float(r[VAL_LOSS]) for r in ran.metrics if VAL_LOSS in r}
         steps = np.array(sorted(rows), dtype=float)
         usd = spend_at(ran, steps, "usd", totals="stage_totals")  # this stage's spend; earlier stages add usd0
         for step, spent in zip(sorted(rows), usd, strict=True):
@@ -121,7 +118,7 @@ def val_curve(run: RunPlan, dirs: list[Path]) -> dict[str, list[float]]:
         flops0 += stage.steps * run.batch * stage.flops_per_sample
         usd0 += end if np.isfinite(end) else 0.0
     if not curve["val_loss"]:
-        raise RuntimeError(f"{dirs[-1] / 'metrics.jsonl'} has no {VAL_KEY}: the validation loss did not run")
+        raise RuntimeError(f"{dirs[-1] / METRICS} has no {VAL_LOSS}: the validation loss did not run")
     return curve
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from ..diffusion.sampling import SAMPLERS
-from ..recipe import RecipeError
+from ..recipe import RecipeError, find_recipe
 from .verdict import LOWER_IS_BETTER
 
 # the demo's encoders: its small VAE (shipped with the package) and the packaged MiniLM, 16 caption tokens
@@ -152,7 +152,7 @@ def _check_claims(claims: list, names: set[str], sweep: dict | None, where: str)
 
 def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
     """Read and check an experiment file; quick=True applies its `quick:` section (a toy size of the same chain)."""
-    path = Path(path)
+    path = find_recipe(path)  # relative to the current folder, else to the repository's recipes/
     if not path.is_file():
         raise RecipeError(f"experiment file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -196,9 +196,3 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
                       budget={k: float(v) for k, v in budget.items()}, seeds=[int(s) for s in raw.get("seeds", [0])],
                       eval=evaluation, variants=variants,
                       claims=_check_claims(claims, names, evaluation["sweep"], where))
-
-
-def override_args(overrides: dict[str, Any]) -> list[str]:
-    """{"a.b": value} -> ["a.b=<value as YAML>"], the recipe loader's command-line form."""
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for k, v in overrides.items()]

@@ -29,6 +29,7 @@ from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
 from micro_diffusion.training.run import RunPlan, null_caption
 from micro_diffusion.utils.devices import torch_device
+from micro_diffusion.utils.run_folder import metrics_file, samples_dir
 from micro_diffusion.utils.sizes import as_hw
 
 
@@ -157,7 +158,7 @@ def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
     s = cfg["samples"]
     settings = SamplingSettings(steps=s["steps"], guidance=s["guidance"], sampler=s["sampler"])
     shape = (cfg["model"]["latent_channels"], *as_hw(latent_size(cfg)))
-    return SampleGrid(prompt_emb, null_caption(cfg, folder), decode, Path(plan.run_dir) / "samples",
+    return SampleGrid(prompt_emb, null_caption(cfg, folder), decode, samples_dir(plan.run_dir),
                       s["interval"], shape, settings, s["seed"])
 
 
@@ -215,7 +216,7 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         step_schedulers_every_batch=True,
         algorithms=build_algorithms(cfg["algorithms"], model),
         callbacks=[*build_callbacks(cfg, plan, model), *(callbacks or [])],
-        loggers=[JSONLLogger(Path(plan.run_dir) / "metrics.jsonl"), *(loggers or [])],
+        loggers=[JSONLLogger(metrics_file(plan.run_dir)), *(loggers or [])],
         run_name=cfg["stage"],
         progress_bar=t["progress_bar"],
         log_to_console=not t["progress_bar"],

@@ -13,16 +13,17 @@ from composer.core import Callback, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
+from micro_diffusion.errors import NonFiniteLoss
 from micro_diffusion.recipe import is_remote
 from micro_diffusion.training.model import unwrap
-from micro_diffusion.training.run import LATEST
 from micro_diffusion.utils.jsonl import supersede_from
+from micro_diffusion.utils.run_folder import BAD_SAMPLES as BAD_SAMPLES_FILE
+from micro_diffusion.utils.run_folder import BAD_SAMPLES_SKIPPED, STEP
+from micro_diffusion.utils.run_folder import LATEST_CHECKPOINT as LATEST
 from micro_diffusion.utils.seeds import derive_seed
 
-BAD_SAMPLES_FILE = "bad_samples.jsonl"  # in the run folder: one line per sample the loader skipped
 
-
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteLoss):
     """Raised when a training loss is NaN or infinite; the step that produced it never reaches the weights."""
 
 
@@ -92,7 +93,7 @@ class BadSamples(Callback):
         if skipped:
             with open(self.path, "a", encoding="utf-8") as f:  # one write per batch, appended: ranks share the file
                 f.write("".join(json.dumps({"step": step, "rank": rank, **r}, default=str) + "\n" for r in skipped))
-        logger.log_metrics({"data/bad_samples": int(count.item())})
+        logger.log_metrics({BAD_SAMPLES_SKIPPED: int(count.item())})
 
 
 class StepSeed(Callback):
@@ -173,7 +174,7 @@ class JSONLLogger(LoggerDestination):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": self._step, **self._pending}, default=str) + "\n")
+            f.write(json.dumps({STEP: self._step, **self._pending}, default=str) + "\n")
         self._pending = {}
 
     def fit_start(self, state: State, logger: Logger) -> None:
@@ -182,7 +183,7 @@ class JSONLLogger(LoggerDestination):
         resume = int(state.timestamp.batch)
         carried: dict[str, Any] = {}
         for row in supersede_from(self.path, resume, f"resumed from batch {resume}"):
-            carried.update({k: v for k, v in row.items() if k != "step"})
+            carried.update({k: v for k, v in row.items() if k != STEP})
         if not carried:
             return
         if self._step not in (None, resume):

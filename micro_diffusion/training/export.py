@@ -11,7 +11,8 @@ import yaml
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
 from micro_diffusion.exported import export_model
 from micro_diffusion.recipe import build_network, resolve_streams
-from micro_diffusion.training.run import LATEST, null_caption
+from micro_diffusion.training.run import null_caption
+from micro_diffusion.utils.run_folder import CONFIG, config_file, latest_checkpoint
 from micro_diffusion.version import __version__
 
 
@@ -55,14 +56,30 @@ def load_composer_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     return raw, ema
 
 
+def sampling_settings(cfg: dict) -> dict[str, Any]:
+    """The recipe's `samples:` sampling settings, as an export's config.json records them for its samplers.
+
+    A distilled student samples with `consistency` and no guidance (its teacher's is baked in): the recipe's steps
+    when its samples: section asks for consistency, else one step (sigma_max straight to data).
+    """
+    s = cfg["samples"]
+    out = {"steps": s["steps"], "guidance": s["guidance"], "sampler": s["sampler"],
+           "guidance_interval": s.get("guidance_interval")}
+    if cfg.get("distill") and s["sampler"] != "consistency":
+        out.update(steps=1, guidance=1.0, sampler="consistency", guidance_interval=None)
+    elif cfg.get("distill"):
+        out.update(guidance=1.0, guidance_interval=None)
+    return out
+
+
 def _find_run(run_or_checkpoint: Path, config_path: Path | None) -> tuple[Path, Path]:
-    """(checkpoint file, config.yaml) for a run folder or a checkpoint inside runs/<name>/checkpoints/."""
+    """(checkpoint file, the run's config.yaml) for a run folder or a checkpoint inside runs/<name>/checkpoints/."""
     if run_or_checkpoint.is_dir():
-        ckpt = run_or_checkpoint / "checkpoints" / LATEST
-        config = config_path or run_or_checkpoint / "config.yaml"
+        ckpt = latest_checkpoint(run_or_checkpoint)
+        config = config_path or config_file(run_or_checkpoint)
     else:
         ckpt = run_or_checkpoint
-        config = config_path or run_or_checkpoint.resolve().parent.parent / "config.yaml"
+        config = config_path or config_file(run_or_checkpoint.resolve().parent.parent)
     if not ckpt.exists():
         raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
     if not config.is_file():
@@ -75,7 +92,7 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
     ckpt, config = _find_run(Path(run_or_checkpoint), Path(config_path) if config_path else None)
     info = yaml.safe_load(config.read_text())
     if not isinstance(info, dict) or "recipe" not in info:
-        raise KeyError(f"{config} has no 'recipe' section (expected the config.yaml micro-diffusion train writes)")
+        raise KeyError(f"{config} has no 'recipe' section (expected the {CONFIG} micro-diffusion train writes)")
     cfg = info["recipe"]
     with torch.device("meta"):
         net = build_network(cfg)
@@ -92,7 +109,7 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
                   "encoders": json.loads((shards / ENCODERS_FILE).read_text()), "recipe": cfg.get("stage"),
                   "sigma_data": cfg["diffusion"]["sigma_data"], "source_checkpoint": str(ckpt),
                   "git_revision": info.get("git_revision"), "micro_diffusion_version": __version__,
-                  "null_caption": cfg["data"]["null_caption"]}
+                  "null_caption": cfg["data"]["null_caption"], "sampling": sampling_settings(cfg)}
     if cfg.get("distill"):  # a consistency student: sampled in 1-4 steps, its teacher's guidance baked in
         export_cfg["distilled"] = {"guidance": cfg["distill"]["guidance"], "sigma_max": cfg["distill"]["sigma_max"],
                                    "teacher": cfg.get("init_from") or cfg.get("init_checkpoint")}

@@ -17,6 +17,7 @@ from micro_diffusion.diffusion.sampling import SamplingSettings, generate_latent
 from micro_diffusion.training.model import unwrap
 from micro_diffusion.utils.devices import autocast, compute_dtype
 from micro_diffusion.utils.images import grid, to_pil
+from micro_diffusion.utils.run_folder import VAL_LOSS, VAL_LOSS_EMA
 from micro_diffusion.utils.seeds import seeded_generator
 
 
@@ -64,10 +65,10 @@ class ValidationLoss(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if not self.due(state, Event.BATCH_END):
             return
-        metrics = {"val/loss": self.loss(state, use_ema=False)}
+        metrics = {VAL_LOSS: self.loss(state, use_ema=False)}
         if unwrap(state.model).ema_active():
-            metrics["val/loss_ema"] = self.loss(state, use_ema=True)
-        self.history.append((int(state.timestamp.batch), metrics["val/loss"]))
+            metrics[VAL_LOSS_EMA] = self.loss(state, use_ema=True)
+        self.history.append((int(state.timestamp.batch), metrics[VAL_LOSS]))
         logger.log_metrics(metrics)
 
 

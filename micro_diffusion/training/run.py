@@ -12,9 +12,8 @@ import yaml
 from micro_diffusion.data.schema import NULL_CAPTION_FILE
 from micro_diffusion.recipe import RecipeError, is_remote, latent_size, missing_inputs
 from micro_diffusion.utils.devices import composer_device, torch_device
+from micro_diffusion.utils.run_folder import checkpoint_dir, config_file, latest_checkpoint
 from micro_diffusion.version import __version__
-
-LATEST = "latest-rank0.pt"  # Composer's symlink to a run's newest checkpoint (rank 0 holds the full state)
 
 
 @dataclass
@@ -49,7 +48,8 @@ def _precision(requested: str, device: str) -> str:
     return requested
 
 
-def _parallelism(requested: str, device: str, world: int) -> str:
+def parallelism(requested: str, device: str, world: int) -> str:
+    """train.parallelism resolved for a device kind and world size: auto picks none, FSDP (GPUs) or DDP (CPUs)."""
     if requested == "auto":
         if world == 1:
             return "none"
@@ -65,10 +65,10 @@ def plan_run(cfg: dict, run_dir: str | os.PathLike | None = None, world_size: in
     """Resolve folders, device, precision, parallelism and the per-device batch; errors name the key at fault."""
     world = int(world_size or os.environ.get("WORLD_SIZE", 1))
     run_dir = Path(run_dir) if run_dir is not None else Path(cfg["runs_root"]) / cfg["stage"]
-    save_folder = cfg["checkpoint"]["save_folder"] or str(run_dir / "checkpoints")
+    save_folder = cfg["checkpoint"]["save_folder"] or str(checkpoint_dir(run_dir))
     init = cfg["init_checkpoint"]
     if init is None and cfg["init_from"] is not None:
-        init = str(Path(cfg["runs_root"]) / cfg["init_from"] / "checkpoints" / LATEST)
+        init = str(latest_checkpoint(Path(cfg["runs_root"]) / cfg["init_from"]))
     t = cfg["train"]
     if t["global_batch"] % world:
         raise RecipeError(f"train.global_batch {t['global_batch']} does not split over {world} devices")
@@ -82,7 +82,7 @@ def plan_run(cfg: dict, run_dir: str | os.PathLike | None = None, world_size: in
                           "CUDA autocast); remove it for a CPU run")
     return RunPlan(run_dir=str(run_dir), save_folder=save_folder, init_checkpoint=init, world_size=world,
                    device=device, precision=_precision(t["precision"], device),
-                   parallelism=_parallelism(t["parallelism"], device, world), device_batch=device_batch,
+                   parallelism=parallelism(t["parallelism"], device, world), device_batch=device_batch,
                    device_microbatch=t["device_microbatch"], latent_size=latent_size(cfg))
 
 
@@ -114,7 +114,7 @@ def git_revision() -> str:
 
 
 def run_info(cfg: dict, plan: RunPlan) -> dict:
-    """The record saved as config.yaml: resolved recipe, run plan, package version, git revision."""
+    """The record saved as the run folder's config.yaml: resolved recipe, run plan, package version, git revision."""
     return {"micro_diffusion_version": __version__, "git_revision": git_revision(), "plan": asdict(plan),
             "recipe": cfg}
 
@@ -123,7 +123,7 @@ def write_run_info(info: dict, run_dir: str) -> Path:
     """Write config.yaml into the run folder (local folders only)."""
     if is_remote(run_dir):
         raise RecipeError(f"run folder {run_dir} must be local (checkpoints may go to a remote save_folder)")
-    path = Path(run_dir) / "config.yaml"
+    path = config_file(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         yaml.safe_dump(info, f, sort_keys=False)
