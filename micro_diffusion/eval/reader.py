@@ -7,10 +7,11 @@ shaded, and, when the vocabulary holds white, lightness above the background (th
 Pixels whose strength passes a floor, both raw and 3x3-averaged (so lone noisy pixels neither join nor start an
 object), form 8-connected components; each is an object unless it is too small to be one. Its colour is the
 vocabulary's colour nearest the mean of its core (its strongest pixels: edge pixels are mixed with the background).
-Its coverage of each pixel is strength over the core's strength; its box is where that coverage reaches one half; its
-shape is the vocabulary's ideal shape (circle, square, upright triangle, rectangle of aspect 2:1) whose drawing, fitted
-to the component's mass and centroid, differs least from the coverage. Objects are listed largest first, as GenEval
-lists detections by confidence.
+Its coverage of each pixel is strength over the core's strength (at least half that of the colour's palette entry,
+so a washed-out blob does not read as a solid one); its mass, the covered area at the palette entry's full strength,
+orders the objects; its box is where coverage reaches one half; its shape is the vocabulary's ideal shape (circle,
+square, upright triangle, rectangle of aspect 2:1) whose drawing, fitted to the component's mass and centroid, differs
+least from the coverage. Objects are listed largest first, as GenEval lists detections by confidence.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class Vocabulary:
     shapes: tuple[str, ...]
 
     def achromatic(self) -> bool:
-        """Whether a colour is grey-like (white), so lightness must find it where chroma cannot."""
+        """Whether any colour is grey-like (white), so lightness must find it where chroma cannot."""
         return any(np.ptp(PALETTE[c]) < _CHROMA_FLOOR for c in self.colours)
 
 
@@ -132,7 +133,10 @@ def read_objects(image: np.ndarray, vocab: Vocabulary = GENEVAL) -> list[Detecti
         c = np.where(own, strength[ys, xs], 0.0)
         core = c >= 0.6 * c.max()
         mean = pixels[ys, xs][core].mean(axis=0)
-        coverage = np.clip(c / max(float(_strength(mean, base)), 1.0), 0, 1)
+        colour = nearest_colour(mean, vocab.colours)
+        full = max(float(_strength(np.array(PALETTE[colour], np.float32), base)), 1.0)  # a fully covered pixel
+        # a faint object is judged against its own core, yet never against less than half its colour's strength
+        coverage = np.clip(c / max(float(_strength(mean, base)), 0.5 * full, 1.0), 0, 1)
         if coverage.sum() < min_mass:
             continue
         rows, cols = np.nonzero(coverage >= 0.5)
@@ -140,8 +144,8 @@ def read_objects(image: np.ndarray, vocab: Vocabulary = GENEVAL) -> list[Detecti
             continue
         box = (float(xs.start + cols.min()), float(ys.start + rows.min()),
                float(xs.start + cols.max() + 1), float(ys.start + rows.max() + 1))
-        found.append(Detection(read_shape(coverage, vocab.shapes), nearest_colour(mean, vocab.colours), box,
-                               float(coverage.sum())))
+        mass = float(np.clip(c / full, 0, 1).sum())  # the area it covers at its colour's full strength
+        found.append(Detection(read_shape(coverage, vocab.shapes), colour, box, mass))
     return sorted(found, key=lambda d: -d.mass)
 
 
