@@ -15,7 +15,7 @@ import time
 from benchmarks.common import add_out_argument, write_result
 from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.scenes import split_scene
-from micro_diffusion.eval.compose_reader import read_objects
+from micro_diffusion.eval.reader import read_objects
 from micro_diffusion.utils.argparsing import parser as make_parser
 
 

@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.scenes import split_prompt, split_scene
+from micro_diffusion.data.shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, draw_scene, generate, render_shape
 from micro_diffusion.demo import demo_vae_path
-from micro_diffusion.demo.reader import caption_match
-from micro_diffusion.demo.shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, draw_scene, generate, render
 from micro_diffusion.encoders.vae import FrozenVAE
 from micro_diffusion.eval.compose import reader_trust
+from micro_diffusion.eval.reader import caption_match
 
 COMPOSE_SIZE = 64  # the compositional benchmark's image size
 
@@ -60,7 +60,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def training_batch(step: int, batch_size: int) -> torch.Tensor:
     """Fresh scenes for every step, no scene repeated: B/2 demo scenes and B/2 compositional ones (train split)."""
     half = batch_size // 2
-    shapes = [np.asarray(render(draw_scene(TRAIN_SEED, step * half + j))) for j in range(half)]
+    shapes = [render_shape(draw_scene(TRAIN_SEED, step * half + j)) for j in range(half)]
     composed = [render_scene(split_scene("train", TRAIN_SEED, step * (batch_size - half) + j, IMAGE_SIZE,
                                          include_novel=True)) for j in range(batch_size - half)]
     return to_tensor(np.stack(shapes + composed))

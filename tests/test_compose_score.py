@@ -15,8 +15,8 @@ from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.geneval import read_layout, write_prompts_file
 from micro_diffusion.data.scenes import TASKS, Scene, SceneObject, split_prompt, split_scene
 from micro_diffusion.eval.compose import score_folder, summarise
-from micro_diffusion.eval.compose_reader import by_class, read_objects
 from micro_diffusion.eval.geneval_rules import evaluate
+from micro_diffusion.eval.reader import by_class, read_objects
 
 
 @dataclass

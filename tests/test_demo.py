@@ -13,11 +13,11 @@ from PIL import Image
 
 from benchmarks.common import QUICK
 from micro_diffusion.cost.flops import sample_flops_per_image, train_flops_per_sample
-from micro_diffusion.demo.geneval import geneval_score
+from micro_diffusion.data.shapes import parse_caption
 from micro_diffusion.demo.pipeline import MARKER, DemoConfig, heldout_captions, run_demo
-from micro_diffusion.demo.reader import caption_match, shuffled_match
-from micro_diffusion.demo.shapes import parse_caption
 from micro_diffusion.diffusion.sampling import DEFAULTS
+from micro_diffusion.eval.compose import geneval_score
+from micro_diffusion.eval.reader import caption_match, shuffled_match
 from micro_diffusion.models import create_dit
 from micro_diffusion.utils.jsonl import read_jsonl
 

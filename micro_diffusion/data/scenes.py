@@ -26,21 +26,12 @@ from typing import Any
 
 import numpy as np
 
-SHAPES = ("circle", "square", "triangle", "rectangle")
-ASPECT = {"rectangle": 0.5}  # height over width of a shape's box (others 1): an elongation that no blur hides
-# Eight of GenEval's ten colours: black and white are left out so that every object is saturated and the background
-# (achromatic grey) leaves all eight visible; the reader segments by chroma.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "orange": (245, 130, 20),
-    "yellow": (235, 220, 40),
-    "green": (40, 175, 65),
-    "blue": (40, 85, 230),
-    "purple": (135, 50, 200),
-    "pink": (245, 135, 205),
-    "brown": (130, 75, 30),
-}
-COLOURS = tuple(PALETTE)
+from micro_diffusion.data.drawing import ASPECT, PALETTE, SHAPES, SceneObject
+
+# The scenes draw GenEval's shapes (data.drawing.SHAPES) in eight of GenEval's ten colours: black and white are left
+# out so that every object is saturated and the background (achromatic grey) leaves all eight visible; the reader
+# segments them by chroma.
+COLOURS = tuple(c for c in PALETTE if c != "white")
 SIZES = {"small": 0.20, "large": 0.30}  # width of an object's bounding box, as a fraction of the image side
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 GENEVAL_TASK_PROMPTS = {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
@@ -58,21 +49,6 @@ _SPLIT_KEY = {"train": 0, "heldout": 1, "novel": 2}  # keeps the random streams 
 _JITTER = {"size": 0.05, "colour": 10}  # relative size jitter; per-channel fill jitter
 _BORDER = 0.04  # free margin at the image edge, as a fraction of the side
 _GAP = 0.06  # least gap between two objects' boxes, as a fraction of the side
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    """One drawn object: shape, colour name, fill RGB and box (x0, y0, x1, y1) in pixels."""
-
-    shape: str
-    colour: str
-    fill: tuple[int, int, int]
-    box: tuple[float, float, float, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (box rounded to 1/100 px)."""
-        return {"shape": self.shape, "colour": self.colour, "fill": list(self.fill),
-                "box": [round(v, 2) for v in self.box]}
 
 
 @dataclass(frozen=True)
@@ -193,7 +169,7 @@ def check_metadata(metadata: dict[str, Any], where: str = "metadata") -> None:
     for req in [*metadata.get("include", []), *metadata.get("exclude", [])]:
         if req.get("class") not in SHAPES:
             raise ValueError(f"{where}: class {req.get('class')!r} is not a scene shape (known: {', '.join(SHAPES)})")
-        if "color" in req and req["color"] not in PALETTE:
+        if "color" in req and req["color"] not in COLOURS:
             raise ValueError(f"{where}: color {req['color']!r} is not a scene colour (known: {', '.join(COLOURS)})")
         if not isinstance(req.get("count"), int) or req["count"] < 1:
             raise ValueError(f"{where}: count {req.get('count')!r} of class {req['class']!r} is not a positive integer")

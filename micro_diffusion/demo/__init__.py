@@ -1,4 +1,4 @@
-"""The CPU demo's offline pieces: a captioned shape-scene generator, its caption reader and a small trained VAE."""
+"""The CPU demo: its pipeline and a small trained VAE (its scenes are data.shapes, its reader eval.reader)."""
 from __future__ import annotations
 
 from pathlib import Path

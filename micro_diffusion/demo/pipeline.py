@@ -24,10 +24,13 @@ from PIL import Image
 from data_prep.convert import convert
 from data_prep.precompute import precompute
 from micro_diffusion.cost.report import write_report
+from micro_diffusion.data.shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
 from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.eval.coco import generate_missing, image_name
+from micro_diffusion.eval.compose import geneval_score
 from micro_diffusion.eval.fid import fid_kid
 from micro_diffusion.eval.generate import TextToImage
+from micro_diffusion.eval.reader import caption_match, shuffled_match
 from micro_diffusion.training import Run, train
 from micro_diffusion.training.export import export_run
 from micro_diffusion.utils.images import grid
@@ -35,9 +38,6 @@ from micro_diffusion.utils.run_folder import EVAL, REPORT, SAMPLES, TRAIN_LOSS, 
 
 from . import DEFAULT_ROOT, demo_vae_path
 from .distilled import score_student
-from .geneval import geneval_score
-from .reader import caption_match, shuffled_match
-from .shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
 
 MARKER = ".micro_diffusion_demo"  # identifies a folder this demo made: --fresh deletes nothing else
 CAPTION_LEN = 16  # MiniLM tokens kept: shape captions are about 10 tokens, so 77 would be mostly padding

@@ -1,6 +1,6 @@
 """GenEval-style scores of a GenEval-layout folder of compositional scenes (`micro-diffusion eval compose DIR`).
 
-Every image is read by the fixed reader (eval.compose_reader) and judged by GenEval's rule (eval.geneval_rules); a
+Every image is read by the fixed reader (eval.reader) and judged by GenEval's rule (eval.geneval_rules); a
 task's accuracy is the share of its images judged correct, the overall score the mean of the task accuracies (GenEval's
 summary_scores.py). Beside the scores, the reader's trust on the same prompts, rendered as ground truth at the folder's
 image size: `ground_truth` (the renders), `shuffled` (the renders against a random permutation of the prompts),
@@ -23,9 +23,10 @@ from tqdm import tqdm
 from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.geneval import read_layout
 from micro_diffusion.data.scenes import TASKS, Scene, check_metadata, scene_for
+from micro_diffusion.data.shapes import SceneLabels, geneval_lines
 from micro_diffusion.errors import UsageError
-from micro_diffusion.eval.compose_reader import Detection, by_class, read_objects
 from micro_diffusion.eval.geneval_rules import evaluate
+from micro_diffusion.eval.reader import Detection, by_class, read_objects
 
 TRUST_SEED = 0  # the ground-truth renders of a folder's prompts are drawn from (TRUST_SEED, prompt, image)
 _CHANCE_IMAGES = 50  # random images each line is paired with for the chance level
@@ -44,6 +45,18 @@ def summarise(tags: Sequence[str], correct: Sequence[bool]) -> dict[str, Any]:
 def judge(images: Sequence[np.ndarray], metadata: Sequence[dict[str, Any]]) -> list[bool]:
     """GenEval's verdict on each uint8 (H, W, 3) image against its metadata line."""
     return [evaluate(by_class(read_objects(im)), meta)[0] for im, meta in zip(images, metadata, strict=True)]
+
+
+def geneval_score(images: np.ndarray, labels: Sequence[SceneLabels]) -> dict[str, Any]:
+    """GenEval-style tasks and overall of the demo's uint8 (N, H, W, 3) single-shape images against their captions'
+    labels (data.shapes.geneval_lines: single_object and colors; white shapes are left out)."""
+    lines = [geneval_lines(lab) for lab in labels]
+    pairs = [(im, line) for im, covered in zip(images, lines, strict=True) for line in covered]
+    if not pairs:
+        raise ValueError("no demo caption maps to a GenEval task (every shape is white?)")
+    correct = judge([p[0] for p in pairs], [p[1] for p in pairs])
+    scored = sum(bool(covered) for covered in lines)
+    return {**summarise([p[1]["tag"] for p in pairs], correct), "images": scored, "left_out": len(labels) - scored}
 
 
 def truth_objects(scene: Scene) -> dict[str, list[Detection]]:

@@ -1,31 +1,27 @@
-"""Seeded generator of captioned scenes: one coloured shape on a plain background, e.g. "a red circle at the top left".
+"""Seeded single-shape scenes with absolute positions, the CPU demo's data: "a red circle at the top left".
 
-The attribute sets are small and closed so that a tiny diffusion model can learn them on CPU in minutes and a fixed
-hand-written reader (`micro_diffusion.demo.reader`) can score generated images against their captions.
-Sample i of a split depends only on (seed, i), so any prefix of a split is reproducible on its own.
+One coloured shape on a plain dark background, drawn by data.drawing in its palette. The attribute sets are small and
+closed so that a tiny diffusion model can learn them on CPU in minutes and the fixed reader (eval.reader) can score
+generated images against their captions. Sample i of a split depends only on (seed, i), so any prefix of a split is
+reproducible on its own. The compositional scenes with GenEval's relations are data.scenes.
 """
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from micro_diffusion.data.drawing import PALETTE, SceneObject, plain_background, render
+from micro_diffusion.data.scenes import COLOURS as SCENE_COLOURS
 
 IMAGE_SIZE = 32
-BACKGROUND = (48, 48, 48)
-# Well separated in RGB and all far from the dark background, so blurry generations still map to the right name.
-PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 215, 40),
-    "purple": (170, 60, 210),
-    "white": (240, 240, 240),
-}
-COLOURS = tuple(PALETTE)
+BACKGROUND_LEVEL = 48  # dark grey: every palette colour, white included, stands far from it
+# Palette colours far apart in RGB, so blurry generations still map to the right name.
+COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
 SHAPES = ("circle", "square", "triangle")
 # (row, column) of each position on the 2x2 grid: cells of 16 px leave room for shapes a 4x-downsampling VAE keeps.
 POSITIONS: dict[str, tuple[int, int]] = {
@@ -36,7 +32,6 @@ POSITIONS: dict[str, tuple[int, int]] = {
 }
 TRAIN_SEED = 0
 HELDOUT_SEED = 1  # a different seed gives a different stream of scenes: the held-out split
-_SUPERSAMPLE = 4  # drawn 4x larger then downsampled, for anti-aliased edges
 _SIZE_RANGE = (0.30, 0.40)  # shape side as a fraction of the image side
 _MAX_OFFSET = 0.05  # centre jitter as a fraction of the image side
 _COLOUR_JITTER = 12  # per-channel uniform jitter of the fill colour
@@ -57,13 +52,19 @@ class SceneLabels:
 
 
 @dataclass(frozen=True)
-class Scene:
+class ShapeScene:
     """One drawable scene: its labels plus the jitter that makes images differ."""
 
     labels: SceneLabels
     centre: tuple[float, float]  # (x, y) in pixels
     size: float  # side of the shape's bounding box, in pixels
     fill: tuple[int, int, int]
+
+    def drawn(self) -> SceneObject:
+        """The shape as data.drawing draws it."""
+        half = self.size / 2
+        box = (self.centre[0] - half, self.centre[1] - half, self.centre[0] + half, self.centre[1] + half)
+        return SceneObject(self.labels.shape, self.labels.colour, self.fill, box)
 
 
 def parse_caption(caption: str) -> SceneLabels:
@@ -73,14 +74,20 @@ def parse_caption(caption: str) -> SceneLabels:
         expected = "'a <colour> <shape> at the <top|bottom> <left|right>'"
         raise ValueError(f"cannot parse caption {caption!r}: expected {expected}")
     colour, shape, row, column = match.groups()
-    if colour not in PALETTE:
+    if colour not in COLOURS:
         raise ValueError(f"cannot parse caption {caption!r}: unknown colour {colour!r} (known: {', '.join(COLOURS)})")
     if shape not in SHAPES:
         raise ValueError(f"cannot parse caption {caption!r}: unknown shape {shape!r} (known: {', '.join(SHAPES)})")
     return SceneLabels(colour, shape, f"{row} {column}")
 
 
-def draw_scene(seed: int, index: int, image_size: int = IMAGE_SIZE) -> Scene:
+def position_of(centre: tuple[float, float], image_size: int) -> str:
+    """The named grid cell holding a point (x, y) in pixels."""
+    cell = (int(centre[1] >= image_size / 2), int(centre[0] >= image_size / 2))
+    return next(name for name, rc in POSITIONS.items() if rc == cell)
+
+
+def draw_scene(seed: int, index: int, image_size: int = IMAGE_SIZE) -> ShapeScene:
     """Draw the attributes and jitter of scene `index` of the split `seed`."""
     rng = np.random.default_rng([seed, index])
     labels = SceneLabels(
@@ -94,26 +101,12 @@ def draw_scene(seed: int, index: int, image_size: int = IMAGE_SIZE) -> Scene:
     size = rng.uniform(*_SIZE_RANGE) * image_size
     jitter = rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, size=3)
     fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(PALETTE[labels.colour], jitter, strict=True))
-    return Scene(labels, (float(centre[0]), float(centre[1])), float(size), fill)
+    return ShapeScene(labels, (float(centre[0]), float(centre[1])), float(size), fill)
 
 
-def render(scene: Scene, image_size: int = IMAGE_SIZE) -> Image.Image:
-    """Render a scene as an RGB image of image_size x image_size pixels."""
-    big = image_size * _SUPERSAMPLE
-    image = Image.new("RGB", (big, big), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    cx, cy = (c * _SUPERSAMPLE for c in scene.centre)
-    half = scene.size * _SUPERSAMPLE / 2
-    box = (cx - half, cy - half, cx + half, cy + half)
-    if scene.labels.shape == "circle":
-        draw.ellipse(box, fill=scene.fill)
-    elif scene.labels.shape == "square":
-        draw.rectangle(box, fill=scene.fill)
-    elif scene.labels.shape == "triangle":
-        draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=scene.fill)
-    else:
-        raise ValueError(f"unknown shape {scene.labels.shape!r} (known: {', '.join(SHAPES)})")
-    return image.resize((image_size, image_size), Image.Resampling.BOX)
+def render_shape(scene: ShapeScene, image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """A scene as uint8 (image_size, image_size, 3)."""
+    return render((scene.drawn(),), plain_background(BACKGROUND_LEVEL), image_size)
 
 
 def generate(n: int, seed: int = TRAIN_SEED, image_size: int = IMAGE_SIZE) -> tuple[np.ndarray, list[SceneLabels]]:
@@ -121,7 +114,7 @@ def generate(n: int, seed: int = TRAIN_SEED, image_size: int = IMAGE_SIZE) -> tu
     scenes = [draw_scene(seed, i, image_size) for i in range(n)]
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
     for i, scene in enumerate(scenes):
-        images[i] = np.asarray(render(scene, image_size))
+        images[i] = render_shape(scene, image_size)
     return images, [s.labels for s in scenes]
 
 
@@ -136,7 +129,7 @@ def write_folder(
     for i in range(n):
         scene = draw_scene(seed, i, image_size)
         stem = f"shape_{seed}_{i:0{width}d}"
-        render(scene, image_size).save(out / f"{stem}.png")
+        Image.fromarray(render_shape(scene, image_size)).save(out / f"{stem}.png")
         (out / f"{stem}.txt").write_text(scene.labels.caption() + "\n", encoding="utf-8")
         labels.append(scene.labels)
     return labels
@@ -147,18 +140,15 @@ def chance_level() -> float:
     return float(np.mean([1 / len(COLOURS), 1 / len(SHAPES), 1 / len(POSITIONS)]))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line: write a split of captioned scenes to a folder (`python -m micro_diffusion.demo.shapes --help`)."""
-    parser = argparse.ArgumentParser(description="Write captioned shape scenes as PNG + same-stem .txt caption files.")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--n", type=int, required=True, help="number of scenes")
-    split_help = f"split seed ({TRAIN_SEED}: train, {HELDOUT_SEED}: held out)"
-    parser.add_argument("--seed", type=int, default=TRAIN_SEED, help=split_help)
-    parser.add_argument("--image-size", type=int, default=IMAGE_SIZE)
-    args = parser.parse_args(argv)
-    write_folder(args.out, args.n, args.seed, args.image_size)
-    print(f"wrote {args.n} scenes (seed {args.seed}) to {args.out}")
+def geneval_lines(labels: SceneLabels) -> list[dict[str, Any]]:
+    """The GenEval metadata lines a caption covers: single_object (the shape, once) and colors (in that colour).
 
-
-if __name__ == "__main__":
-    main()
+    GenEval's position task relates two objects, so absolute positions have no counterpart, and a white shape none at
+    all: the compositional scenes (data.scenes) leave white out.
+    """
+    if labels.colour not in SCENE_COLOURS:
+        return []
+    prompt = f"a photo of a {labels.colour} {labels.shape}"
+    return [{"tag": "single_object", "include": [{"class": labels.shape, "count": 1}], "prompt": prompt},
+            {"tag": "colors", "include": [{"class": labels.shape, "count": 1, "color": labels.colour}],
+             "prompt": prompt}]
