@@ -14,8 +14,10 @@ from PIL import Image
 from benchmarks.common import QUICK
 from micro_diffusion.cost.flops import sample_flops_per_image, train_flops_per_sample
 from micro_diffusion.data.shapes import parse_caption
+from micro_diffusion.demo import STEPS
 from micro_diffusion.demo.pipeline import MARKER, DemoConfig, heldout_captions, run_demo
 from micro_diffusion.diffusion.sampling import DEFAULTS
+from micro_diffusion.errors import UsageError
 from micro_diffusion.eval.compose import geneval_score
 from micro_diffusion.eval.reader import caption_match, shuffled_match
 from micro_diffusion.models import create_dit
@@ -53,6 +55,7 @@ def test_stage_figures_are_the_runs_own(demo):
         totals = read_jsonl(run / "cost.jsonl")[-1]["stage_totals"]
         assert (stage["device_hours"], stage["usd"]) == (totals["device_hours"], totals["usd"])
     assert summary["wall_clock_s"] >= sum(summary["step_seconds"].values())
+    assert tuple(summary["step_seconds"]) == STEPS  # the order the dry run prints
 
 
 def test_caption_match_and_chance_are_what_the_reader_reads(demo):
@@ -116,7 +119,7 @@ def test_second_run_reuses_every_step(demo):
 
 def test_fresh_refuses_a_folder_the_demo_did_not_make(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=MARKER):
+    with pytest.raises(UsageError, match=MARKER):
         run_demo(DemoConfig(root=tmp_path, fresh=True))
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
@@ -130,6 +133,7 @@ def test_demo_dry_run_prints_its_plan_and_writes_nothing(tmp_path, capsys):
     steps = {s["step"]: s for s in plan["steps"]}
     assert list(steps)[:3] == ["data", "train_masked", "train_finetune"] and "train_distill" in steps
     assert steps["train_masked"]["recipe"] == DemoConfig().masked_recipe and not steps["data"]["reused"]
+    assert Path(steps["train_masked"]["recipe_file"]).is_file()  # found from any folder
     assert not (tmp_path / "demo").exists()
 
 

@@ -10,8 +10,9 @@ import pytest
 import yaml
 from tiny_runs import REPO, write_shards
 
+from micro_diffusion.data.inputs import missing_inputs
 from micro_diffusion.demo.pipeline import CAPTION_LEN
-from micro_diffusion.recipe import SCHEMA, RecipeError, load_recipe, merge, missing_inputs, validate
+from micro_diffusion.recipe import SCHEMA, RecipeError, load_recipe, merge, validate
 from micro_diffusion.training.run import check_inputs, plan_run
 
 RECIPES = REPO / "recipes"

@@ -4,6 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 DEFAULT_ROOT = Path("runs/demo")  # where `make demo` and `micro-diffusion demo` write unless told otherwise
+# The demo's steps in the order run_demo takes them; each leaves a done marker (step_marker) and is then reused.
+STEPS = ("data", "train_masked", "train_finetune", "export", "sample", "evaluate", "train_distill", "export_student",
+         "distilled")
+
+
+def step_marker(root: Path, name: str) -> Path:
+    """The file a finished demo step leaves: its result and duration, reused by the next run."""
+    return Path(root) / "steps" / f"{name}.json"
 
 
 def demo_vae_path() -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..utils.argparsing import renamed, subparser
-from . import DEFAULT_ROOT
+from . import DEFAULT_ROOT, STEPS, step_marker
 
 if TYPE_CHECKING:
     from .pipeline import DemoConfig
@@ -28,14 +28,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def demo_plan(cfg: DemoConfig) -> dict[str, Any]:
     """What run_demo(cfg) would do, in order: its config, its steps and the recipe each training step reads."""
+    from ..recipe import find_recipe
+
     recipes = {"train_masked": cfg.masked_recipe, "train_finetune": cfg.finetune_recipe,
                "train_distill": cfg.distill_recipe}
-    steps = ["data", "train_masked", "train_finetune", "export", "sample", "evaluate", "train_distill",
-             "export_student", "distilled", "report"]
-    done = {s: (Path(cfg.root) / "steps" / f"{s}.json").is_file() and not cfg.fresh for s in steps}
-    return {"config": {k: v if isinstance(v, (int, float, bool, list)) else str(v) for k, v in asdict(cfg).items()},
-            "steps": [{"step": s, **({"recipe": recipes[s], "recipe_exists": Path(recipes[s]).is_file()}
-                                     if s in recipes else {}), "reused": done[s]} for s in steps]}
+    steps = []
+    for name in STEPS:
+        step: dict[str, Any] = {"step": name, "reused": step_marker(cfg.root, name).is_file() and not cfg.fresh}
+        if name in recipes:
+            step.update(recipe=recipes[name], recipe_file=str(find_recipe(recipes[name])))
+        steps.append(step)
+    return {"config": {k: v if isinstance(v, (int, float, bool, list, dict)) else str(v)
+                       for k, v in asdict(cfg).items()}, "steps": steps}
 
 
 def run(args: argparse.Namespace) -> int:

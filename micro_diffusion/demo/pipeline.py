@@ -26,6 +26,7 @@ from data_prep.precompute import precompute
 from micro_diffusion.cost.report import write_report
 from micro_diffusion.data.shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
 from micro_diffusion.diffusion.sampling import SamplingSettings
+from micro_diffusion.errors import UsageError
 from micro_diffusion.eval.coco import generate_missing, image_name
 from micro_diffusion.eval.compose import geneval_score
 from micro_diffusion.eval.fid import fid_kid
@@ -36,7 +37,7 @@ from micro_diffusion.training.export import export_run
 from micro_diffusion.utils.images import grid
 from micro_diffusion.utils.run_folder import EVAL, REPORT, SAMPLES, TRAIN_LOSS, metric_series, metrics_file
 
-from . import DEFAULT_ROOT, demo_vae_path
+from . import DEFAULT_ROOT, demo_vae_path, step_marker
 from .distilled import score_student
 
 MARKER = ".micro_diffusion_demo"  # identifies a folder this demo made: --fresh deletes nothing else
@@ -73,7 +74,7 @@ class DemoConfig:
 
 def _step(root: Path, name: str, fn: Callable[[], Any], log: list[str]) -> tuple[Any, float]:
     """Run a step once: its result and duration are saved as a done marker and reused by the next run."""
-    done = root / "steps" / f"{name}.json"
+    done = step_marker(root, name)
     if done.is_file():
         saved = json.loads(done.read_text())
         log.append(f"{name}: reused")
@@ -190,7 +191,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     root = cfg.root
     if cfg.fresh and root.exists():
         if not (root / MARKER).is_file():
-            raise FileExistsError(f"{root} exists but was not made by the demo (no {MARKER}); not deleting it")
+            raise UsageError(f"{root} exists but was not made by the demo (no {MARKER}); not deleting it: give "
+                             "another --out")
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text("made by micro-diffusion demo\n")

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from ..utils.seeds import derive_seed, draw, seeded_generator
 from .edm import EDMPrecond
 
@@ -215,8 +216,13 @@ SAMPLERS: dict[str, Sampler] = {
 def sampler_spec(sampler: str) -> Sampler:
     """The table entry of a sampler; an unknown name is an error listing the known ones."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
+        raise UsageError(f"unknown sampler {sampler!r}; known: {', '.join(sorted(SAMPLERS))}")
     return SAMPLERS[sampler]
+
+
+def diffusion_samplers() -> list[str]:
+    """The samplers of diffusion models (every one but the distilled students'), sorted."""
+    return sorted(name for name, spec in SAMPLERS.items() if not spec.for_students)
 
 
 def network_evals(steps: int, sampler: str = DEFAULTS.sampler) -> int:

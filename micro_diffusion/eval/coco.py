@@ -16,6 +16,7 @@ from ..errors import MicroDiffusionError, UsageError
 from ..exported import is_export
 from ..utils.devices import torch_device
 from ..utils.images import save_atomic
+from ..utils.run_folder import EVAL_METRICS
 from .clip_score import clip_score
 from .fid import fid_kid
 from .generate import Sampling, TextToImage, export_config, settings_for
@@ -156,7 +157,7 @@ def evaluate_coco(model: str | Path, annotations: str | Path, images_dir: str | 
               "settings": {"model": str(model), "annotations": str(annotations), "num_captions": num,
                            "draw_seed": draw_seed, "resolution": size, "world_size": world,
                            **record, "fid": metrics["settings"], "clip": clip["settings"]}}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    (out / EVAL_METRICS).write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -27,6 +27,7 @@ from micro_diffusion.data.shapes import SceneLabels, geneval_lines
 from micro_diffusion.errors import UsageError
 from micro_diffusion.eval.geneval_rules import evaluate
 from micro_diffusion.eval.reader import Detection, by_class, read_objects
+from micro_diffusion.utils.run_folder import SAMPLING_RECORD, SCORES
 
 TRUST_SEED = 0  # the ground-truth renders of a folder's prompts are drawn from (TRUST_SEED, prompt, image)
 _CHANCE_IMAGES = 50  # random images each line is paired with for the chance level
@@ -138,7 +139,7 @@ def score_folder(folder: str | Path, vae: Any | None = None, trust: bool = True)
 def write_scores(folder: str | Path, out: str | Path | None = None, vae: Any | None = None) -> tuple[Path, dict]:
     """Score a folder and write scores.json (default FOLDER/scores.json); returns the path and the scores."""
     scores = score_folder(folder, vae)
-    path = Path(out) if out else Path(folder) / "scores.json"
+    path = Path(out) if out else Path(folder) / SCORES
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(scores, indent=1) + "\n", encoding="utf-8")
@@ -153,8 +154,8 @@ def compose_scores(folder: str | Path, out: str | Path | None = None, vae: str |
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder (expected a GenEval layout: <00000>/metadata.jsonl, "
                          "<00000>/samples/<0000>.png)")
-    if vae is None and (folder / "sampling.json").is_file():  # samples of a model: its VAE's ceiling
-        vae = json.loads((folder / "sampling.json").read_text()).get("vae")
+    if vae is None and (folder / SAMPLING_RECORD).is_file():  # samples of a model: its VAE's ceiling
+        vae = json.loads((folder / SAMPLING_RECORD).read_text()).get("vae")
     autoencoder = None
     if vae:
         from micro_diffusion.encoders import load_vae  # diffusers: only when a VAE is scored

@@ -14,12 +14,20 @@ from tqdm import tqdm
 
 from ..data.geneval import check_line, read_prompts_file, sample_path, write_prompt, write_sample
 from ..diffusion.edm import EDMPrecond
-from ..diffusion.sampling import DEFAULTS, SamplingSettings, generate_latents, image_seeds
+from ..diffusion.sampling import (
+    DEFAULTS,
+    SamplingSettings,
+    diffusion_samplers,
+    generate_latents,
+    image_seeds,
+    sampler_spec,
+)
 from ..encoders import load_text_encoder, load_vae
 from ..errors import UsageError
 from ..exported import CONFIG_FILE, load_exported, read_config
 from ..utils.devices import autocast, compute_dtype, dtype_name, torch_device
 from ..utils.images import grid, save_atomic, to_pil
+from ..utils.run_folder import PROMPTS_RECORD, SAMPLING_RECORD
 from ..utils.sizes import as_hw
 
 Sampling = SamplingSettings | Mapping[str, Any] | None  # all settings; the ones to set (the rest: the export's); None
@@ -48,7 +56,7 @@ def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> Sampli
         if set(keys) - names:
             raise UsageError(f"{where}: unknown keys {sorted(set(keys) - names)} (known: {sorted(names)})")
     merged = {**DEFAULTS.to_dict(), **recorded, **given}
-    if merged["sampler"] == "consistency":
+    if sampler_spec(merged["sampler"]).for_students:
         merged["guidance"] = given.get("guidance", 1.0)
         merged["guidance_interval"] = given.get("guidance_interval")
     interval = merged["guidance_interval"]
@@ -59,16 +67,16 @@ def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> Sampli
 def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None:
     """A distilled student samples with `consistency` and no guidance (its teacher's is baked in); a diffusion model
     never with `consistency`. Anything else is an error naming the export and what to ask for instead."""
-    student = config.get("distilled")
-    if student and settings.sampler != "consistency":
+    student, for_students = config.get("distilled"), sampler_spec(settings.sampler).for_students
+    if student and not for_students:
         raise UsageError(f"{where} is a distilled student (guidance {student['guidance']} baked in): sample it with "
                          f"--sampler consistency --steps 1, 2 or 4, not --sampler {settings.sampler}")
     if student and settings.guidance != 1.0:
         raise UsageError(f"{where} is a distilled student with its teacher's guidance {student['guidance']} baked "
                          f"in: drop --guidance {settings.guidance:g}")
-    if not student and settings.sampler == "consistency":
-        raise UsageError(f"{where} is a diffusion model: consistency sampling needs a student made by "
-                         "`micro-diffusion distill`; use heun, euler, ddim, stochastic or dpmpp_2m")
+    if not student and for_students:
+        raise UsageError(f"{where} is a diffusion model: {settings.sampler} sampling needs a student made by "
+                         f"`micro-diffusion distill`; use {', '.join(diffusion_samplers())}")
 
 
 class TextToImage:
@@ -202,10 +210,10 @@ def sample(model: str | Path, prompts: Sequence[Prompt], out: str | Path, settin
         lines = [check_line(dict(p), f"prompt {i}") for i, p in enumerate(prompts)]
         written = sample_geneval(render, lines, out, k, batch_size)
         record.update(vae=render.config["encoders"]["vae"], images_per_prompt=k)
-        (out / "sampling.json").write_text(json.dumps(record, indent=2))
+        (out / SAMPLING_RECORD).write_text(json.dumps(record, indent=2))
         return {"out": str(out), "layout": layout, "images": written, "prompts": len(lines), "images_per_prompt": k,
                 **record}
     captions = [p if isinstance(p, str) else str(p["prompt"]) for p in prompts]
     written = _write_flat(render, captions, out, batch_size, save_latents)
-    (out / "prompts.json").write_text(json.dumps({**record, "prompts": captions}, indent=2))
+    (out / PROMPTS_RECORD).write_text(json.dumps({**record, "prompts": captions}, indent=2))
     return {"out": str(out), "layout": layout, "images": written, "prompts": len(captions), **record}

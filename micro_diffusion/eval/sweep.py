@@ -18,6 +18,7 @@ from ..cost.flops import sample_flops_per_image
 from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import DEFAULTS, SamplingSettings
 from ..errors import UsageError
+from ..utils.run_folder import SWEEP, SWEEP_POINT
 from .coco import DRAW_SEED, Render, draw_captions, generate_missing, prepare_reference
 from .compose import score_folder
 from .fid import FidScorer
@@ -81,7 +82,7 @@ def sweep(points: list[SamplingSettings], held: HeldOut, out: Path, make_render:
     records: dict[str, dict[str, Any]] = {}
     for settings in points:
         name = point_name(settings)
-        saved = out / name / "point.json"
+        saved = out / name / SWEEP_POINT
         if name in records:
             continue
         if saved.is_file():
@@ -161,6 +162,6 @@ def run_sweep(model: str | Path, out: str | Path, presets: list[str], guidances:
                            "weights": render.config["weights_file"],
                            "cost": "sample_flops_per_image (forward FLOPs x evaluations, x2 with guidance)"}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / SWEEP).write_text(json.dumps(result, indent=2) + "\n")
     plot_sweep({Path(model).name: [result["points"]]}, out / "sweep.png")
     return result

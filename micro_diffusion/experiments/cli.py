@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..utils.argparsing import subparser
+from ..utils.run_folder import RESULTS
 from .plan import plan_runs
 from .spec import load_experiment
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows = run_experiment(exp, plans, out)
     page = write_report(exp, rows, out)
-    for claim in json.loads((out / "results.json").read_text())["claims"]:
+    for claim in json.loads((out / RESULTS).read_text())["claims"]:
         print(f"[experiment] {claim['name']}: {claim['verdict']} (gap {claim['gap']:.3g}, se {claim['se']:.3g})")
     print(f"[experiment] report: {page}")
     return 0

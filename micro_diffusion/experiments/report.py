@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..cost.report import CSS, cost_table, img_tag, load_run, save_plot, stage_row  # noqa: E402
-from ..utils.run_folder import REPORT  # noqa: E402
+from ..utils.run_folder import REPORT, RESULTS, SCORES  # noqa: E402
 from .spec import Experiment  # noqa: E402
 from .sweeps import budget_values, crossovers, expand_claims, grid_samplers, sweep_section, swept  # noqa: E402
 from .verdict import mean_and_var, verdict  # noqa: E402
@@ -42,13 +42,13 @@ def judge(exp: Experiment, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """results.json: every run's steps, FLOPs, dollars and metrics, and the claims' verdicts."""
-    trust = out / "data" / "prompts" / "scores.json"  # the reader on ground truth of the same held-out prompts
+    trust = out / "data" / "prompts" / SCORES  # the reader on ground truth of the same held-out prompts
     results = {"experiment": exp.name, "variants": [{k: v for k, v in r.items() if k != "curve"} for r in rows],
                "claims": judge(exp, rows),
                "reader": json.loads(trust.read_text())["reader"] if trust.is_file() else None}
     if swept(rows):
         results["crossovers"] = crossovers(rows)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -31,7 +31,7 @@ from ..eval.sweep import compose_heldout, model_sweep
 from ..recipe import RecipeError
 from ..training import train
 from ..training.export import export_run
-from ..utils.run_folder import METRICS, STAGE_DONE, STEP, VAL_LOSS, latest_checkpoint
+from ..utils.run_folder import EVAL_METRICS, METRICS, STAGE_DONE, STEP, VAL_LOSS, latest_checkpoint
 from .plan import RunPlan, stage_dirs
 from .spec import Experiment
 
@@ -136,7 +136,7 @@ def evaluate_run(exp: Experiment, run: RunPlan, dirs: list[Path], root: Path) ->
     """FID against held-out real scenes and the GenEval-style score of the held-out prompts at the fixed sampling
     point, and at every point of the sweep when the experiment has one (cached on disk)."""
     out = dirs[-1].parent / "eval"
-    saved = out / "metrics.json"
+    saved = out / EVAL_METRICS
     if saved.is_file():
         return json.loads(saved.read_text())
     model = export_run(dirs[-1], out / "model")

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from ..diffusion.sampling import SAMPLERS
+from ..diffusion.sampling import diffusion_samplers
 from ..recipe import RecipeError, find_recipe
 from .verdict import LOWER_IS_BETTER
 
@@ -111,9 +111,9 @@ def _check_sweep(sweep: Any, sampling: dict[str, Any], where: str) -> dict[str, 
                                                                           for v in sweep.values()):
         raise RecipeError(f"{where}: needs non-empty lists samplers, steps, guidances; got {sweep!r}")
     for sampler in sweep["samplers"]:
-        if sampler not in SAMPLERS or sampler == "consistency":
+        if sampler not in diffusion_samplers():
             raise RecipeError(f"{where}.samplers: {sampler!r} is not a diffusion sampler (one of "
-                              f"{', '.join(s for s in sorted(SAMPLERS) if s != 'consistency')}); experiments train "
+                              f"{', '.join(diffusion_samplers())}); experiments train "
                               "diffusion models, a consistency student comes from micro-diffusion distill")
     if any(not isinstance(n, int) or n < 1 for n in sweep["steps"]):
         raise RecipeError(f"{where}.steps: positive integers, got {sweep['steps']!r}")

@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
+from micro_diffusion.diffusion.sampling import sampler_spec
 from micro_diffusion.exported import export_model
 from micro_diffusion.recipe import build_network, resolve_streams
 from micro_diffusion.training.run import null_caption
@@ -65,7 +66,7 @@ def sampling_settings(cfg: dict) -> dict[str, Any]:
     s = cfg["samples"]
     out = {"steps": s["steps"], "guidance": s["guidance"], "sampler": s["sampler"],
            "guidance_interval": s.get("guidance_interval")}
-    if cfg.get("distill") and s["sampler"] != "consistency":
+    if cfg.get("distill") and not sampler_spec(s["sampler"]).for_students:
         out.update(steps=1, guidance=1.0, sampler="consistency", guidance_interval=None)
     elif cfg.get("distill"):
         out.update(guidance=1.0, guidance_interval=None)

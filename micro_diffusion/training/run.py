@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from micro_diffusion.data.inputs import missing_inputs
 from micro_diffusion.data.schema import NULL_CAPTION_FILE
-from micro_diffusion.recipe import RecipeError, is_remote, latent_size, missing_inputs
+from micro_diffusion.recipe import RecipeError, is_remote, latent_size
 from micro_diffusion.utils.devices import composer_device, torch_device
 from micro_diffusion.utils.run_folder import checkpoint_dir, config_file, latest_checkpoint
 from micro_diffusion.version import __version__

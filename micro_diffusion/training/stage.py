@@ -17,8 +17,9 @@ import yaml
 
 from micro_diffusion.cost.ledger import Totals, last_totals
 from micro_diffusion.cost.memory import predict_stage
+from micro_diffusion.data.inputs import missing_inputs
 from micro_diffusion.errors import DataError, Preempted
-from micro_diffusion.recipe import RecipeError, load_recipe, missing_inputs
+from micro_diffusion.recipe import RecipeError, load_recipe
 from micro_diffusion.training.cpu_malloc import keep_freed_memory
 from micro_diffusion.training.run import RunPlan, check_inputs, parallelism, plan_run, run_info, write_run_info
 from micro_diffusion.utils.run_folder import LATEST_CHECKPOINT, config_file

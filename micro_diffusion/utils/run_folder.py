@@ -41,6 +41,15 @@ EMA_WEIGHTS = "ema.safetensors"
 EXPORT_CONFIG = "config.json"
 NULL_CAPTION = "null_caption.npy"
 
+# what sampling and evaluation write beside their images (sample folders, eval folders, experiment folders)
+SAMPLING_RECORD = "sampling.json"  # a GenEval-layout sample folder: model, settings, dtype, VAE
+PROMPTS_RECORD = "prompts.json"  # a flat sample folder: model, settings and the prompts in image order
+SCORES = "scores.json"  # GenEval-style scores of a GenEval-layout folder (eval compose)
+EVAL_METRICS = "metrics.json"  # an evaluation's results (eval coco; an experiment run's eval/)
+SWEEP = "sweep.json"  # a sampling sweep's settings and points (eval sweep)
+SWEEP_POINT = "point.json"  # one sweep point's scores, cached in its folder
+RESULTS = "results.json"  # an experiment's variants, metrics and verdicts
+
 # metric keys, as logged to metrics.jsonl (and the ledger's "metrics")
 STEP = "step"
 TRAIN_LOSS = "loss/train/total"  # the key Composer gives the training loss
