@@ -8,6 +8,7 @@ command that turns what was fetched into MDS shards (printed at the end, and by 
 names follow their publishers' fixed numbering, so they plan without --manifest) and `download` (the fetch). The
 subset is chosen by a hash of each item's key, so it does not depend on the manifest's order and a larger fraction
 contains every smaller one. Licences and tokens, where needed, are the user's to obtain; see each dataset's note.
+Exit codes: 0 done, 1 a gated dataset without HF_TOKEN, a missing --manifest or img2dataset, 2 bad usage.
 """
 from __future__ import annotations
 

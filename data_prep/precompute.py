@@ -8,7 +8,8 @@ Samples are cut in input order into --chunk-size chunks; chunk k goes to rank k 
 MDS sub-directory with a done marker (data_prep/chunks.py), so ranks never share a file and a re-run skips committed
 chunks. When every rank is done, rank 0 (or, with --workers, the parent) merges the chunk indexes into one index.json.
 The step is `precompute(...)`; `main` only parses the command line. The VAE and text encoder default to hub models,
-downloaded on first use (several GB); a local folder or `minilm` avoids that.
+downloaded on first use (several GB); a local folder or `minilm` avoids that. Exit codes: 0 done, 1 a worker
+failed or the output folder holds output of other options, 2 bad usage, 4 an input image that does not decode.
 """
 from __future__ import annotations
 
