@@ -1,7 +1,8 @@
 """Subcommands `export`, `sample` and `eval {fid, coco, sweep, compose}` of the micro-diffusion console script.
 
-Each handler parses nothing itself: it calls one step function (eval.generate.sample, eval.fid.fid, eval.coco.coco,
-eval.sweep.run_sweep, eval.compose.compose_scores) with typed arguments and prints what it returned.
+Each handler parses nothing itself: it calls one step function (training.export.export_run, eval.generate.sample,
+eval.fid.fid, eval.coco.coco, eval.sweep.run_sweep, eval.compose.compose_scores) with typed arguments and prints what it
+returned. A project error becomes one line and its exit code through the console script (docs/exit-codes.md).
 """
 from __future__ import annotations
 
