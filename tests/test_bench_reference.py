@@ -48,6 +48,7 @@ def standin_checkout(root):
     return root
 
 
+@pytest.mark.slow
 def test_reference_loads_under_its_own_name_and_runs_beside_ours(tmp_path):
     checkout = standin_checkout(tmp_path / "ref")
     dit = load_reference_models(checkout)
@@ -66,6 +67,7 @@ def test_reference_loads_under_its_own_name_and_runs_beside_ours(tmp_path):
     assert any("reference / ours" in line for line in train_table(saved))
 
 
+@pytest.mark.slow
 def test_without_reference_no_ratio_is_reported(tmp_path):
     result = bench_train.main(["--quick", "--presets", "MicroDiT_Tiny_2", "--out", str(tmp_path)])
     assert "reference" not in result and not any("reference" in line for line in train_table(result))

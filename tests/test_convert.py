@@ -280,6 +280,7 @@ def sample_set(out: Path) -> dict[str, tuple[str, str]]:
     return {k: (hashlib.sha256(s["image"]).hexdigest(), s["caption"]) for k, s in read_mds(out).items()}
 
 
+@pytest.mark.slow
 def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

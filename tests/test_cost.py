@@ -94,6 +94,7 @@ def two_stages(tmp_path_factory):
     return run1, run2, first.devices
 
 
+@pytest.mark.slow
 def test_crash_resume_and_next_stage_count_everything_once(two_stages):
     run, run2, devices = two_stages
     end = read_records(run)[-1]
@@ -182,6 +183,7 @@ def render(page: Path) -> tuple[str, list[str]]:
     return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
 
 
+@pytest.mark.slow
 def test_dashboard_renders_in_chromium(two_stages, tmp_path):
     from PIL import Image
 
@@ -230,6 +232,7 @@ def paper_recipes(folder: Path) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 def test_estimate_reproduces_the_papers_budget(tmp_path, capsys, monkeypatch):
     from micro_diffusion.cli import main
 
@@ -255,6 +258,7 @@ def test_estimate_reproduces_the_papers_budget(tmp_path, capsys, monkeypatch):
         main(["cost", "estimate", recipes[0], "--mfu", "1.5"])
 
 
+@pytest.mark.slow
 def test_project_stage_recipes_match_the_papers_table(tmp_path):
     """The repository's four stage recipes cost what the paper's table does (same FLOPs, steps and batch)."""
     from micro_diffusion.cost.estimate import estimate_recipe

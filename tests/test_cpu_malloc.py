@@ -28,6 +28,7 @@ def page_faults(mode: str) -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+@pytest.mark.slow
 def test_freed_buffers_are_reused_instead_of_refaulted():
     assert page_faults("default") > PAGES // 2  # glibc returns these blocks to the kernel: the control
     assert page_faults("keep") < PAGES // 20

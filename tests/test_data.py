@@ -175,6 +175,7 @@ def write_images(out, n):
     return out
 
 
+@pytest.mark.slow
 def test_precompute_end_to_end_and_resume(tmp_path, capsys):
     from diffusers import AutoencoderKL
 

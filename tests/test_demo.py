@@ -41,6 +41,7 @@ def demo(tmp_path_factory):
     return DemoConfig.quick(root), json.loads((root / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_stage_figures_are_the_runs_own(demo):
     cfg, summary = demo
     assert [s["name"] for s in summary["stages"]] == ["demo_masked", "demo_finetune", "demo_distill"]
@@ -58,6 +59,7 @@ def test_stage_figures_are_the_runs_own(demo):
     assert tuple(summary["step_seconds"]) == STEPS  # the order the dry run prints
 
 
+@pytest.mark.slow
 def test_caption_match_and_chance_are_what_the_reader_reads(demo):
     cfg, summary = demo
     real_paths, captions = heldout_captions(cfg)
@@ -77,6 +79,7 @@ def test_caption_match_and_chance_are_what_the_reader_reads(demo):
     assert ev["geneval"]["left_out"] == white and ev["geneval"]["images"] == len(labels) - white
 
 
+@pytest.mark.slow
 def test_the_distilled_student_is_scored_like_its_teacher(demo):
     cfg, summary = demo
     _, captions = heldout_captions(cfg)
@@ -99,6 +102,7 @@ def test_the_distilled_student_is_scored_like_its_teacher(demo):
     assert student["distilled"]["guidance"] == cfg.guidance
 
 
+@pytest.mark.slow
 def test_files_it_names_exist(demo):
     cfg, summary = demo
     with Image.open(cfg.root / summary["samples"]) as grid:
@@ -108,6 +112,7 @@ def test_files_it_names_exist(demo):
         assert (cfg.root / stage["name"] / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_second_run_reuses_every_step(demo):
     cfg, first = demo
     again = run_demo(cfg)
@@ -159,6 +164,7 @@ class _Table(HTMLParser):
         self._in = False
 
 
+@pytest.mark.slow
 def test_make_report_on_the_demo_runs(demo, tmp_path):
     cfg, summary = demo
     out = tmp_path / "dash.html"
@@ -176,6 +182,7 @@ def test_make_report_on_the_demo_runs(demo, tmp_path):
     assert rows["total"][header.index("images seen")] == f"{sum(both):,.0f}"
 
 
+@pytest.mark.slow
 def test_make_bench_quick_writes_consistent_results_into_its_folder(tmp_path):
     make("bench", "QUICK=1", f"BENCH_OUT={tmp_path}")
     train = json.loads((tmp_path / "train_quick.json").read_text())
@@ -199,6 +206,7 @@ def test_make_bench_quick_writes_consistent_results_into_its_folder(tmp_path):
                                                                "train_quick.json"]
 
 
+@pytest.mark.slow
 def test_make_eval_coco_dry_run_prints_the_protocol_and_lint_passes():
     out = make("eval-coco", "CKPT=runs/res512_finetune", "DRY_RUN=1").stdout
     plan = json.loads(out[out.index("{"):])

@@ -74,6 +74,7 @@ def _routes(d: EDMPrecond) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("moe_every", [0, 2])
+@pytest.mark.slow
 def test_jvp_matches_a_central_finite_difference(moe_every):
     d = tiny(moe_every, torch.float64)
     assert any(isinstance(m, ExpertChoiceMoE) for m in d.net.modules()) == bool(moe_every)
@@ -180,6 +181,7 @@ def test_loss_is_the_weighted_squared_tangent_at_the_fixed_point():
     assert torch.allclose(loss, want, atol=1e-5) and torch.allclose(parts["error"], (g**2).flatten(1).mean(1))
 
 
+@pytest.mark.slow
 def test_loss_reaches_the_student_and_the_weighting_only():
     student, teacher = tiny(2), tiny(2, seed=1)
     weight = AdaptiveWeight(SD)
@@ -222,6 +224,7 @@ def test_consistency_levels_and_bad_steps_are_named():
         consistency_sigmas(2, 1.0, SD, mid_times=(1.5,))
 
 
+@pytest.mark.slow
 def test_distillation_flops_match_the_flop_counter():
     student, teacher = tiny(2), tiny(2, seed=1)
     weight = AdaptiveWeight(SD)
@@ -268,6 +271,7 @@ def _consistency_gap(student_dir, teacher_dir, cond, null, guidance):
 DISTILL_STEPS = 60
 
 
+@pytest.mark.slow
 def test_a_short_distillation_brings_the_student_towards_the_guided_teachers_ode(tmp_path, capsys):
     import json
 

@@ -71,6 +71,7 @@ def frechet_scipy(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + (A * A).sum() + (B * B).sum() - 2 * tr_covmean)
 
 
+@pytest.mark.slow
 def test_fid_self_zero_different_positive_and_matches_scipy(tmp_path, inception_weights):
     # Inception at 299 px costs about a second per image on 2 CPU cores: four images per set keep this test short.
     real = write_images(tmp_path / "real", natural_crops(4))
@@ -258,6 +259,7 @@ def test_sweep_scores_each_point_once_with_relative_cost(tmp_path):
     assert len(scored) == 6
 
 
+@pytest.mark.slow
 def test_clip_score_with_random_open_clip(tmp_path):
     from micro_diffusion.eval.clip_score import clip_score
 
@@ -291,6 +293,7 @@ def test_old_flags_fail_naming_the_new_ones(argv, new, capsys):
     assert stop.value.code == 2 and new in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_project_error_is_one_line_and_its_exit_code(tmp_path):
     import subprocess
     import sys

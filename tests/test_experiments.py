@@ -100,6 +100,7 @@ def quick_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name,exp_file", [("masking", MASKING), ("architecture", ARCH)])
+@pytest.mark.slow
 def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file):
     exp = load_experiment(exp_file, quick=True)
     results = json.loads((quick_runs / name / "results.json").read_text())
@@ -123,6 +124,7 @@ def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file)
     assert all(f"| {c['name']} |" in summary for c in results["claims"])
 
 
+@pytest.mark.slow
 def test_a_half_finished_experiment_reuses_finished_runs(quick_runs):
     import shutil
 
@@ -143,6 +145,7 @@ def test_a_half_finished_experiment_reuses_finished_runs(quick_runs):
     assert rows["deferred_75"]["steps"] == 4
 
 
+@pytest.mark.slow
 def test_experiment_report_renders_in_chromium(quick_runs):
     page = quick_runs / "masking" / "report.html"
     html = page.read_text()
@@ -153,6 +156,7 @@ def test_experiment_report_renders_in_chromium(quick_runs):
     assert "deferred beats downscaling (loss)" in dom and "inconclusive" in dom
 
 
+@pytest.mark.slow
 def test_a_run_trained_with_other_settings_is_an_error_not_reused(quick_runs, tmp_path):
     import argparse
     import shutil

@@ -51,6 +51,7 @@ def gpu_check(tmp_path_factory):
     return json.loads((tmp / "out" / "gpu_check.json").read_text()), (tmp / "out" / "gpu_check.md").read_text()
 
 
+@pytest.mark.slow
 def test_every_measurement_recorded_without_errors(gpu_check):
     result, md = gpu_check
     records = result["records"]
@@ -63,6 +64,7 @@ def test_every_measurement_recorded_without_errors(gpu_check):
     assert md.count("\n| ") == len(records) + 2  # header, rule and one row per record
 
 
+@pytest.mark.slow
 def test_train_steps_follow_the_stage_recipes(gpu_check):
     records = gpu_check[0]["records"]
     steps = [r for r in records if r["name"] == "train_s_per_step"]
@@ -87,6 +89,7 @@ def test_train_steps_follow_the_stage_recipes(gpu_check):
         assert r["value"] is True and r["config"]["predicted_gib"] > peak  # the sharded optimizer state is added
 
 
+@pytest.mark.slow
 def test_equalities_hold_within_tolerance(gpu_check):
     for r in gpu_check[0]["records"]:
         if r["name"].endswith("max_abs_diff"):

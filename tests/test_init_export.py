@@ -28,6 +28,7 @@ def trainer(recipe: str, data_root: Path, runs: Path, *extra: str, info: bool = 
     return build_trainer(cfg, plan), plan
 
 
+@pytest.mark.slow
 def test_trained_network_exports_loads_samples_and_starts_a_stage(tmp_path):
     data = tmp_path / "data"
     write_shards(data / "latents", 32, seed=0)

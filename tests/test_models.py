@@ -196,6 +196,7 @@ def test_xformers_attention_matches_sdpa_on_cuda():
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.75])
+@pytest.mark.slow
 def test_compile_traces_the_whole_network_in_one_graph(ratio):
     """torch.compile (the recipes' train.compile) gets the whole forward as one graph: no break at any block."""
     torch._dynamo.reset()

@@ -170,6 +170,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_dry_run_prints_resolved_config_and_writes_nothing(tmp_path):
     out = _cli("train", "recipes/res512_masked.yaml", f"runs_root={tmp_path}", "train.max_duration=7ba", "--dry-run")
     assert out.returncode == 0, out.stderr
@@ -180,6 +181,7 @@ def test_cli_dry_run_prints_resolved_config_and_writes_nothing(tmp_path):
     assert "# missing inputs" in out.stdout and not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_cli_real_run_fails_at_once_naming_the_problem(tmp_path):
     out = _cli("train", "recipes/res256_masked.yaml", f"data.root={tmp_path}", "optimizer.lr_scale=2")
     assert out.returncode == 2 and "unknown recipe key optimizer.lr_scale" in out.stderr
@@ -187,6 +189,7 @@ def test_cli_real_run_fails_at_once_naming_the_problem(tmp_path):
     assert out.returncode == 2 and f"{tmp_path}/sa1b/index.json" in out.stderr
 
 
+@pytest.mark.slow
 def test_make_train_targets_dry_run(tmp_path):
     """CI runs every train-* target (train-all runs the four stage targets) as a dry run through the launcher."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}

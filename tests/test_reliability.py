@@ -75,6 +75,7 @@ def test_truncated_shard_stops_before_training_naming_the_shard(tmp_path, shards
     assert f"damaged shard {victim}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_corrupted_shard_is_bad_data_not_a_bad_learning_rate(tmp_path, shards, capsys):
     assert cli_main(["data", "verify", str(shards)]) == 0
     assert "shards check (sizes and hashes)" in capsys.readouterr().out
@@ -104,6 +105,7 @@ def test_verify_usage_errors_exit_2(tmp_path, capsys):
     assert stop.value.code == 2
 
 
+@pytest.mark.slow
 def test_skip_bad_samples_replaces_counts_and_lists_them(tmp_path, shards, capsys):
     bad = {5, 6, 40}
     for i in bad:
@@ -171,6 +173,7 @@ def test_overwritten_sample_headers_name_the_sample_without_numpy_warnings(shard
                 pass
 
 
+@pytest.mark.slow
 def test_kill9_mid_interval_then_resume_logs_each_step_once(tmp_path, shards):
     steps = 12
     args = tiny_overrides(tmp_path / "data", tmp_path / "runs", steps=steps) + ["checkpoint.save_interval=4ba"]
@@ -248,6 +251,7 @@ def _holder(local: Path) -> subprocess.Popen:
     raise AssertionError(f"the loader process ended with code {proc.wait()}")
 
 
+@pytest.mark.slow
 def test_dead_runs_shared_memory_is_removed_and_a_new_run_does_not_stall(tmp_path, shards):
     from micro_diffusion.data.shm import _files_in_use, remove_dead_leftovers
 

@@ -39,6 +39,7 @@ def test_every_size_trains_the_same_steps_and_parameters_span_8x():
 
 @pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "stochastic", "consistency"])
 @pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.slow
 def test_sampling_flops_match_flop_counter(sampler, steps):
     torch.manual_seed(0)
     net = create_dit("MicroDiT_Tiny_2", latent_size=8, caption_dim=24, width=64, depth=2, head_dim=16,
@@ -116,6 +117,7 @@ def quick_sizes(tmp_path_factory):
     return out / "sizes"
 
 
+@pytest.mark.slow
 def test_quick_sizes_sweeps_every_run_and_judges_at_common_budgets(quick_sizes):
     exp = load_experiment(SIZES, quick=True)
     results = json.loads((quick_sizes / "results.json").read_text())
@@ -138,6 +140,7 @@ def test_quick_sizes_sweeps_every_run_and_judges_at_common_budgets(quick_sizes):
     assert console == [] and 'id="crossover-table"' in dom and "sweep_sizes" in dom
 
 
+@pytest.mark.slow
 def test_eval_sweep_alone_on_the_compositional_set(quick_sizes, tmp_path):
     model = quick_sizes / "runs" / "w64_s0" / "eval" / "model"
     data = quick_sizes / "data"

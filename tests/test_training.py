@@ -64,6 +64,7 @@ class Probe(Callback):
         self.ids.append(list(state.batch["id"]))
 
 
+@pytest.mark.slow
 def test_two_stages_masked_then_unmasked_loss_goes_down(data_root, tmp_path):
     val = ["data.val_streams=[{local: val}]", "eval.interval=3ba", "eval.batches=2", "eval.batch_size=8",
            "optimizer.lr=2e-3"]
@@ -100,6 +101,7 @@ def test_every_recipe_scheduler_and_algorithm_has_a_builder():
     assert set(SCHEDULER_BUILDERS) == set(SCHEDULERS) and set(ALGORITHM_BUILDERS) == set(ALGORITHMS)
 
 
+@pytest.mark.slow
 def test_moe_group_clipping_and_schedules_read_back(data_root, tmp_path):
     probe = Probe()
     t, _ = trainer_for("res256_masked", data_root, tmp_path, "scheduler.warmup=4ba", "optimizer.lr=1e-3",
@@ -129,6 +131,7 @@ def test_moe_group_clipping_and_schedules_read_back(data_root, tmp_path):
     assert [lr[0] for lr in probe.lrs] == pytest.approx([0.0, 0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
 
 
+@pytest.mark.slow
 def test_ema_runs_and_sampling_uses_it(data_root, tmp_path):
     t, _ = trainer_for("demo_masked", data_root, tmp_path, "algorithms.ema={smoothing: 0.8, start: 2ba}",
                        "optimizer.lr=3e-3", steps=6)
@@ -199,6 +202,7 @@ class SendSigterm(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(data_root, tmp_path):
     probe = Probe()
     t, plan = trainer_for("demo_masked", data_root, tmp_path, callbacks=[SendSigterm(2), probe], steps=6)
@@ -219,6 +223,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(data_root, tmp_path):
     t2.close()
 
 
+@pytest.mark.slow
 def test_train_step_returns_its_run_and_a_sigterm_raises_preempted(data_root, tmp_path, monkeypatch, capsys):
     """training.train/dry_run as the demo and experiments call them: a dict of overrides in, a Run (or an error) out."""
     from micro_diffusion import training
@@ -249,6 +254,7 @@ def test_train_step_returns_its_run_and_a_sigterm_raises_preempted(data_root, tm
     assert stop.value.code == 2 and "use --out" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sample_grids_from_the_datasets_encoders(tmp_path):
     """Prompts encoded once with the text encoder of encoders.json, grids decoded with its VAE, raw and EMA."""
     from diffusers import AutoencoderKL

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from tiny_runs import REPO, tiny_overrides, write_shards  # noqa: I001
 
@@ -42,6 +43,7 @@ def _wait_for_checkpoint(proc: subprocess.Popen, latest: Path, name: str, timeou
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_cli_run_killed_then_rerun_matches_an_uninterrupted_run(tmp_path):
     data = tmp_path / "data"
     write_shards(data / "latents", 96, prefix="t")
@@ -109,6 +111,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_composer_launcher_two_cpu_ranks_see_disjoint_samples(tmp_path):
     data = tmp_path / "data"
     write_shards(data / "latents", 64, prefix="t")
