@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import UsageError, exit_with
+from ..errors import UsageError
 from ..recipe import parse_overrides
 from ..utils.argparsing import renamed, subparser
 from ..utils.run_folder import REPORT
@@ -59,13 +59,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="price override (else MICRO_DIFFUSION_USD_PER_DEVICE_HOUR, else the price table)")
     est.add_argument("--json", action="store_true", help="print one JSON object with `stages` and `total`")
     renamed(est, "--set", "positional key=value overrides")
-    est.set_defaults(func=lambda args: exit_with("micro-diffusion cost estimate", lambda: _estimate(args)))
+    est.set_defaults(func=_estimate)
 
     rep = subparser(cost_sub, "report", help="HTML cost dashboard of run folders")
     rep.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folders (runs/<stage>), in stage order")
     rep.add_argument("--out", default=None, help=f"HTML file to write (default: {REPORT} in the first run folder)")
-    rep.set_defaults(func=lambda args: exit_with("micro-diffusion cost report", lambda: _report(args)))
+    rep.set_defaults(func=_report)
 
     old = subparser(subparsers, "report", help="moved: use `micro-diffusion cost report`")
     old.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    old.set_defaults(func=lambda args: exit_with("micro-diffusion report", lambda: _moved(args)))
+    old.set_defaults(func=_moved)

@@ -14,7 +14,6 @@ from micro_diffusion.data.compose import LAYOUTS, compose
 from micro_diffusion.data.mix import format_table, mix
 from micro_diffusion.data.scenes import NOVEL_PAIRS, SPLITS
 from micro_diffusion.data.verify import VERIFY_DAMAGED, VERIFY_OK, verify
-from micro_diffusion.errors import exit_with
 from micro_diffusion.utils.argparsing import subparser
 
 
@@ -37,17 +36,14 @@ def _layout(text: str) -> str:
 
 def run_compose(args: argparse.Namespace) -> int:
     """The `data compose` command: parse its arguments into `compose`, report what was written."""
-    def run() -> int:
-        compose(args.out, args.count, args.seed, size=args.size, split=args.split, layout=args.layout,
-                images_per_prompt=args.images_per_prompt, include_novel=args.include_novel, progress=True)
-        if args.layout == "geneval":
-            k = 4 if args.images_per_prompt is None else args.images_per_prompt
-            print(f"wrote {args.count} {args.split} prompts x {k} images in GenEval's layout to {args.out}")
-        else:
-            print(f"wrote {args.count} {args.split} scenes ({args.size} px) to {args.out}")
-        return 0
-
-    return exit_with("micro-diffusion data compose", run)
+    compose(args.out, args.count, args.seed, size=args.size, split=args.split, layout=args.layout,
+            images_per_prompt=args.images_per_prompt, include_novel=args.include_novel, progress=True)
+    if args.layout == "geneval":
+        k = 4 if args.images_per_prompt is None else args.images_per_prompt
+        print(f"wrote {args.count} {args.split} prompts x {k} images in GenEval's layout to {args.out}")
+    else:
+        print(f"wrote {args.count} {args.split} scenes ({args.size} px) to {args.out}")
+    return 0
 
 
 def register_compose(sub: argparse._SubParsersAction) -> None:
@@ -72,12 +68,9 @@ def register_compose(sub: argparse._SubParsersAction) -> None:
 
 def run_mix(args: argparse.Namespace) -> int:
     """The `data mix` command: print the report; exit 1 if a stream is missing or empty."""
-    def run() -> int:
-        report = mix(args.recipe, args.data_root)
-        print(json.dumps(report, indent=1) if args.json else format_table(report))
-        return 1 if report["missing"] else 0
-
-    return exit_with("micro-diffusion data mix", run)
+    report = mix(args.recipe, args.data_root)
+    print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return 1 if report["missing"] else 0
 
 
 def register_mix(sub: argparse._SubParsersAction) -> None:
@@ -102,18 +95,15 @@ class _OldDataRoot(argparse.Action):
 
 def run_verify(args: argparse.Namespace) -> int:
     """The `data verify` command: print the damage and a line per folder; the exit code as the module doc gives it."""
-    def run() -> int:
-        damaged = 0
-        for check in verify(args.folders, hashes=not args.size_only):
-            for line in check.problems:
-                print(line, file=sys.stderr)
-            what = "sizes" if args.size_only else "sizes and hashes"
-            print(f"{check.folder}: {max(check.shards - len(check.problems), 0)} of {check.shards} shards check "
-                  f"({what})" + (f", {len(check.problems)} damaged" if check.problems else ""))
-            damaged += len(check.problems)
-        return VERIFY_DAMAGED if damaged else VERIFY_OK
-
-    return exit_with("micro-diffusion data verify", run)
+    damaged = 0
+    for check in verify(args.folders, hashes=not args.size_only):
+        for line in check.problems:
+            print(line, file=sys.stderr)
+        what = "sizes" if args.size_only else "sizes and hashes"
+        print(f"{check.folder}: {max(check.shards - len(check.problems), 0)} of {check.shards} shards check "
+              f"({what})" + (f", {len(check.problems)} damaged" if check.problems else ""))
+        damaged += len(check.problems)
+    return VERIFY_DAMAGED if damaged else VERIFY_OK
 
 
 def register_verify(sub: argparse._SubParsersAction) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from micro_diffusion.data.schema import read_index_samples
-from micro_diffusion.errors import UsageError
-from micro_diffusion.recipe import RecipeError, load_recipe, resolve_streams
+from micro_diffusion.recipe import load_recipe, resolve_streams
 
 # The paper's 37M-image training mix (Sehwag et al., "Stretching Each Dollar", arXiv 2407.15811): images per source.
 # Confirmed from public text here: 37M in all, 22M real (SA-1B with LLaVA captions, CC12M, TextCaps) and 15M synthetic
@@ -112,12 +111,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 def mix(recipe: str | Path, data_root: str | Path | None = None) -> dict[str, Any]:
     """The mix report of a recipe file (its data.root replaced by data_root if given); RecipeError for a bad recipe."""
-    try:
-        cfg = load_recipe(recipe)
-    except RecipeError as err:
-        if isinstance(err, UsageError):
-            raise
-        raise UsageError(str(err)) from err  # until RecipeError is a UsageError itself
+    cfg = load_recipe(recipe)
     if data_root is not None:
         cfg["data"]["root"] = str(data_root)
     return {"recipe": str(recipe), **mix_report(cfg)}

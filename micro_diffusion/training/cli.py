@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from micro_diffusion.cost.prices import DEVICES
-from micro_diffusion.errors import exit_with
 from micro_diffusion.recipe import RecipeError, parse_overrides
 from micro_diffusion.training.stage import Prediction, dry_run, train
 from micro_diffusion.utils.argparsing import renamed, subparser
@@ -32,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="with --devices: share of the dense bf16 peak the step time assumes")
         p.add_argument("--out", default=None, help="run folder (default: RUNS_ROOT/STAGE from the recipe)")
         renamed(p, "--run-dir", "--out")
-        p.set_defaults(func=lambda args, prog=f"micro-diffusion {name}": exit_with(prog, lambda: _run(args)),
-                       distill=name == "distill")
+        p.set_defaults(func=_run, distill=name == "distill")
 
 
 def _run(args: argparse.Namespace) -> int:

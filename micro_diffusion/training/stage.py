@@ -109,7 +109,6 @@ def _fit(cfg: dict, plan: RunPlan, info: dict) -> None:
     from composer.utils import dist
 
     from micro_diffusion.data.dataset import BadSampleError, bad_sample_message
-    from micro_diffusion.data.integrity import DamagedShardError
     from micro_diffusion.data.shm import remove_dead_leftovers
     from micro_diffusion.training.builder import build_trainer
     from micro_diffusion.training.callbacks import Preemption
@@ -122,12 +121,7 @@ def _fit(cfg: dict, plan: RunPlan, info: dict) -> None:
     if dist.get_global_rank() == 0:
         write_run_info(info, plan.run_dir)
         print(f"run folder {plan.run_dir} (resolved recipe in {config_file(plan.run_dir)})", flush=True)
-    try:
-        trainer = build_trainer(cfg, plan)
-    except DamagedShardError as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(str(err)) from err
+    trainer = build_trainer(cfg, plan)  # a damaged shard raises DamagedShardError, a DataError
     try:
         trainer.fit()
     except BadSampleError as err:  # raised in a loader worker, re-raised here with the worker's traceback as text

@@ -6,7 +6,12 @@ from typing import Any
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help that appends each option's default, and keeps descriptions as written."""
+    """Help that appends each option's default (unless its text already states one), and keeps descriptions as
+    written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
 
 
 def parser(prog: str | None = None, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
