@@ -34,6 +34,7 @@ from data_prep.sources import input_paths, is_pattern
 from micro_diffusion.data.integrity import SHARD_HASHES
 from micro_diffusion.errors import MicroDiffusionError, UsageError, exit_with
 from micro_diffusion.utils.argparsing import parser, renamed
+from micro_diffusion.utils.folder_lock import holding
 
 __all__ = ["ConvertError", "ConvertResult", "SourceError", "check_options", "convert", "main"]
 
@@ -226,6 +227,7 @@ def finish(out: Path) -> ConvertResult:
     return ConvertResult(out=out, **summary)
 
 
+@holding("convert", beside=True)  # one writer per output folder (its lock file beside it): a second one raises Busy
 def convert(input: str | Path, out: str | Path, format: str, *, annotations: str | Path | None = None,
             all_captions: bool = False, captions: str | Path | None = None, caption_field: str | None = None,
             nsfw_threshold: float | str | None = None, max_side: int = MAX_SIDE, min_size: int = MIN_SIZE,

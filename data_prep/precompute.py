@@ -49,6 +49,7 @@ from micro_diffusion.data.schema import (
 from micro_diffusion.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, load_text_encoder, load_vae
 from micro_diffusion.errors import DataError, MicroDiffusionError, UsageError, exit_with
 from micro_diffusion.utils.argparsing import parser, renamed
+from micro_diffusion.utils.folder_lock import hold
 
 PROG = "data_prep.precompute"
 
@@ -249,7 +250,8 @@ def precompute(input: str | Path, out: str | Path, resolutions: Sequence[int], *
         raise UsageError("--resolution: give at least one image size")
     args = Job(Path(input), Path(out), tuple(int(r) for r in resolutions), vae, text_encoder, caption_len, batch_size,
                device, dtype, workers, decode_workers, chunk_size, shard_size, verify_hashes, progress)
-    return _run(args)
+    with hold(args.output, "precompute", beside=True):  # one writer per output (torchrun's rank 0 holds it)
+        return _run(args)
 
 
 def _run(args: Job) -> dict[str, Any] | None:

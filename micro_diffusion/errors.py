@@ -21,6 +21,10 @@ class UsageError(MicroDiffusionError, ValueError):
     exit_code = 2
 
 
+class Busy(UsageError):
+    """Another job holds the folder's lock (a run, export or data folder has one writer); the message names it."""
+
+
 class NonFiniteLoss(MicroDiffusionError, RuntimeError):
     """The training loss went NaN or infinite: the last checkpoint is the last good one."""
 

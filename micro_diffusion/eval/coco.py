@@ -15,6 +15,7 @@ from tqdm import tqdm
 from ..errors import MicroDiffusionError, UsageError
 from ..exported import is_export
 from ..utils.devices import torch_device
+from ..utils.folder_lock import hold
 from ..utils.images import save_atomic
 from ..utils.run_folder import EVAL_METRICS
 from .clip_score import clip_score
@@ -179,14 +180,15 @@ def coco(model: str | Path, out: str | Path, annotations: str | Path, images: st
                 "the package defaults: a run is exported first, and its recipe's samples: settings apply",
                 "inputs_present": {k: Path(v).exists() for k, v in
                                    [("model", model), ("annotations", annotations), ("images", images)]}}
-    if not is_export(model):  # a run folder or checkpoint: export it first, beside the results
-        from ..training.export import export_run  # imports Composer (seconds): only a run folder needs it
+    with hold(out, "eval coco"):  # one writer per output folder (global rank 0 holds it for the job)
+        if not is_export(model):  # a run folder or checkpoint: export it first, beside the results
+            from ..training.export import export_run  # imports Composer (seconds): only a run folder needs it
 
-        if not model.exists():
-            raise UsageError(f"{model} does not exist (an export, a run folder or a checkpoint)")
-        if rank_world()[1] > 1:  # ranks exporting at once would race on one folder
-            raise UsageError(f"{model} is not an exported model: with several processes, run "
-                             f"`micro-diffusion export {model} --out DIR` first and pass DIR")
-        model = export_run(model, out / "model")
-    return evaluate_coco(model, annotations, images, out, settings, seed, use_ema, num, draw_seed, resolution,
-                         clip_model, clip_pretrained, batch_size, device)
+            if not model.exists():
+                raise UsageError(f"{model} does not exist (an export, a run folder or a checkpoint)")
+            if rank_world()[1] > 1:  # ranks exporting at once would race on one folder
+                raise UsageError(f"{model} is not an exported model: with several processes, run "
+                                 f"`micro-diffusion export {model} --out DIR` first and pass DIR")
+            model = export_run(model, out / "model")
+        return evaluate_coco(model, annotations, images, out, settings, seed, use_ema, num, draw_seed, resolution,
+                             clip_model, clip_pretrained, batch_size, device)

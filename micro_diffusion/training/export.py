@@ -13,6 +13,7 @@ from micro_diffusion.diffusion.sampling import sampler_spec
 from micro_diffusion.exported import export_model
 from micro_diffusion.recipe import build_network, resolve_streams
 from micro_diffusion.training.run import null_caption
+from micro_diffusion.utils.folder_lock import hold
 from micro_diffusion.utils.run_folder import CONFIG, config_file, latest_checkpoint
 from micro_diffusion.version import __version__
 
@@ -114,6 +115,7 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
     if cfg.get("distill"):  # a consistency student: sampled in 1-4 steps, its teacher's guidance baked in
         export_cfg["distilled"] = {"guidance": cfg["distill"]["guidance"], "sigma_max": cfg["distill"]["sigma_max"],
                                    "teacher": cfg.get("init_from") or cfg.get("init_checkpoint")}
-    return export_model(raw, ema, export_cfg, null_caption(cfg, shards), out_dir)
+    with hold(out_dir, "export", beside=True):  # beside the folder: the export replaces it whole
+        return export_model(raw, ema, export_cfg, null_caption(cfg, shards), out_dir)
 
 

@@ -2,7 +2,8 @@
 
 Called by the command line (training/cli.py), the demo, the experiment runner and the tests. Failures raise the
 project's errors (micro_diffusion.errors): a bad recipe or missing input UsageError (RecipeError), damaged data
-DataError, a non-finite loss NonFiniteLoss, a stop by SIGTERM Preempted (after its checkpoint was saved).
+DataError, a non-finite loss NonFiniteLoss, a stop by SIGTERM Preempted (after its checkpoint was saved), a run folder
+another job is writing Busy (utils.folder_lock).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from micro_diffusion.errors import DataError, Preempted
 from micro_diffusion.recipe import RecipeError, load_recipe
 from micro_diffusion.training.cpu_malloc import keep_freed_memory
 from micro_diffusion.training.run import RunPlan, check_inputs, parallelism, plan_run, run_info, write_run_info
+from micro_diffusion.utils.folder_lock import hold
 from micro_diffusion.utils.run_folder import LATEST_CHECKPOINT, config_file
 
 Recipe = str | os.PathLike | Mapping[str, Any]  # a recipe file (find_recipe resolves it) or a recipe mapping
@@ -92,7 +94,9 @@ def train(recipe: Recipe, overrides: Mapping[str, Any] | None = None, out: str |
     plan = plan_run(cfg, out)
     info = run_info(cfg, plan)
     check_inputs(cfg, plan)
-    _fit(cfg, plan, info)
+    # One writer per run folder: a second job stops here, naming the holder, before Composer is imported.
+    with hold(plan.run_dir, "distill" if cfg["distill"] is not None else "train"):
+        _fit(cfg, plan, info)
     ledger = last_totals(plan.run_dir)
     return Run(stage=cfg["stage"], recipe=cfg, run_dir=Path(plan.run_dir),
                checkpoint=f"{plan.save_folder}/{LATEST_CHECKPOINT}", stage_totals=ledger[0] if ledger else None,

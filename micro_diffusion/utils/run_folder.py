@@ -12,12 +12,14 @@ A run folder (runs/<stage>/, written by `micro-diffusion train`):
     eval.json                   evaluation results the dashboard plots (any eval*.json or eval/*.json)
     report.html                 the cost dashboard (micro-diffusion cost report)
     stage_done.json             an experiment's marker: the stage finished with these settings
+    .micro_diffusion.lock       while a job writes the folder: its host, pid and command (utils.folder_lock)
 
 An exported model (micro-diffusion export): model.safetensors, ema.safetensors (when EMA ran), config.json and
 null_caption.npy. Writers and readers take the names from here; docs/interfaces.md describes the contents.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ SAMPLES = "samples"
 EVAL = "eval.json"
 REPORT = "report.html"
 STAGE_DONE = "stage_done.json"
+LOCK = ".micro_diffusion.lock"  # one writer per folder (utils.folder_lock): inside it, or beside it for an export
 
 # exported model
 MODEL_WEIGHTS = "model.safetensors"
@@ -95,6 +98,15 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 def latest_checkpoint(run_dir: str | Path) -> Path:
     """The newest checkpoint of a run that saved into its own folder."""
     return checkpoint_dir(run_dir) / LATEST_CHECKPOINT
+
+
+def lock_file(folder: str | Path, beside: bool = False) -> Path:
+    """A folder's lock file: inside it, or with `beside` next to it (`.NAME.micro_diffusion.lock`) for a folder that
+    is replaced whole by a rename (an export)."""
+    if not beside:
+        return Path(folder) / LOCK
+    folder = Path(os.path.abspath(folder))  # "." or "out/" named by the folder's own name; links are not followed
+    return folder.parent / f".{folder.name}{LOCK}"
 
 
 def samples_dir(run_dir: str | Path) -> Path:
