@@ -1,8 +1,9 @@
 """Stage recipes: YAML files with a `base:` chain, `key.sub=value` overrides, and a schema that rejects typos.
 
 A recipe is a nested dict. Every key must appear in SCHEMA (its value there is the default); a few sections are
-open (`model.overrides`, checked by the model's own config) and two are lists of stream dicts. Algorithms and
-schedulers are checked against their own registries so an unknown name is an error that names it.
+open (`model.overrides`, checked against the model's config) and two are lists of stream dicts. Algorithms and
+schedulers are checked against their own registries so an unknown name is an error that names it; every value is
+then checked by recipe_checks (durations, presets, samplers, batches, ranges), so a dry run refuses what a run would.
 Read by training, the cost estimate, data checks and experiments alike, so it sits in the data layer and imports
 nothing from training (docs/interfaces.md, "Layers").
 """
@@ -16,11 +17,10 @@ from typing import Any
 
 import yaml
 
-from micro_diffusion.data.integrity import VERIFY_MODES
 from micro_diffusion.diffusion.edm import SIGMA_DATA
 from micro_diffusion.diffusion.sampling import DEFAULTS
-from micro_diffusion.errors import UsageError
 from micro_diffusion.models import MicroDiT, create_dit
+from micro_diffusion.recipe_checks import RecipeError, check_values  # RecipeError: imported from here by callers
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the repository's recipes/, beside the package
 
@@ -82,15 +82,10 @@ DISTILL: dict[str, Any] = {
     "sigma_max": 80.0,  # the highest noise level trained and sampled from
     "teacher_weights": "auto",  # auto (EMA weights when the teacher has them), ema or raw
 }
-NULL_CAPTIONS = ("shards", "zeros")  # data.null_caption: null_caption.npy beside the shards, or all zeros
 OPEN_SECTIONS = ("model.overrides",)  # any keys (the model's own config checks them)
 STREAM_LISTS = ("data.streams", "data.val_streams")  # lists of {"local", "remote", "proportion"}
 NAMED_SECTIONS = ("scheduler",)  # a `name:` picks a registry entry; a section naming one replaces the old whole
 REGISTRY_SECTIONS = {"scheduler": SCHEDULERS, "algorithms": ALGORITHMS}  # options checked against the registry
-
-
-class RecipeError(UsageError):
-    """A recipe that cannot run: the message names the file, key, stage or path."""
 
 
 def find_recipe(path: str | os.PathLike) -> Path:
@@ -246,7 +241,8 @@ def _check_named(section: dict | None, registry: dict, kind: str, where: str) ->
 
 
 def validate(cfg: dict) -> dict:
-    """Merge the recipe over SCHEMA's defaults, check every key against it and the registries; return the result."""
+    """Merge the recipe over SCHEMA's defaults, check every key against it and the registries and every value
+    (recipe_checks.check_values: durations, presets, samplers, batches, ranges); return the result."""
     given = merge({k: v for k, v in SCHEMA.items() if k != "base"}, {k: v for k, v in cfg.items() if k != "base"})
     out = _fill(given, SCHEMA, "")
     out.pop("base")
@@ -262,54 +258,8 @@ def validate(cfg: dict) -> dict:
         out["distill"] = _fill(given["distill"] or {}, DISTILL, "distill")
     if not out["stage"]:
         raise RecipeError("recipe has no `stage:` name")
-    _check_values(out)
+    check_values(out)
     return out
-
-
-def _check_values(cfg: dict) -> None:
-    """Values that no later step would reject with a clear message."""
-    t, d = cfg["train"], cfg["data"]
-    if d["resolution"] % d["vae_downsample"]:
-        raise RecipeError(f"data.resolution {d['resolution']} is not a multiple of data.vae_downsample")
-    if d["verify"] not in VERIFY_MODES:
-        raise RecipeError(f"data.verify: unknown value {d['verify']!r} (allowed: {', '.join(VERIFY_MODES)})")
-    if not 0.0 <= cfg["diffusion"]["mask_ratio"] < 1.0:
-        raise RecipeError(f"diffusion.mask_ratio must be in [0, 1), got {cfg['diffusion']['mask_ratio']}")
-    for key in ("precision", "parallelism", "device"):
-        allowed = {"precision": ("auto", "fp32", "amp_bf16", "amp_fp16"), "parallelism": ("auto", "fsdp", "ddp",
-                   "none"), "device": ("auto", "cpu", "gpu")}[key]
-        if t[key] not in allowed:
-            raise RecipeError(f"train.{key}: unknown value {t[key]!r} (allowed: {', '.join(allowed)})")
-    if cfg["eval"]["interval"] and not d["val_streams"]:
-        raise RecipeError("eval.interval is set but data.val_streams is empty: give held-out shards or set "
-                          "eval.interval=null")
-    if cfg["samples"]["interval"] and not cfg["samples"]["prompts"]:
-        raise RecipeError("samples.interval is set but samples.prompts is empty")
-    sigmas = cfg["eval"]["sigmas"]
-    if sigmas is not None and (not isinstance(sigmas, int) or isinstance(sigmas, bool) or sigmas < 1):
-        raise RecipeError(f"eval.sigmas: a number of noise levels (a positive integer) or null, got {sigmas!r}")
-    if d["null_caption"] not in NULL_CAPTIONS:
-        raise RecipeError(f"data.null_caption: unknown value {d['null_caption']!r} (allowed: "
-                          f"{', '.join(NULL_CAPTIONS)})")
-    if cfg["init_from"] is not None and cfg["init_checkpoint"] is not None:
-        raise RecipeError(f"init_from ({cfg['init_from']}) and init_checkpoint ({cfg['init_checkpoint']}) are both "
-                          "set: a stage starts from one of them (set init_from=null to start from init_checkpoint)")
-    if cfg["distill"] is not None:
-        _check_distill(cfg)
-
-
-def _check_distill(cfg: dict) -> None:
-    """A distillation stage needs a teacher, trains unmasked, and names known teacher weights."""
-    dis = cfg["distill"]
-    if cfg["init_from"] is None and cfg["init_checkpoint"] is None:
-        raise RecipeError("distill: the teacher is the stage's starting weights: set init_from or init_checkpoint")
-    if cfg["diffusion"]["mask_ratio"] != 0:
-        raise RecipeError(f"distill: consistency distillation trains unmasked; diffusion.mask_ratio is "
-                          f"{cfg['diffusion']['mask_ratio']}, set it to 0")
-    if dis["teacher_weights"] not in ("auto", "ema", "raw"):
-        raise RecipeError(f"distill.teacher_weights: unknown value {dis['teacher_weights']!r} (auto, ema or raw)")
-    if dis["guidance"] < 1 or dis["tangent_warmup"] < 0 or dis["sigma_max"] <= 0:
-        raise RecipeError(f"distill: need guidance >= 1, tangent_warmup >= 0 and sigma_max > 0, got {dis}")
 
 
 def check_stage_order(cfg: dict) -> None:

@@ -103,6 +103,18 @@ def _variant(raw: Any, where: str) -> Variant:
     return Variant(str(raw["name"]), dict(raw.get("overrides") or {}), raw.get("narrow_to"), then)
 
 
+def _check_sampling(sampling: dict[str, Any], where: str) -> None:
+    """The fixed sampling point, as a recipe's samples: section is checked (a bad one would fail after training)."""
+    steps, guidance = sampling["steps"], sampling["guidance"]
+    if sampling["sampler"] not in diffusion_samplers():
+        raise RecipeError(f"{where}.sampler: unknown sampler {sampling['sampler']!r} (allowed: "
+                          f"{', '.join(diffusion_samplers())})")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise RecipeError(f"{where}.steps: must be a positive integer, got {steps!r}")
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance < 1:
+        raise RecipeError(f"{where}.guidance: must be a number >= 1, got {guidance!r}")
+
+
 def _check_sweep(sweep: Any, sampling: dict[str, Any], where: str) -> dict[str, list] | None:
     """The sweep grid: known diffusion samplers, positive steps, guidance scales; it holds the fixed sampling point."""
     if sweep is None:
@@ -190,6 +202,7 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
         if v.narrow_to is not None and v.narrow_to not in names:
             raise RecipeError(f"{where}: variant {v.name} narrows to unknown variant {v.narrow_to!r}")
     evaluation = _section(raw.get("eval", {}), EVAL, f"{where}.eval")
+    _check_sampling(evaluation["sampling"], f"{where}.eval.sampling")
     evaluation["sweep"] = _check_sweep(evaluation["sweep"], evaluation["sampling"], f"{where}.eval.sweep")
     return Experiment(name=path.stem, path=path, base_recipe=(path.parent / raw["base_recipe"]).resolve(),
                       data=_section(raw.get("data", {}), DATA, f"{where}.data"),

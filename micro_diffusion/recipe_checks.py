@@ -1,0 +1,285 @@
+"""Value checks of a recipe whose keys and types the schema has passed: durations, presets, samplers, batch sizes,
+ranges. Each error names the key, the value and what is accepted.
+
+recipe.validate calls check_values, so a dry run refuses what a real run would otherwise refuse only inside Composer
+or the model, seconds of imports later (or never: a negative duration trains nothing). Imports neither Composer nor
+training: it sits in the data layer beside recipe.py (docs/interfaces.md, "Layers").
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from typing import Any
+
+from micro_diffusion.data.integrity import VERIFY_MODES
+from micro_diffusion.diffusion.sampling import SAMPLERS, diffusion_samplers
+from micro_diffusion.errors import UsageError
+from micro_diffusion.models import DiTConfig, list_presets, preset_config
+
+
+class RecipeError(UsageError):
+    """A recipe that cannot run: the message names the file, key, stage or path."""
+
+
+NULL_CAPTIONS = ("shards", "zeros")  # data.null_caption: null_caption.npy beside the shards, or all zeros
+CHOICES = {"train.precision": ("auto", "fp32", "amp_bf16", "amp_fp16"), "train.parallelism": ("auto", "fsdp", "ddp",
+           "none"), "train.device": ("auto", "cpu", "gpu"), "data.verify": tuple(VERIFY_MODES),
+           "data.null_caption": NULL_CAPTIONS, "algorithms.gradient_clipping.type": ("norm", "value", "adaptive"),
+           "distill.teacher_weights": ("auto", "ema", "raw")}
+
+# Composer's time strings as composer.core.Time.from_timestring reads them (a number, then a unit), narrowed to what
+# a recipe means: a whole number of batches, epochs, samples or tokens, or a fraction of the run ("0.5dur").
+# Composer also reads "3e4tok", "-5ba", "1h2m3s", "iter", "sec" and any letter case; a recipe takes none of them.
+# Composer itself is not imported here: it takes seconds. tests/test_recipe_values.py compares the two verdicts.
+_TIME = re.compile(r"(?P<count>\d+)(?P<unit>ba|ep|sp|tok)|(?P<fraction>\d*\.?\d+)dur")
+STEP_UNITS = ("ba", "ep", "sp", "tok")
+ANY_UNITS = (*STEP_UNITS, "dur")
+# key -> (units Composer takes there, whether 0 is allowed, whether null is): max_duration takes no fraction of
+# itself, the console logger counts batches or epochs only; null turns validation and sample grids off.
+DURATIONS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
+    "train.max_duration": (STEP_UNITS, False, False),
+    "train.log_interval": (("ba", "ep"), False, False),
+    "checkpoint.save_interval": (ANY_UNITS, False, False),
+    "eval.interval": (ANY_UNITS, False, True),
+    "samples.interval": (ANY_UNITS, False, True),
+    "scheduler.warmup": (ANY_UNITS, True, False),
+    "algorithms.ema.start": (ANY_UNITS, True, False),
+}
+# key -> (low, high, low included, high included); None: unbounded on that side. Keys of absent sections are skipped.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "data.caption_drop_prob": (0, 1, True, True), "diffusion.mask_ratio": (0, 1, True, False),
+    "diffusion.p_std": (0, None, False, False), "diffusion.sigma_data": (0, None, False, False),
+    "optimizer.lr": (0, None, False, False), "optimizer.eps": (0, None, False, False),
+    "optimizer.weight_decay": (0, None, True, False), "optimizer.moe_lr_scale": (0, None, False, False),
+    "scheduler.alpha_f": (0, 1, True, True), "algorithms.gradient_clipping.threshold": (0, None, False, False),
+    "algorithms.ema.smoothing": (0, 1, False, False), "samples.guidance": (1, None, True, False),
+    "cost.usd_per_device_hour": (0, None, True, False), "cost.max_usd": (0, None, False, False),
+    "cost.max_device_hours": (0, None, False, False), "distill.guidance": (1, None, True, False),
+    "distill.sigma_max": (0, None, False, False),
+}
+# integer key -> least value
+MINIMUM: dict[str, int] = {
+    "train.global_batch": 1, "train.device_microbatch": 1, "samples.steps": 1, "eval.batches": 1,
+    "eval.batch_size": 1, "data.resolution": 1, "data.vae_downsample": 1, "data.num_workers": 0,
+    "model.latent_channels": 1, "model.caption_len": 1, "model.caption_dim": 1, "distill.tangent_warmup": 0,
+    "train.seed": 0, "data.seed": 0,
+}
+# DiTConfig fields that count something -> least value; the recipe sets latent_size, in_channels and caption_dim
+MODEL_MINIMUM = {"width": 4, "depth": 1, "head_dim": 1, "patch_size": 1, "moe_every": 0, "num_experts": 1,
+                 "patch_mixer_depth": 0, "patch_mixer_width": 1, "pos_base_grid": 1}
+MODEL_SET_BY_RECIPE = {"latent_size": "data.resolution / data.vae_downsample", "in_channels": "model.latent_channels",
+                       "caption_dim": "model.caption_dim"}
+
+
+def get(cfg: dict, dotted: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key; absent when a section on the way is missing or off (null)."""
+    node: Any = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def parse_time(text: str) -> tuple[float, str] | None:
+    """(value, unit) of a recipe's Composer time string ("100ba" -> (100, "ba"), "0.5dur" -> (0.5, "dur")), or None."""
+    match = _TIME.fullmatch(text)
+    if match is None:
+        return None
+    if match["unit"]:
+        return int(match["count"]), match["unit"]
+    return float(match["fraction"]), "dur"
+
+
+def duration_form(units: tuple[str, ...], zero_ok: bool) -> str:
+    """What a duration key accepts, in words."""
+    counts = [u for u in units if u != "dur"]
+    whole = "a whole number (0 or more)" if zero_ok else "a whole number above 0"
+    form = f"{whole} and a unit among {', '.join(counts)} (e.g. '100{counts[0]}', '2{counts[1]}')"
+    return form + (f", or a fraction of the run as 'Xdur' with X in {'[0' if zero_ok else '(0'}, 1] (e.g. '0.5dur')"
+                   if "dur" in units else "")
+
+
+def check_duration(key: str, value: Any, units: tuple[str, ...], zero_ok: bool = False) -> tuple[float, str]:
+    """The (value, unit) of a duration key; an error naming the key and the accepted form unless it is one."""
+    parsed = parse_time(value) if isinstance(value, str) else None
+    if parsed is not None and parsed[1] in units:
+        number, unit = parsed
+        if (number >= 0 if zero_ok else number > 0) and (unit != "dur" or number <= 1):
+            return parsed
+    kind = "duration" if zero_ok else "positive duration"
+    raise RecipeError(f"{key}: {value!r} is not a {kind}: give {duration_form(units, zero_ok)}")
+
+
+def check_durations(cfg: dict) -> None:
+    """Every duration key in Composer's form with a unit Composer takes there; warmup counts in max_duration's unit."""
+    for key, (units, zero_ok, nullable) in DURATIONS.items():
+        present, value = get(cfg, key)
+        if present and not (nullable and value is None):
+            check_duration(key, value, units, zero_ok)
+    present, warmup = get(cfg, "scheduler.warmup")
+    if present:  # Composer converts epochs to batches and a fraction to max_duration's unit, then compares units
+        run_unit = parse_time(cfg["train"]["max_duration"])[1].replace("ep", "ba")
+        unit = parse_time(warmup)[1].replace("ep", "ba")
+        if unit not in (run_unit, "dur"):
+            raise RecipeError(f"scheduler.warmup {warmup!r} counts {unit} but train.max_duration "
+                              f"{cfg['train']['max_duration']!r} counts {run_unit}: give the warmup in {run_unit}"
+                              f"{' or ep' if run_unit == 'ba' else ''}, or as a fraction such as '0.05dur'")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _range_text(low: float | None, high: float | None, low_in: bool, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check_ranges(cfg: dict) -> None:
+    """Ratios, rates and scales within their ranges; counts and sizes at least their minimum."""
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        present, value = get(cfg, key)
+        if not present or value is None:
+            continue
+        ok = _number(value) and (value >= low if low_in else value > low) and (
+            high is None or (value <= high if high_in else value < high))
+        if not ok:
+            raise RecipeError(f"{key}: must be a number {_range_text(low, high, low_in, high_in)}, got {value!r}")
+    for key, least in MINIMUM.items():
+        present, value = get(cfg, key)
+        if present and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            what = "a positive integer" if least == 1 else f"an integer >= {least}"
+            raise RecipeError(f"{key}: must be {what}, got {value!r}")
+    betas = cfg["optimizer"]["betas"]
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+        raise RecipeError(f"optimizer.betas: two numbers in [0, 1), got {betas!r}")
+    keep = cfg["checkpoint"]["keep"]
+    if keep == 0 or keep < -1:
+        raise RecipeError(f"checkpoint.keep: how many checkpoints to keep (1 or more, or -1 for all), got {keep}")
+
+
+def check_choices(cfg: dict) -> None:
+    """Keys that take one of a few words."""
+    for key, allowed in CHOICES.items():
+        present, value = get(cfg, key)
+        if present and value not in allowed:
+            raise RecipeError(f"{key}: unknown value {value!r} (allowed: {', '.join(allowed)})")
+
+
+def check_batches(cfg: dict) -> None:
+    """The microbatch divides the global batch (plan_run checks the per-device batch once the world size is known)."""
+    t = cfg["train"]
+    if t["global_batch"] % t["device_microbatch"]:
+        raise RecipeError(f"train.device_microbatch {t['device_microbatch']} does not divide train.global_batch "
+                          f"{t['global_batch']}: give a divisor of the per-device batch (global batch / devices)")
+
+
+def check_samples(cfg: dict) -> None:
+    """A known sampler: a diffusion one, or the students' one in a distillation recipe."""
+    sampler = cfg["samples"]["sampler"]
+    allowed = sorted(SAMPLERS) if cfg["distill"] is not None else diffusion_samplers()
+    if sampler in SAMPLERS and sampler not in allowed:
+        raise RecipeError(f"samples.sampler: {sampler!r} samples distilled students (recipes with a distill: "
+                          f"section); a diffusion stage takes one of {', '.join(allowed)}")
+    if sampler not in allowed:
+        raise RecipeError(f"samples.sampler: unknown sampler {sampler!r} (allowed: {', '.join(allowed)})")
+
+
+def _fits(type_name: str, value: Any) -> bool:
+    """Whether an override fits its DiTConfig field: an int, a number, or a pair of positive numbers."""
+    if type_name == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if type_name == "float":
+        return _number(value)
+    if type_name.startswith("tuple"):
+        return isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) and v > 0 for v in value)
+    return True  # a field of another type: the network's own code reads it
+
+
+def check_model(cfg: dict, latent_side: int) -> None:
+    """A known preset; override keys that DiTConfig has, with values the network can be built from (no weights)."""
+    m = cfg["model"]
+    if m["preset"] not in list_presets():
+        raise RecipeError(f"model.preset: unknown preset {m['preset']!r} (allowed: {', '.join(list_presets())})")
+    types = {f.name: f.type for f in fields(DiTConfig)}
+    for key, value in m["overrides"].items():
+        if key in MODEL_SET_BY_RECIPE:
+            raise RecipeError(f"model.overrides.{key}: set by the recipe ({MODEL_SET_BY_RECIPE[key]}), not here")
+        if key not in types:
+            raise RecipeError(f"model.overrides.{key}: unknown model option (allowed: "
+                              f"{', '.join(sorted(set(types) - set(MODEL_SET_BY_RECIPE)))})")
+        if not _fits(types[key], value):
+            raise RecipeError(f"model.overrides.{key}: expected {types[key]}, got {value!r}")
+    net = preset_config(m["preset"], latent_size=latent_side, in_channels=m["latent_channels"],
+                        caption_dim=m["caption_dim"], **m["overrides"])
+    _check_network(net, latent_side)
+
+
+def _check_network(net: DiTConfig, latent_side: int) -> None:
+    """Sizes the network's layers can be built from."""
+    where = "model (preset and overrides)"
+    for key, least in MODEL_MINIMUM.items():
+        if getattr(net, key) < least:
+            raise RecipeError(f"{where}: {key} must be >= {least}, got {getattr(net, key)}")
+    if net.capacity_factor <= 0 or net.mixer_ffn_mult <= 0:
+        raise RecipeError(f"{where}: capacity_factor and mixer_ffn_mult must be > 0, got {net.capacity_factor} and "
+                          f"{net.mixer_ffn_mult}")
+    if net.width % net.head_dim or net.width % 4:
+        raise RecipeError(f"{where}: width {net.width} must be a multiple of head_dim {net.head_dim} and of 4")
+    if net.patch_mixer_depth and net.patch_mixer_width % net.head_dim:
+        raise RecipeError(f"{where}: patch_mixer_width {net.patch_mixer_width} must be a multiple of head_dim "
+                          f"{net.head_dim}")
+    if latent_side % net.patch_size:
+        raise RecipeError(f"{where}: the latent side {latent_side} (data.resolution / data.vae_downsample) is not a "
+                          f"multiple of patch_size {net.patch_size}")
+
+
+def check_streams(cfg: dict) -> None:
+    """At least one training stream; stream proportions positive."""
+    if not cfg["data"]["streams"]:
+        raise RecipeError("data.streams: empty; give at least one stream such as [{local: latents}]")
+    for key in ("streams", "val_streams"):
+        for i, stream in enumerate(cfg["data"][key]):
+            share = stream["proportion"]
+            if share is not None and not (_number(share) and share > 0):
+                raise RecipeError(f"data.{key}[{i}].proportion: a number > 0 or null, got {share!r}")
+
+
+def check_links(cfg: dict) -> None:
+    """Keys that must agree with each other."""
+    d = cfg["data"]
+    if d["resolution"] % d["vae_downsample"]:
+        raise RecipeError(f"data.resolution {d['resolution']} is not a multiple of data.vae_downsample "
+                          f"{d['vae_downsample']}")
+    if cfg["eval"]["interval"] and not d["val_streams"]:
+        raise RecipeError("eval.interval is set but data.val_streams is empty: give held-out shards or set "
+                          "eval.interval=null")
+    if cfg["samples"]["interval"] and not cfg["samples"]["prompts"]:
+        raise RecipeError("samples.interval is set but samples.prompts is empty")
+    sigmas = cfg["eval"]["sigmas"]
+    if sigmas is not None and (not isinstance(sigmas, int) or isinstance(sigmas, bool) or sigmas < 1):
+        raise RecipeError(f"eval.sigmas: a number of noise levels (a positive integer) or null, got {sigmas!r}")
+    if cfg["init_from"] is not None and cfg["init_checkpoint"] is not None:
+        raise RecipeError(f"init_from ({cfg['init_from']}) and init_checkpoint ({cfg['init_checkpoint']}) are both "
+                          "set: a stage starts from one of them (set init_from=null to start from init_checkpoint)")
+    if cfg["distill"] is not None:
+        if cfg["init_from"] is None and cfg["init_checkpoint"] is None:
+            raise RecipeError("distill: the teacher is the stage's starting weights: set init_from or "
+                              "init_checkpoint")
+        if cfg["diffusion"]["mask_ratio"] != 0:
+            raise RecipeError(f"distill: consistency distillation trains unmasked; diffusion.mask_ratio is "
+                              f"{cfg['diffusion']['mask_ratio']}, set it to 0")
+
+
+def check_values(cfg: dict) -> None:
+    """Every value of a filled-in recipe that a run would use; the first bad one raises, naming its key."""
+    check_choices(cfg)
+    check_ranges(cfg)  # sizes positive before anything divides by them
+    check_durations(cfg)
+    check_batches(cfg)
+    check_samples(cfg)
+    check_streams(cfg)
+    check_links(cfg)
+    check_model(cfg, cfg["data"]["resolution"] // cfg["data"]["vae_downsample"])
