@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from micro_diffusion.errors import MicroDiffusionError, UsageError, exit_with
 from micro_diffusion.utils.argparsing import parser, renamed
+from micro_diffusion.utils.atomic import write_text_atomic
 
 PROG = "data_prep.download"
 
@@ -255,7 +256,7 @@ def write_plan(items: list[Item], out: Path) -> Path:
     """Write the selected items to OUT/plan.jsonl (what a real run will fetch)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "plan.jsonl"
-    path.write_text("".join(json.dumps(asdict(it)) + "\n" for it in items), encoding="utf-8")
+    write_text_atomic(path, "".join(json.dumps(asdict(it)) + "\n" for it in items), encoding="utf-8")
     return path
 
 
@@ -281,7 +282,7 @@ def download(name: str, items: list[Item], out: Path) -> None:
                     raise DownloadError(f"{it.dest} not found in train_val_images.zip")
                 z.extract(it.dest, out / "images")
         lines = [json.dumps({"file": it.dest, "caption": it.meta["caption"]}) + "\n" for it in items]
-        (out / "images" / "captions.jsonl").write_text("".join(lines), encoding="utf-8")
+        write_text_atomic(out / "images" / "captions.jsonl", "".join(lines), encoding="utf-8")
         return
     for it in tqdm(items, desc=name, unit="file"):
         fetch(it.url, out / it.dest, token=spec.token)
@@ -291,7 +292,7 @@ def download(name: str, items: list[Item], out: Path) -> None:
         ann = {"images": [{"id": int(it.key), "file_name": it.meta["file_name"]} for it in items],
                "annotations": [{"id": int(it.key) * 100 + j, "image_id": int(it.key), "caption": c}
                                for it in items for j, c in enumerate(it.meta["captions"])]}
-        (out / "captions_subset.json").write_text(json.dumps(ann), encoding="utf-8")
+        write_text_atomic(out / "captions_subset.json", json.dumps(ann), encoding="utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:
