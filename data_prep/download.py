@@ -31,9 +31,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.fetching import DownloadError, fetch, no_empty_folders, write_json
+from data_prep.fetching import DownloadError, fetch, no_empty_folders
 from micro_diffusion.errors import UsageError, exit_with
 from micro_diffusion.utils.argparsing import parser, renamed
+from micro_diffusion.utils.atomic import write_text_atomic
 
 PROG = "data_prep.download"
 COCO_URL = "http://images.cocodataset.org"  # the real host of COCO's annotation zip and images
@@ -309,7 +310,7 @@ def write_plan(items: list[Item], out: Path) -> Path:
     """Write the selected items to OUT/plan.jsonl (what a real run will fetch)."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "plan.jsonl"
-    path.write_text("".join(json.dumps(asdict(it)) + "\n" for it in items), encoding="utf-8")
+    write_text_atomic(path, "".join(json.dumps(asdict(it)) + "\n" for it in items), encoding="utf-8")
     return path
 
 
@@ -337,7 +338,7 @@ def download(name: str, items: list[Item], out: Path, split: str | None = None) 
                     raise DownloadError(f"{it.dest} not found in train_val_images.zip")
                 z.extract(it.dest, out / "images")
         lines = [json.dumps({"file": it.dest, "caption": it.meta["caption"]}) + "\n" for it in items]
-        (out / "images" / "captions.jsonl").write_text("".join(lines), encoding="utf-8")
+        write_text_atomic(out / "images" / "captions.jsonl", "".join(lines), encoding="utf-8")
         return
     if spec.token and not os.environ.get("HF_TOKEN"):
         raise DownloadError(f"{name} is gated: accept its terms on huggingface.co, set HF_TOKEN and rerun")
@@ -347,7 +348,8 @@ def download(name: str, items: list[Item], out: Path, split: str | None = None) 
         fetch(url, out / dest, token=spec.token)
     if name == "coco2014":
         name_json = "annotations/captions_val2014.json" if split == "val" else "captions_subset.json"
-        write_json(out / name_json, coco_annotations(items))
+        (out / name_json).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / name_json, json.dumps(coco_annotations(items)))
 
 
 def build_parser() -> argparse.ArgumentParser:

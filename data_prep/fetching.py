@@ -7,7 +7,6 @@ left empty, so a run that fetched nothing leaves nothing behind.
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import shutil
 import urllib.error
@@ -57,14 +56,6 @@ def fetch(url: str, dest: Path, token: bool = False) -> None:
                             "rerun the same command (files already fetched are kept)") from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temp file beside path, renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _folders(root: Path) -> set[Path]:

@@ -18,7 +18,7 @@ import torch
 
 from .diffusion.edm import SIGMA_DATA
 from .errors import UsageError
-from .exported import export_model
+from .exported import check_target, export_model
 from .models import MicroDiT, create_dit, list_presets, preset_config
 from .version import __version__
 
@@ -206,6 +206,7 @@ def import_reference(source: str, out_dir: str | Path, in_channels: int | None =
     latent_size: the latent side the export samples at (default: the file's, from its pos_embed).
     preset, overrides: the network the file holds (default: the preset with the file's sizes).
     """
+    check_target(out_dir)  # before anything is fetched or read
     path = fetch(source)
     where = str(path)
     dit, others = split_subtrees(read_released(path))

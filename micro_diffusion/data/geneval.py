@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from micro_diffusion.utils.atomic import write_text_atomic
 from micro_diffusion.utils.images import save_atomic
 from micro_diffusion.utils.jsonl import read_jsonl
 
@@ -57,7 +58,7 @@ def read_prompts_file(path: str | Path) -> list[dict[str, Any]]:
 def write_prompts_file(path: str | Path, lines: list[dict[str, Any]]) -> Path:
     """Write metadata lines as a GenEval evaluation_metadata.jsonl."""
     path = Path(path)
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    write_text_atomic(path, "".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     return path
 
 
@@ -81,7 +82,7 @@ def write_prompt(out: str | Path, index: int, metadata: dict[str, Any]) -> Path:
             raise ValueError(f"{meta} holds another prompt ({old.get('prompt')!r}, not {metadata['prompt']!r}): "
                              "write to a fresh --out folder")
     (folder / "samples").mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(metadata) + "\n", encoding="utf-8")
+    write_text_atomic(meta, json.dumps(metadata) + "\n", encoding="utf-8")
     return folder
 
 

@@ -34,6 +34,7 @@ from micro_diffusion.eval.generate import TextToImage
 from micro_diffusion.eval.reader import caption_match, shuffled_match
 from micro_diffusion.training import Run, train
 from micro_diffusion.training.export import export_run
+from micro_diffusion.utils.atomic import write_text_atomic
 from micro_diffusion.utils.images import grid
 from micro_diffusion.utils.run_folder import EVAL, REPORT, SAMPLES, TRAIN_LOSS, metric_series, metrics_file
 
@@ -85,7 +86,7 @@ def _step(root: Path, name: str, fn: Callable[[], Any], log: list[str]) -> tuple
     result = fn()
     seconds = time.perf_counter() - start
     done.parent.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps({"seconds": seconds, "result": result}, indent=2) + "\n")
+    write_text_atomic(done, json.dumps({"seconds": seconds, "result": result}, indent=2) + "\n")
     log.append(f"{name}: {seconds:.1f} s")
     print(f"[demo] {name}: done in {seconds:.1f} s", flush=True)
     return result, seconds
@@ -213,7 +214,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     model = step("export", export)
     samples = step("sample", lambda: generate(cfg, Path(model["model"])))
     metrics = step("evaluate", lambda: evaluate(cfg, Path(samples["generated"])))
-    (Path(stages[-1]["run_dir"]) / EVAL).write_text(json.dumps(
+    write_text_atomic(Path(stages[-1]["run_dir"]) / EVAL, json.dumps(
         {"fid": metrics["fid"]["value"], "caption_match": metrics["caption_match"]["value"]}) + "\n")
     # the student learns the teacher as the demo samples it: guided at the demo's scale
     stages.append(step("train_distill", lambda: train_stage(cfg, cfg.distill_recipe,
@@ -231,7 +232,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                "eval": metrics, "distilled": distilled, "student": student["model"],
                "report": str(report.relative_to(root)),
                "config": {k: str(v) for k, v in asdict(cfg).items()}}
-    (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(root / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, root)
     return summary
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..errors import MicroDiffusionError, UsageError
 from ..exported import is_export
+from ..utils.atomic import write_text_atomic
 from ..utils.devices import torch_device
 from ..utils.folder_lock import hold
 from ..utils.images import save_atomic
@@ -139,7 +140,7 @@ def evaluate_coco(model: str | Path, annotations: str | Path, images_dir: str | 
     size = resolution or render.resolution
     record = render.record()
     if rank == 0:
-        (out / "captions.jsonl").write_text("".join(json.dumps(d) + "\n" for d in draw))
+        write_text_atomic(out / "captions.jsonl", "".join(json.dumps(d) + "\n" for d in draw))
     prepare_reference(draw, images_dir, ref_dir, size, rank, world)
     generate_missing(draw, gen_dir, render, rank, world, batch_size)
     del render
@@ -158,7 +159,7 @@ def evaluate_coco(model: str | Path, annotations: str | Path, images_dir: str | 
               "settings": {"model": str(model), "annotations": str(annotations), "num_captions": num,
                            "draw_seed": draw_seed, "resolution": size, "world_size": world,
                            **record, "fid": metrics["settings"], "clip": clip["settings"]}}
-    (out / EVAL_METRICS).write_text(json.dumps(result, indent=2))
+    write_text_atomic(out / EVAL_METRICS, json.dumps(result, indent=2))
     return result
 
 

@@ -27,6 +27,7 @@ from micro_diffusion.data.shapes import SceneLabels, geneval_lines
 from micro_diffusion.errors import UsageError
 from micro_diffusion.eval.geneval_rules import evaluate
 from micro_diffusion.eval.reader import Detection, by_class, read_objects
+from micro_diffusion.utils.atomic import write_text_atomic
 from micro_diffusion.utils.run_folder import SAMPLING_RECORD, SCORES
 
 TRUST_SEED = 0  # the ground-truth renders of a folder's prompts are drawn from (TRUST_SEED, prompt, image)
@@ -141,9 +142,7 @@ def write_scores(folder: str | Path, out: str | Path | None = None, vae: Any | N
     scores = score_folder(folder, vae)
     path = Path(out) if out else Path(folder) / SCORES
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(scores, indent=1) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(scores, indent=1) + "\n")
     return path, scores
 
 

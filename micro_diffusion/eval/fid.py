@@ -12,6 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UsageError
+from ..utils.atomic import write_text_atomic
 from ..utils.devices import usable_cpus
 from .inception import default_cache_dir, local_inception_weights, torch_fidelity_inception
 
@@ -79,7 +80,7 @@ def fid(gen: str | Path, ref: str | Path, out: str | Path | None = None, batch_s
     result = fid_kid(gen, ref, batch_size=batch_size, device=device)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(Path(out), json.dumps(result, indent=2) + "\n")
     return result
 
 

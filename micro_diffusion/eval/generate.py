@@ -25,6 +25,7 @@ from ..diffusion.sampling import (
 from ..encoders import load_text_encoder, load_vae
 from ..errors import UsageError
 from ..exported import CONFIG_FILE, load_exported, read_config
+from ..utils.atomic import write_text_atomic
 from ..utils.devices import autocast, compute_dtype, dtype_name, torch_device
 from ..utils.images import grid, save_atomic, to_pil
 from ..utils.run_folder import PROMPTS_RECORD, SAMPLING_RECORD
@@ -210,10 +211,10 @@ def sample(model: str | Path, prompts: Sequence[Prompt], out: str | Path, settin
         lines = [check_line(dict(p), f"prompt {i}") for i, p in enumerate(prompts)]
         written = sample_geneval(render, lines, out, k, batch_size)
         record.update(vae=render.config["encoders"]["vae"], images_per_prompt=k)
-        (out / SAMPLING_RECORD).write_text(json.dumps(record, indent=2))
+        write_text_atomic(out / SAMPLING_RECORD, json.dumps(record, indent=2))
         return {"out": str(out), "layout": layout, "images": written, "prompts": len(lines), "images_per_prompt": k,
                 **record}
     captions = [p if isinstance(p, str) else str(p["prompt"]) for p in prompts]
     written = _write_flat(render, captions, out, batch_size, save_latents)
-    (out / PROMPTS_RECORD).write_text(json.dumps({**record, "prompts": captions}, indent=2))
+    write_text_atomic(out / PROMPTS_RECORD, json.dumps({**record, "prompts": captions}, indent=2))
     return {"out": str(out), "layout": layout, "images": written, "prompts": len(captions), **record}

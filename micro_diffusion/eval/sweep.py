@@ -18,6 +18,7 @@ from ..cost.flops import sample_flops_per_image
 from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import DEFAULTS, SamplingSettings
 from ..errors import UsageError
+from ..utils.atomic import write_text_atomic
 from ..utils.run_folder import SWEEP, SWEEP_POINT
 from .coco import DRAW_SEED, Render, draw_captions, generate_missing, prepare_reference
 from .compose import score_folder
@@ -104,7 +105,7 @@ def sweep(points: list[SamplingSettings], held: HeldOut, out: Path, make_render:
         if held.prompts is not None:
             scores = score_folder(out / name / "geneval", trust=False)
             record["geneval"] = {"overall": scores["overall"], **{k: v["accuracy"] for k, v in scores["tasks"].items()}}
-        saved.write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(saved, json.dumps(record, indent=2) + "\n")
         records[name] = record
     return [records[point_name(s)] for s in points]
 
@@ -162,6 +163,6 @@ def run_sweep(model: str | Path, out: str | Path, presets: list[str], guidances:
                            "weights": render.config["weights_file"],
                            "cost": "sample_flops_per_image (forward FLOPs x evaluations, x2 with guidance)"}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / SWEEP).write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out / SWEEP, json.dumps(result, indent=2) + "\n")
     plot_sweep({Path(model).name: [result["points"]]}, out / "sweep.png")
     return result

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..cost.report import CSS, cost_table, img_tag, load_run, save_plot, stage_row  # noqa: E402
+from ..utils.atomic import write_text_atomic  # noqa: E402
 from ..utils.run_folder import REPORT, RESULTS, SCORES  # noqa: E402
 from .spec import Experiment  # noqa: E402
 from .sweeps import budget_values, crossovers, expand_claims, grid_samplers, sweep_section, swept  # noqa: E402
@@ -48,7 +49,7 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> dic
                "reader": json.loads(trust.read_text())["reader"] if trust.is_file() else None}
     if swept(rows):
         results["crossovers"] = crossovers(rows)
-    (out / RESULTS).write_text(json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out / RESULTS, json.dumps(results, indent=2) + "\n")
     return results
 
 

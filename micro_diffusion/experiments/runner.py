@@ -31,6 +31,7 @@ from ..eval.sweep import compose_heldout, model_sweep
 from ..recipe import RecipeError
 from ..training import train
 from ..training.export import export_run
+from ..utils.atomic import write_text_atomic
 from ..utils.run_folder import EVAL_METRICS, METRICS, STAGE_DONE, STEP, VAL_LOSS, latest_checkpoint
 from .plan import RunPlan, stage_dirs
 from .spec import Experiment
@@ -60,7 +61,7 @@ def prepare_data(exp: Experiment, root: Path) -> Path:
                    text_encoder=d["text_encoder"], caption_len=d["caption_len"], batch_size=256)
     # the reader's trust on these prompts (ground truth, shuffled, chance, through the VAE), once: prompts/scores.json
     write_scores(data / "prompts", vae=load_vae(str(d["vae"]), device="cpu"))
-    marker.write_text(json.dumps(want, indent=2) + "\n")
+    write_text_atomic(marker, json.dumps(want, indent=2) + "\n")
     return data / "latents"
 
 
@@ -91,11 +92,11 @@ def train_run(exp: Experiment, run: RunPlan, root: Path, latents: Path) -> list[
         trained = read_records(dirs[k]) if dirs[k].is_dir() else []
         if done.is_file() or (trained and int(trained[-1]["batch"]) >= stage.steps):  # killed before its marker
             print(f"[experiment] {run.name} stage{k}: finished earlier, reused", flush=True)
-            done.write_text(json.dumps(marker) + "\n")
+            write_text_atomic(done, json.dumps(marker) + "\n")
             continue
         print(f"[experiment] {run.name} stage{k}: {stage.steps} steps", flush=True)
         train(exp.base_recipe, stage_overrides(exp, run, k, root, latents))
-        done.write_text(json.dumps(marker) + "\n")
+        write_text_atomic(done, json.dumps(marker) + "\n")
     return dirs
 
 
@@ -147,7 +148,7 @@ def evaluate_run(exp: Experiment, run: RunPlan, dirs: list[Path], root: Path) ->
     records = model_sweep(render, points, held, out / "points", batch_size=64)
     fixed = records[points.index(SamplingSettings(**e["sampling"]))]
     metrics = {"fid": fixed["fid"], "geneval": fixed["geneval"], **({"sweep": records} if e["sweep"] else {})}
-    saved.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(saved, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 

@@ -10,7 +10,7 @@ import yaml
 
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
 from micro_diffusion.diffusion.sampling import sampler_spec
-from micro_diffusion.exported import export_model
+from micro_diffusion.exported import check_target, export_model
 from micro_diffusion.recipe import build_network, resolve_streams
 from micro_diffusion.training.run import null_caption
 from micro_diffusion.utils.folder_lock import hold
@@ -90,7 +90,11 @@ def _find_run(run_or_checkpoint: Path, config_path: Path | None) -> tuple[Path, 
 
 
 def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: str | Path | None = None) -> Path:
-    """Export a training run's (or one checkpoint's) network with its resolved config, encoders and null caption."""
+    """Export a training run's (or one checkpoint's) network with its resolved config, encoders and null caption.
+
+    The folder is written atomically (exported.export_model): an export over an older one replaces it whole.
+    """
+    check_target(out_dir)  # before the checkpoint loads
     ckpt, config = _find_run(Path(run_or_checkpoint), Path(config_path) if config_path else None)
     info = yaml.safe_load(config.read_text())
     if not isinstance(info, dict) or "recipe" not in info:
