@@ -248,6 +248,8 @@ def convert(input: str | Path, out: str | Path, format: str, *, annotations: str
         "chunk_size": chunk_size, "shard_size": shard_size,
         **{k: Path(v) if v is not None else None for k, v in paths.items()}})
     out = Path(out)
+    if not is_pattern(str(input)) and not Path(input).exists():  # a missing input is a usage error, before any output
+        raise UsageError(f"INPUT {input} does not exist: give the {format} source's file, folder or pattern")
     records = open_records(format, opts["input"], opts)
     prepare_output(out, opts, verify_hashes, log)
     settings = Settings(max_side=max_side, min_size=min_size, max_pixels=max_pixels, center_crop=center_crop_resize,

@@ -244,6 +244,10 @@ def precompute(input: str | Path, out: str | Path, resolutions: Sequence[int], *
     """Encode the image shards at `input` into latent shards at `out`, in this process, torchrun ranks or `workers`
     spawned CPU processes; return the summary (samples, chunks, upscaled per resolution) on the rank that merged, else
     None. `vae` and `text_encoder` name hub models or local folders (see micro_diffusion.encoders)."""
+    if not Path(input).is_dir():  # before any encoder loads or output folder is made
+        raise UsageError(f"INPUT {input} is not a folder: give the MDS image shards data_prep.convert wrote")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file: give the folder for the latent shards")
     if dtype not in DTYPES or device not in ("cpu", "cuda"):
         raise UsageError(f"device {device!r} / dtype {dtype!r}: expected cpu|cuda and one of {', '.join(DTYPES)}")
     if not resolutions:

@@ -190,7 +190,8 @@ def sha256(path: Path) -> str:
 def read_released(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a released file, unpickled with weights_only=True (tensors and plain containers only)."""
     if not path.is_file():
-        raise FileNotFoundError(f"released checkpoint {path} does not exist")
+        raise ReferenceImportError(f"released checkpoint {path} does not exist: give a local .pt file or "
+                                   "hf://VSehwag24/MicroDiT/ckpts/NAME.pt")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         kind = type(state).__name__ if not isinstance(state, dict) else f"dict with keys {sorted(state)[:4]}"

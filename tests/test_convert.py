@@ -314,7 +314,7 @@ def test_kill9_then_rerun_matches_uninterrupted_run(tmp_path):
 
 def test_command_errors_name_the_problem(tmp_path, capsys):
     missing = tmp_path / "no_such_dir"
-    assert convert.main([str(missing), "--format", "folder", "--out", str(tmp_path / "o")]) == 1
+    assert convert.main([str(missing), "--format", "folder", "--out", str(tmp_path / "o")]) == 2  # a usage error
     assert str(missing) in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         convert.main([str(tmp_path), "--format", "tiff_stack", "--out", str(tmp_path / "o")])

@@ -220,5 +220,5 @@ def test_parity_with_the_reference_network(tmp_path, case, latent, interp):
 def test_hub_paths_are_parsed_before_any_download(tmp_path):
     with pytest.raises(ReferenceImportError, match="expected hf://OWNER/REPO/PATH"):
         import_reference("hf://VSehwag24/MicroDiT", tmp_path / "x")
-    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+    with pytest.raises(ReferenceImportError, match="nowhere.pt"):  # a usage error: exit 2, one line
         import_reference(str(tmp_path / "nowhere.pt"), tmp_path / "x")

@@ -9,15 +9,15 @@ from ..errors import UsageError
 from ..recipe import parse_overrides
 from ..utils.argparsing import renamed, subparser
 from ..utils.run_folder import REPORT
-from .estimate import estimate_recipe, format_table, total_of
+from .estimate import check_cost_args, estimate_recipe, format_table, total_of
 from .prices import DEVICES
-from .report import write_report
 
 
 def _estimate(args: argparse.Namespace) -> int:
     recipes = [a for a in args.recipes if "=" not in a]  # positional key=value arguments are overrides
     if not recipes:
         raise UsageError("give at least one recipe file before the key=value overrides")
+    check_cost_args(args.devices, args.mfu, args.usd_per_device_hour)  # before any recipe is read
     overrides = parse_overrides([a for a in args.recipes if "=" in a])
     stages = [estimate_recipe(path, overrides, args.devices, args.device_type, args.mfu, args.usd_per_device_hour)
               for path in recipes]
@@ -35,6 +35,8 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .report import write_report  # matplotlib: only this command needs it
+
     print(write_report(args.run_dirs, args.out))
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..diffusion.trigflow import AdaptiveWeight
+from ..errors import UsageError
 from ..models import MicroDiT
 from ..recipe import build_network, latent_size, load_recipe
 from .flops import distill_flops_per_sample, train_flops_per_sample
@@ -52,19 +53,26 @@ def flops_per_sample(net: MicroDiT, cfg: dict) -> int:
 def stage_flops(cfg: dict, steps: int, global_batch: int) -> tuple[float, float]:
     """(FLOPs per sample, total training FLOPs) of `steps` optimizer steps at `global_batch` samples each."""
     if steps < 1 or global_batch < 1:
-        raise ValueError(f"steps and global_batch must be positive, got {steps} and {global_batch}")
+        raise UsageError(f"steps and global_batch must be positive, got {steps} and {global_batch}")
     with torch.device("meta"):  # shapes only: XL costs no memory and no time to build
         net = build_network(cfg)
     per_sample = float(flops_per_sample(net, cfg))
     return per_sample, per_sample * steps * global_batch
 
 
+def check_cost_args(devices: int, mfu: float, usd_per_hour: float | None = None) -> None:
+    """Usage errors naming --devices, --mfu or --usd-per-device-hour when out of range."""
+    if devices < 1:
+        raise UsageError(f"--devices must be at least 1, got {devices}")
+    if not 0 < mfu <= 1:
+        raise UsageError(f"--mfu {mfu:g}: the share of the peak achieved must lie in (0, 1], e.g. 0.4")
+    if usd_per_hour is not None and usd_per_hour < 0:
+        raise UsageError(f"--usd-per-device-hour must not be negative, got {usd_per_hour:g}")
+
+
 def cost_of(flops: float, devices: int, device_type: str, mfu: float, usd_per_hour: float | None = None) -> dict:
     """Device-hours, days on `devices` devices and dollars of `flops` at utilisation `mfu`."""
-    if not 0 < mfu <= 1:
-        raise ValueError(f"mfu must lie in (0, 1], got {mfu}")
-    if devices < 1:
-        raise ValueError(f"devices must be positive, got {devices}")
+    check_cost_args(devices, mfu, usd_per_hour)
     spec = device_spec(device_type)
     if spec.peak_tflops is None:
         raise ValueError(f"device type {device_type!r} has no tabled peak; estimates need a GPU type")
@@ -80,7 +88,8 @@ def steps_of(max_duration: str | int, global_batch: int, where: str) -> int:
         return int(text[:-2])
     if text.endswith("sp") and text[:-2].isdigit():
         return -(-int(text[:-2]) // global_batch)
-    raise ValueError(f"{where}: cannot count steps of max_duration {max_duration!r}; give it in batches ('250000ba')")
+    raise UsageError(f"{where}: cannot count steps of max_duration {max_duration!r}; give it in batches ('250000ba') "
+                     "or samples ('512000000sp')")
 
 
 def estimate_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None, devices: int, device_type: str,
@@ -88,6 +97,8 @@ def estimate_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None
     """Estimate one stage from its recipe file (the recipe loader, with {dotted key: value} overrides)."""
     cfg = load_recipe(path, overrides)
     batch = int(cfg["train"]["global_batch"])
+    if batch < 1:
+        raise UsageError(f"{path}: train.global_batch must be at least 1, got {batch}")
     steps = steps_of(cfg["train"]["max_duration"], batch, f"{path}: train.max_duration")
     mask = float(cfg["diffusion"]["mask_ratio"])
     per_sample, flops = stage_flops(cfg, steps, batch)

@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only: no display on training nodes or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..errors import UsageError  # noqa: E402
 from ..utils.run_folder import BAD_SAMPLES_SKIPPED as BAD_SAMPLES  # noqa: E402
 from ..utils.run_folder import COST, METRICS, REPORT, STAGE_MFU, STEP, TRAIN_LOSS, read_metrics, samples_dir  # noqa: E402  # noqa: E402
 from .ledger import read_records  # noqa: E402
@@ -57,10 +58,10 @@ def load_run(run_dir: str | Path) -> RunData:
     """Read a run folder; a folder with neither a cost ledger nor a metrics log is an error naming it."""
     path = Path(run_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"run folder not found: {path}")
+        raise UsageError(f"run folder {path} does not exist: give runs/<stage> folders written by training")
     cost, metrics = read_records(path), read_metrics(path)
     if not cost and not metrics:
-        raise FileNotFoundError(f"{path}: no {COST} or {METRICS} to report on")
+        raise UsageError(f"run folder {path} holds no {COST} or {METRICS} to report on: give a folder training wrote")
     samples = sorted(samples_dir(path).glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))
     return RunData(path, cost, metrics, _read_evals(path), samples[-1] if samples else None)
 
@@ -220,9 +221,11 @@ def render_html(runs: list[RunData], plots: list[Path]) -> str:
 def write_report(run_dirs: list[str | Path], out: str | Path | None = None) -> Path:
     """Write the dashboard (default: report.html in the first run folder) and its PNG plots beside it."""
     if not run_dirs:
-        raise ValueError("give at least one run folder")
+        raise UsageError("give at least one run folder")
     runs = [load_run(d) for d in run_dirs]
     out = Path(out) if out is not None else runs[0].path / REPORT
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder: give the HTML file to write")
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = make_plots(runs, out.with_suffix(""))
     out.write_text(render_html(runs, plots), encoding="utf-8")

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import UsageError
 from ..utils.argparsing import renamed, subparser
 from . import DEFAULT_ROOT, STEPS, step_marker
 
@@ -44,6 +45,8 @@ def demo_plan(cfg: DemoConfig) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Run (or finish) the demo; its pipeline imports Composer, Streaming and the encoders (seconds), hence here."""
+    if args.out.exists() and not args.out.is_dir():  # checked before the pipeline's imports (seconds)
+        raise UsageError(f"--out {args.out} is a file, not a folder: give the demo folder (default {DEFAULT_ROOT})")
     from .pipeline import DemoConfig, run_demo
 
     cfg = DemoConfig.quick(args.out, args.fresh) if args.quick else DemoConfig(root=args.out, fresh=args.fresh)

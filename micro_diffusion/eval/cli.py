@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from ..diffusion.sampling import SAMPLERS
+from ..errors import UsageError
 from ..utils.argparsing import renamed, subparser
 from .generate import load_prompts, sample
 
@@ -51,7 +53,18 @@ def _add_run(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
     p.add_argument("--batch-size", type=int, default=batch_size)
 
 
+def _check_export(run: str, out: str, config: str | None) -> None:
+    """export's paths, checked before Composer is imported: the run or checkpoint, --config, --out."""
+    if not Path(run).exists():
+        raise UsageError(f"run folder or checkpoint {run} does not exist: give runs/<stage> or a checkpoint file in it")
+    if config is not None and not Path(config).is_file():
+        raise UsageError(f"--config {config} does not exist: give the run's config.yaml")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file: give the export folder to write")
+
+
 def _export(args: argparse.Namespace) -> int:
+    _check_export(args.run, args.out, args.config)
     from ..training.export import export_run  # imports Composer (seconds): only this command needs it
 
     out = export_run(args.run, args.out, args.config)

@@ -21,7 +21,7 @@ from ..utils.images import save_atomic
 from ..utils.run_folder import EVAL_METRICS
 from .clip_score import clip_score
 from .fid import fid_kid
-from .generate import Sampling, TextToImage, export_config, settings_for
+from .generate import Sampling, TextToImage, check_counts, check_out_folder, check_request, export_config, settings_for
 
 DRAW_SEED = 2014  # the draw is part of the protocol: changing it changes which captions every run is scored on
 Render = Callable[[list[str], list[int]], list[Image.Image]]
@@ -172,6 +172,13 @@ def coco(model: str | Path, out: str | Path, annotations: str | Path, images: st
     dry_run: only the resolved plan (nothing written). Otherwise metrics.json's content on rank 0, None elsewhere.
     """
     model, out = Path(model), Path(out)
+    check_counts(num=num, batch_size=batch_size, resolution=resolution)  # before anything loads or is written
+    if not dry_run:  # a dry run lists the missing inputs instead
+        if not model.exists():
+            raise UsageError(f"{model} does not exist (an export, a run folder or a checkpoint)")
+        check_out_folder(out)
+        if is_export(model):
+            check_request(model, settings, use_ema)
     if dry_run:
         exported = is_export(model)
         resolved = settings_for(export_config(model) if exported else {}, settings).to_dict()
@@ -185,8 +192,6 @@ def coco(model: str | Path, out: str | Path, annotations: str | Path, images: st
         if not is_export(model):  # a run folder or checkpoint: export it first, beside the results
             from ..training.export import export_run  # imports Composer (seconds): only a run folder needs it
 
-            if not model.exists():
-                raise UsageError(f"{model} does not exist (an export, a run folder or a checkpoint)")
             if rank_world()[1] > 1:  # ranks exporting at once would race on one folder
                 raise UsageError(f"{model} is not an exported model: with several processes, run "
                                  f"`micro-diffusion export {model} --out DIR` first and pass DIR")

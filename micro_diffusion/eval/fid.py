@@ -77,6 +77,10 @@ def fid_kid(gen_dir: str | Path, ref_dir: str | Path, weights: str | Path | None
 def fid(gen: str | Path, ref: str | Path, out: str | Path | None = None, batch_size: int = 64,
         device: str | None = None) -> dict:
     """FID and KID of the images of `gen` against those of `ref` (see fid_kid), also written as JSON to `out`."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if out is not None and Path(out).is_dir():
+        raise UsageError(f"--out {out} is a folder: give the JSON file to write")
     result = fid_kid(gen, ref, batch_size=batch_size, device=device)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,12 @@ from ..diffusion.sampling import (
     sampler_spec,
 )
 from ..encoders import load_text_encoder, load_vae
-from ..errors import UsageError
+from ..errors import MicroDiffusionError, UsageError
 from ..exported import CONFIG_FILE, load_exported, read_config
 from ..utils.atomic import write_text_atomic
 from ..utils.devices import autocast, compute_dtype, dtype_name, torch_device
 from ..utils.images import grid, save_atomic, to_pil
+from ..utils.run_folder import EMA_WEIGHTS as EMA_FILE
 from ..utils.run_folder import PROMPTS_RECORD, SAMPLING_RECORD
 from ..utils.sizes import as_hw
 
@@ -36,11 +37,45 @@ Prompt = str | Mapping[str, Any]  # a caption, or a GenEval metadata line ({"pro
 
 
 def export_config(model: str | Path) -> dict:
-    """An exported model's config.json; a missing folder or file is a usage error naming it."""
+    """An exported model's config.json; a missing folder or file is a usage error naming it, an unreadable one or
+    one of another network format a project error naming the file."""
+    if not Path(model).is_dir():
+        raise UsageError(f"model folder {model} does not exist: give a folder written by `micro-diffusion export RUN "
+                         "--out DIR` (or import-reference)")
     if not (Path(model) / CONFIG_FILE).is_file():
         raise UsageError(f"{model} is not an exported model (no {CONFIG_FILE}): write one with "
                          "`micro-diffusion export RUN --out DIR`")
-    return read_config(model)
+    try:
+        return read_config(model)
+    except ValueError as err:  # not JSON, or another network format: the message names the folder
+        raise MicroDiffusionError(f"{Path(model) / CONFIG_FILE}: {err}") from err
+
+
+def check_counts(**counts: int | None) -> None:
+    """Each given count (option name: value; None skips it) is at least 1, else a usage error naming the flag."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_out_folder(out: str | Path) -> None:
+    """An output folder may exist (a rerun resumes) but must not be a file."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: choose a folder")
+
+
+def check_request(model: str | Path, settings: Sampling = None, use_ema: bool | None = None
+                  ) -> tuple[dict, SamplingSettings]:
+    """(config, settings) of an export, checked before anything loads: the folder, --steps, the sampler against the
+    model (check_sampling) and --ema against the weights it holds."""
+    config = export_config(model)
+    resolved = settings_for(config, settings)
+    check_counts(steps=resolved.steps)
+    check_sampling(config, resolved, str(model))
+    if use_ema and not (Path(model) / EMA_FILE).is_file():
+        raise UsageError(f"--ema: {Path(model) / EMA_FILE} does not exist (this export has no EMA weights): drop "
+                         "--ema, or use --raw")
+    return config, resolved
 
 
 def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> SamplingSettings:
@@ -199,13 +234,11 @@ def sample(model: str | Path, prompts: Sequence[Prompt], out: str | Path, settin
         raise UsageError("--layout geneval takes its prompts from --prompts evaluation_metadata.jsonl alone "
                          "(no --prompt, no text file, no --save-latents)")
     k = 4 if images_per_prompt is None else images_per_prompt
-    if k < 1:
-        raise UsageError(f"--images-per-prompt must be at least 1, got {k}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    render = TextToImage(model, settings_for(export_config(model), settings), seed, use_ema, device)
+    check_counts(images_per_prompt=k, batch_size=batch_size)
+    check_out_folder(out)
+    render = TextToImage(model, check_request(model, settings, use_ema)[1], seed, use_ema, device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # only once the arguments passed and the model loaded
     record: dict[str, Any] = {"model": str(model), **render.record()}
     if layout == "geneval":
         lines = [check_line(dict(p), f"prompt {i}") for i, p in enumerate(prompts)]

@@ -16,14 +16,21 @@ from typing import Any
 
 from ..cost.flops import sample_flops_per_image
 from ..data.geneval import read_prompts_file
-from ..diffusion.sampling import DEFAULTS, SamplingSettings
+from ..diffusion.sampling import DEFAULTS, SamplingSettings, sampler_spec
 from ..errors import UsageError
 from ..utils.atomic import write_text_atomic
 from ..utils.run_folder import SWEEP, SWEEP_POINT
 from .coco import DRAW_SEED, Render, draw_captions, generate_missing, prepare_reference
 from .compose import score_folder
 from .fid import FidScorer
-from .generate import TextToImage, check_sampling, export_config, sample_geneval, settings_for
+from .generate import (
+    TextToImage,
+    check_counts,
+    check_out_folder,
+    check_request,
+    check_sampling,
+    sample_geneval,
+)
 from .sweep_plots import plot_sweep
 
 REFERENCE_PRESET = "heun:30"
@@ -41,10 +48,15 @@ class HeldOut:
 
 
 def parse_preset(preset: str) -> tuple[str, int]:
-    """'SAMPLER:STEPS' -> (sampler, steps)."""
+    """'SAMPLER:STEPS' -> (sampler, steps); a usage error names the preset and what is wrong with it."""
     sampler, sep, steps = preset.partition(":")
     if not sep or not steps.isdigit() or int(steps) < 1:
-        raise UsageError(f"preset {preset!r} is not SAMPLER:STEPS (e.g. heun:30)")
+        raise UsageError(f"--presets {preset}: not SAMPLER:STEPS with STEPS a whole number of at least 1 "
+                         "(e.g. heun:30)")
+    try:
+        sampler_spec(sampler)
+    except UsageError as err:
+        raise UsageError(f"--presets {preset}: {err}") from err
     return sampler, int(steps)
 
 
@@ -140,14 +152,21 @@ def run_sweep(model: str | Path, out: str | Path, presets: list[str], guidances:
               guidance_interval: tuple[float, float] | None = None, draw_seed: int = DRAW_SEED) -> dict:
     """The grid on COCO (annotations + images) or on the compositional held-out set (scenes + geneval); writes
     sweep.json and sweep.png into `out`. guidance_interval: every point's (default: the export's)."""
+    presets_given = [parse_preset(p) for p in presets]  # every argument is checked before anything loads
+    check_counts(num=num, batch_size=batch_size, images_per_prompt=images_per_prompt)
+    if not presets_given or not guidances:
+        raise UsageError("--presets and --guidances each need at least one value")
+    check_out_folder(out)
     if (scenes is None) != (geneval is None):
         raise UsageError("--scenes and --geneval go together (the compositional held-out set)")
     if scenes is None and (annotations is None or images is None):
         raise UsageError("a sweep scores on COCO (--annotations and --images) or on compositional scenes "
                          "(--scenes and --geneval)")
     out = Path(out)
-    base = settings_for(export_config(model), {"guidance_interval": guidance_interval})
+    config, base = check_request(model, {"guidance_interval": guidance_interval}, use_ema)
     points = grid(base, presets, guidances)
+    for sampler, steps in presets_given:  # a student's sampler on a diffusion model, or back, before loading
+        check_sampling(config, replace(points[0], sampler=sampler, steps=steps), str(model))
     render = TextToImage(model, points[0], seed, use_ema, device)
     if scenes is not None:
         held = compose_heldout(scenes, geneval, num, images_per_prompt)

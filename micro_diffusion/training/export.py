@@ -10,6 +10,7 @@ import yaml
 
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
 from micro_diffusion.diffusion.sampling import sampler_spec
+from micro_diffusion.errors import UsageError
 from micro_diffusion.exported import check_target, export_model
 from micro_diffusion.recipe import build_network, resolve_streams
 from micro_diffusion.training.run import null_caption
@@ -76,6 +77,9 @@ def sampling_settings(cfg: dict) -> dict[str, Any]:
 
 def _find_run(run_or_checkpoint: Path, config_path: Path | None) -> tuple[Path, Path]:
     """(checkpoint file, the run's config.yaml) for a run folder or a checkpoint inside runs/<name>/checkpoints/."""
+    if not run_or_checkpoint.exists():
+        raise UsageError(f"run folder or checkpoint {run_or_checkpoint} does not exist: give runs/<stage> or a "
+                         "checkpoint file in it")
     if run_or_checkpoint.is_dir():
         ckpt = latest_checkpoint(run_or_checkpoint)
         config = config_path or config_file(run_or_checkpoint)
@@ -83,9 +87,9 @@ def _find_run(run_or_checkpoint: Path, config_path: Path | None) -> tuple[Path, 
         ckpt = run_or_checkpoint
         config = config_path or config_file(run_or_checkpoint.resolve().parent.parent)
     if not ckpt.exists():
-        raise FileNotFoundError(f"checkpoint {ckpt} does not exist")
+        raise UsageError(f"checkpoint {ckpt} does not exist: {run_or_checkpoint} holds no training checkpoint")
     if not config.is_file():
-        raise FileNotFoundError(f"run config {config} does not exist (pass --config for a checkpoint outside its run)")
+        raise UsageError(f"run config {config} does not exist (pass --config for a checkpoint outside its run)")
     return ckpt, config
 
 

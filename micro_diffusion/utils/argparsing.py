@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, NoReturn
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -14,9 +14,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return text if "default" in text else super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A parser whose usage errors are one line on stderr, `PROG: error: message (PROG --help lists ...)`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Report a bad command line in one line (no usage block) and exit 2, the project's usage-error code."""
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the options)\n")
+
+
 def parser(prog: str | None = None, description: str | None = None, **kwargs: Any) -> argparse.ArgumentParser:
-    """An ArgumentParser with the project's help formatter."""
-    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
+    """An ArgumentParser with the project's help formatter and one-line usage errors (subcommands inherit both)."""
+    return ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter, **kwargs)
 
 
 def subparser(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> argparse.ArgumentParser:
