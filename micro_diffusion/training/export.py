@@ -102,19 +102,19 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
     ckpt, config = _find_run(Path(run_or_checkpoint), Path(config_path) if config_path else None)
     info = yaml.safe_load(config.read_text())
     if not isinstance(info, dict) or "recipe" not in info:
-        raise KeyError(f"{config} has no 'recipe' section (expected the {CONFIG} micro-diffusion train writes)")
+        raise UsageError(f"{config} has no 'recipe' section (expected the {CONFIG} micro-diffusion train writes)")
     cfg = info["recipe"]
     with torch.device("meta"):
         net = build_network(cfg)
     raw, ema = load_composer_checkpoint(ckpt)
     expected = set(net.state_dict())
     if set(raw) != expected:
-        raise KeyError(f"{ckpt}: network tensors differ from the recipe's {cfg['model']['preset']}: "
+        raise UsageError(f"{ckpt}: network tensors differ from the recipe's {cfg['model']['preset']}: "
                        f"{sorted(set(raw) ^ expected)[:5]}")
     shards = Path(resolve_streams(cfg)[0]["local"])
     for f in (shards / ENCODERS_FILE, shards / NULL_CAPTION_FILE):
         if not f.is_file():
-            raise FileNotFoundError(f"{f} is missing: export records the encoders and null caption of the data")
+            raise UsageError(f"{f} is missing: export records the encoders and null caption of the data")
     export_cfg = {"preset": cfg["model"]["preset"], "network": net.cfg.to_dict(),
                   "encoders": json.loads((shards / ENCODERS_FILE).read_text()), "recipe": cfg.get("stage"),
                   "sigma_data": cfg["diffusion"]["sigma_data"], "source_checkpoint": str(ckpt),
