@@ -214,3 +214,15 @@ def test_make_eval_coco_dry_run_prints_the_protocol_and_lint_passes():
     assert plan["sampling"] == DEFAULTS.to_dict()
     assert re.search(r"captions_val2014\.json$", plan["annotations"]) and plan["clip_model"] == "ViT-L-14"
     make("lint")
+
+
+@pytest.mark.slow
+def test_make_dry_runs_print_plans_and_write_nothing(tmp_path):
+    """`make demo DRY_RUN=1` and `make experiment NAME=... DRY_RUN=1` (and its alias) plan, and train nothing."""
+    out = make("demo", "DRY_RUN=1", f"DEMO_ROOT={tmp_path / 'demo'}").stdout
+    plan = json.loads(out[out.index("{"):])
+    assert [s["step"] for s in plan["steps"]] == list(STEPS) and plan["config"]["root"] == str(tmp_path / "demo")
+    for target in (("experiment", "NAME=masking"), ("ablation",)):
+        out = make(*target, "DRY_RUN=1", "QUICK=1", f"EXP_OUT={tmp_path / 'exp'}").stdout
+        assert re.search(r"\[experiment\] \S+_s0: .* FLOPs", out), out[-2000:]
+    assert list(tmp_path.iterdir()) == []
