@@ -9,7 +9,8 @@ still empty). Under a distributed launcher (Composer's, torchrun) only global ra
 lock, for the whole job; the other ranks hold nothing.
 
 On NFS, Linux emulates `flock` with the server's byte-range locks, so the lock holds across hosts that mount the
-folder; on filesystems without locking the job fails with the OSError of `flock`.
+folder; on filesystems without locking the job fails at once with one line (MicroDiffusionError, exit 1) that
+names the lock file and the OSError of `flock`.
 """
 from __future__ import annotations
 
