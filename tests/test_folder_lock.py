@@ -173,15 +173,18 @@ def test_convert_precompute_and_eval_coco_refuse_a_held_output_before_reading_th
     from micro_diffusion.eval.coco import coco
 
     out = tmp_path / "out"
+    shards, run = tmp_path / "shards", tmp_path / "run"  # inputs that pass the argument checks, never read
+    shards.mkdir()
+    run.mkdir()
     with hold(out, "another convert", beside=True):
         with pytest.raises(Busy, match=f"another convert pid {os.getpid()}"):
             convert(tmp_path / "missing", out, "folder", workers=0)
         with pytest.raises(Busy, match="another convert"):
-            precompute(tmp_path / "missing", out, [64], vae="missing", text_encoder="missing", caption_len=8)
+            precompute(shards, out, [64], vae="missing", text_encoder="missing", caption_len=8)
     with hold(out, "another eval"):
         with pytest.raises(Busy, match="another eval"):
-            coco(tmp_path / "missing", out, tmp_path / "captions.json", tmp_path / "images")
-    assert list(tmp_path.iterdir()) == [], "the refused jobs created nothing"
+            coco(run, out, tmp_path / "captions.json", tmp_path / "images")
+    assert sorted(tmp_path.iterdir()) == [run, shards], "the refused jobs created nothing"
 
 
 def test_train_in_a_held_run_folder_stops_before_fitting(tmp_path, monkeypatch):
