@@ -15,14 +15,16 @@ from PIL import Image, ImageDraw
 
 SUPERSAMPLE = 4
 # Every colour a scene may name. The eight chromatic ones are GenEval's colours but black and white, far from any grey
-# background; white is the demo's one achromatic colour, read by its lightness above the background.
+# background; white is the demo's one achromatic colour, read by its lightness above the background. The five colours
+# the demo shares keep the demo's values: its committed VAE was trained on them, and the compositional palette's
+# (a darker purple, above all) cost the demo's model caption match 0.964 -> 0.783 and FID 104 -> 128 (one run each).
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
+    "red": (220, 40, 40),
     "orange": (245, 130, 20),
-    "yellow": (235, 220, 40),
-    "green": (40, 175, 65),
-    "blue": (40, 85, 230),
-    "purple": (135, 50, 200),
+    "yellow": (235, 215, 40),
+    "green": (40, 190, 60),
+    "blue": (50, 90, 235),
+    "purple": (170, 60, 210),
     "pink": (245, 135, 205),
     "brown": (130, 75, 30),
     "white": (240, 240, 240),
