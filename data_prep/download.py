@@ -57,10 +57,15 @@ class Item:
     meta: dict = field(default_factory=dict)
 
 
-def select_fraction(items: list[Item], fraction: float) -> list[Item]:
-    """The items whose key hashes into the lowest `fraction` of the hash range (at least one for fraction > 0)."""
+def check_fraction(fraction: float) -> None:
+    """--fraction is a share of the manifest: in (0, 1]."""
     if not 0.0 < fraction <= 1.0:
         raise UsageError(f"--fraction must be in (0, 1], got {fraction}")
+
+
+def select_fraction(items: list[Item], fraction: float) -> list[Item]:
+    """The items whose key hashes into the lowest `fraction` of the hash range (at least one for fraction > 0)."""
+    check_fraction(fraction)
     ranked = sorted(items, key=lambda it: hashlib.sha1(it.key.encode()).hexdigest())
     n = max(1, round(fraction * len(ranked))) if ranked else 0
     return sorted(ranked[:n], key=lambda it: it.key)
@@ -298,8 +303,7 @@ def plan_download(name: str, out: str | Path, fraction: float = 1.0, manifest: s
     """Find or fetch the manifest of dataset `name`, select the `fraction` subset and write it to OUT/plan.jsonl."""
     if name not in DATASETS:
         raise UsageError(f"dataset {name!r}: not one of {', '.join(sorted(DATASETS))}")
-    if not 0.0 < fraction <= 1.0:
-        raise UsageError(f"--fraction must be in (0, 1], got {fraction}")
+    check_fraction(fraction)  # before any manifest is fetched
     split, out = resolve_split(name, split), Path(out)
     items = select_fraction(all_items(name, out, Path(manifest) if manifest is not None else None, split), fraction)
     write_plan(items, out)
@@ -393,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> int:
+        check_fraction(args.fraction)  # before any manifest is looked for, in a dry run too
         split = resolve_split(args.dataset, args.split)
         if args.dry_run:
             return dry_run(args, split)

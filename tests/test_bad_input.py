@@ -75,6 +75,9 @@ CASES: list[tuple[str, tuple[str, ...], int, tuple[str, ...]]] = [
     ("precompute-missing", ("-m", "data_prep.precompute", "nope", "--out", "out", "--resolution", "64"), USAGE,
      ("nope",)),
     ("convert-missing", ("-m", "data_prep.convert", "nope", "--format", "folder", "--out", "out"), USAGE, ("nope",)),
+    ("download-fraction", ("-m", "data_prep.download", "coco2014", "--out", "out", "--fraction", "2", "--dry-run"),
+     USAGE, ("--fraction", "2")),
+    ("download-unknown", ("-m", "data_prep.download", "imagenet", "--out", "out", "--dry-run"), USAGE, ("imagenet",)),
 ]
 
 
