@@ -8,7 +8,7 @@ os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.environ.get("TMPDIR", "/tm
 import atexit  # noqa: E402
 import gc  # noqa: E402
 import tempfile  # noqa: E402
-import warnings  # noqa: E402
+import weakref  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -21,8 +21,30 @@ def private_tmp(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     yield
-    gc.collect()  # drop finished datasets so their shared memory is released before the next test
-    release_streaming_memory()
+    if _MEMORIES:  # only a test that opened Streaming datasets pays for a collection (about 0.3 s)
+        gc.collect()  # drop finished datasets before their shared memory is closed
+        release_streaming_memory()
+
+
+_MEMORIES: weakref.WeakSet = weakref.WeakSet()  # every Streaming SharedMemory this process opened and has not closed
+
+
+def _track_streaming_memory() -> None:
+    """Record each SharedMemory Streaming opens in this process, so a test's teardown finds them without a heap scan."""
+    try:
+        from streaming.base.shared.memory import SharedMemory
+    except ImportError:
+        return
+    opened = SharedMemory.__init__
+
+    def init(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        _MEMORIES.add(self)
+
+    SharedMemory.__init__ = init
+
+
+_track_streaming_memory()
 
 
 def release_streaming_memory() -> None:
@@ -31,16 +53,10 @@ def release_streaming_memory() -> None:
     Streaming registers every SharedMemory it creates or opens with atexit, so each dataset built in this process keeps
     its files open until the process ends: over the whole suite that ran out of file descriptors (20,000 here).
     """
-    try:
-        from streaming.base.shared.memory import SharedMemory
-    except ImportError:
-        return
-    with warnings.catch_warnings():  # isinstance on some of torch's deprecated module objects warns
-        warnings.simplefilter("ignore")
-        memories = [obj for obj in gc.get_objects() if isinstance(obj, SharedMemory)]
-    for obj in memories:
+    for obj in list(_MEMORIES):
         atexit.unregister(obj.cleanup)
         obj.cleanup()
+        _MEMORIES.discard(obj)
 
 
 def pytest_collection_modifyitems(config, items):
