@@ -21,7 +21,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # make test-fast: the unit tests, without the end-to-end chains marked slow (trainings, make targets, subprocesses):
-# under 3 minutes on 2 cores. make test (CI) runs that selection first, then the slow chains: nothing runs twice.
+# about a minute on 2 cores. make test (CI) runs that selection first, then the slow chains: nothing runs twice.
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
