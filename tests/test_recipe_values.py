@@ -146,15 +146,21 @@ ACCEPTED = [
 ]
 
 
-def test_load_recipe_refuses_each_bad_value_naming_the_key():
+def not_refused(load, cases) -> list[str]:
+    """The cases `load` accepts, or refuses with a message that does not match: empty when each is refused as wanted."""
     wrong = []
-    for override, match in REFUSED:
+    for case, match in cases:
         try:
-            demo(override)
-            wrong.append(f"{override}: loaded")
+            load(case)
+            wrong.append(f"{case}: loaded")
         except RecipeError as err:
             if not re.search(match, str(err)):
-                wrong.append(f"{override}: {err}")
+                wrong.append(f"{case}: {err}")
+    return wrong
+
+
+def test_load_recipe_refuses_each_bad_value_naming_the_key():
+    wrong = not_refused(demo, REFUSED)
     assert not wrong, "\n".join(wrong)
 
 
@@ -242,18 +248,16 @@ def test_an_experiments_sampling_point_is_checked_as_a_recipes_samples_are(tmp_p
     import yaml
 
     raw = yaml.safe_load((REPO / "recipes" / "experiments" / "masking.yaml").read_text())
-    wrong = []
-    for change, match in [({"sampler": "eulerr"}, r"eval.sampling.sampler: unknown sampler 'eulerr' \(allowed: ddim"),
-                          ({"sampler": "consistency"}, "eval.sampling.sampler: unknown sampler 'consistency'"),
-                          ({"steps": 0}, "eval.sampling.steps: must be a positive integer, got 0"),
-                          ({"guidance": 0.5}, "eval.sampling.guidance: must be a number >= 1, got 0.5")]:
-        path = tmp_path / "masking.yaml"
+    path = tmp_path / "masking.yaml"
+
+    def load(change: dict) -> None:
         path.write_text(yaml.safe_dump({**raw, "eval": {**raw["eval"], "sampling": {**raw["eval"]["sampling"],
                                                                                     **change}}}))
-        try:
-            load_experiment(path)
-            wrong.append(f"{change}: loaded")
-        except RecipeError as err:
-            if not re.search(match, str(err)):
-                wrong.append(f"{change}: {err}")
+        load_experiment(path)
+
+    wrong = not_refused(load, [
+        ({"sampler": "eulerr"}, r"eval.sampling.sampler: unknown sampler 'eulerr' \(allowed: ddim"),
+        ({"sampler": "consistency"}, "eval.sampling.sampler: unknown sampler 'consistency'"),
+        ({"steps": 0}, "eval.sampling.steps: must be a positive integer, got 0"),
+        ({"guidance": 0.5}, "eval.sampling.guidance: must be a number >= 1, got 0.5")])
     assert not wrong, "\n".join(wrong)
