@@ -43,10 +43,6 @@ class Preempted(MicroDiffusionError):
     exit_code = 143  # 128 + SIGTERM
 
 
-EXIT_CODES: dict[int, str] = {0: "success", 1: MicroDiffusionError.__doc__, 2: UsageError.__doc__,
-                              3: NonFiniteLoss.__doc__, 4: DataError.__doc__, 143: Preempted.__doc__}
-
-
 def exit_with(prog: str, fn: Callable[[], int | None]) -> int:
     """Run a command's body; a project error becomes one line `prog: message` on stderr and its exit code."""
     try:
