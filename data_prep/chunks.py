@@ -38,11 +38,15 @@ from typing import Any, TypeVar
 
 from micro_diffusion.data.integrity import check_folder
 from micro_diffusion.errors import MicroDiffusionError
+from micro_diffusion.utils.atomic import fsync_dir, write_text_atomic
 
 T = TypeVar("T")
 
 _PART_RE = re.compile(r"^part-(\d{5,})$")
 _DONE_RE = re.compile(r"^part-(\d{5,})\.done$")
+# write_text_atomic's temporary marker (`.part-00000.done.tmp-<pid>-<hex>`), or the `part-00000.done.tmp` of outputs
+# written before it
+_STRAY_MARKER_RE = re.compile(r"^(?:\.part-\d{5,}\.done\.tmp-\d+-[0-9a-f]{8}|part-\d{5,}\.done\.tmp)$")
 
 
 def chunk_dir(root: str | os.PathLike, index: int) -> Path:
@@ -79,27 +83,6 @@ def read_done(root: str | os.PathLike, index: int) -> dict[str, Any]:
         return json.load(f)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Flush a directory entry so a rename inside it survives a power cut, not only a kill."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see either the old file or the whole new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 class ResumeOptionsError(MicroDiffusionError, ValueError):
     """An output folder written with other options than the command's: resuming there would mix two outputs (exit 1)."""
 
@@ -118,7 +101,7 @@ def check_resume_options(root: str | os.PathLike, file_name: str, options: dict[
     root.mkdir(parents=True, exist_ok=True)
     if any(root.iterdir()):
         raise ResumeOptionsError(f"{root}: folder is not empty and holds no {file_name}; use a new folder")
-    write_atomic(path, json.dumps(options, indent=1))
+    write_text_atomic(path, json.dumps(options, indent=1))
 
 
 def start_chunk(root: str | os.PathLike, index: int) -> Path:
@@ -140,8 +123,8 @@ def mark_done(root: str | os.PathLike, index: int, payload: dict[str, Any]) -> N
     for file in part.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-    _fsync_dir(part)
-    write_atomic(done_path(root, index), json.dumps(payload))
+    fsync_dir(part)
+    write_text_atomic(done_path(root, index), json.dumps(payload))
 
 
 def done_chunks(root: str | os.PathLike) -> list[int]:
@@ -164,7 +147,7 @@ def remove_unfinished(root: str | os.PathLike) -> list[Path]:
         if m and p.is_dir() and not is_done(root, int(m.group(1))):
             shutil.rmtree(p)
             removed.append(p)
-        elif p.name.endswith(".done.tmp"):
+        elif _STRAY_MARKER_RE.match(p.name):  # a marker write that a kill interrupted
             p.unlink()
             removed.append(p)
     return removed
@@ -210,5 +193,5 @@ def merge_chunks(root: str | os.PathLike) -> Path:
         finally:
             logging.disable(logging.NOTSET)
     else:
-        write_atomic(merged, json.dumps({"version": 2, "shards": []}))
+        write_text_atomic(merged, json.dumps({"version": 2, "shards": []}))
     return merged

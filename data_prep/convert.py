@@ -34,6 +34,7 @@ from data_prep.sources import input_paths, is_pattern
 from micro_diffusion.data.integrity import SHARD_HASHES
 from micro_diffusion.errors import MicroDiffusionError, UsageError, exit_with
 from micro_diffusion.utils.argparsing import parser, renamed
+from micro_diffusion.utils.atomic import write_text_atomic
 from micro_diffusion.utils.folder_lock import holding
 
 __all__ = ["ConvertError", "ConvertResult", "SourceError", "check_options", "convert", "main"]
@@ -222,8 +223,8 @@ def finish(out: Path) -> ConvertResult:
     summary["rejected"] = len(lines)
     summary["written_by_fix"] = dict(sorted(notes.items()))
     summary["rejected_by_reason"] = dict(sorted(reasons.items()))
-    chunks.write_atomic(out / "rejected.jsonl", "".join(lines))
-    chunks.write_atomic(out / "convert_summary.json", json.dumps(summary, indent=1))
+    write_text_atomic(out / "rejected.jsonl", "".join(lines))
+    write_text_atomic(out / "convert_summary.json", json.dumps(summary, indent=1))
     return ConvertResult(out=out, **summary)
 
 

@@ -49,6 +49,7 @@ from micro_diffusion.data.schema import (
 from micro_diffusion.encoders import DEFAULT_TEXT_ENCODER, DEFAULT_VAE, load_text_encoder, load_vae
 from micro_diffusion.errors import DataError, MicroDiffusionError, UsageError, exit_with
 from micro_diffusion.utils.argparsing import parser, renamed
+from micro_diffusion.utils.atomic import write_text_atomic
 from micro_diffusion.utils.folder_lock import hold
 
 PROG = "data_prep.precompute"
@@ -220,14 +221,14 @@ def finish(args: Job, vae, text) -> dict[str, Any]:
     """Merge chunk indexes; write null_caption.npy, encoders.json and precompute_summary.json beside the shards."""
     chunks.merge_chunks(args.output)
     counts = summary(args)
-    chunks.write_atomic(args.output / SUMMARY_FILE, json.dumps(counts, indent=1))
+    write_text_atomic(args.output / SUMMARY_FILE, json.dumps(counts, indent=1))
     print(f"precompute: {counts['samples']} samples -> {args.output}; upscaled (short side below the resolution): "
           + ", ".join(f"{n} at {r} px" for r, n in counts["upscaled"].items()), flush=True)
     null = text.encode([""])[0].half().cpu().numpy()  # (L, D)
     tmp = args.output / (NULL_CAPTION_FILE + ".tmp.npy")
     np.save(tmp, null)
     os.replace(tmp, args.output / NULL_CAPTION_FILE)
-    chunks.write_atomic(args.output / ENCODERS_FILE, json.dumps(encoders_info(args, vae, text), indent=1))
+    write_text_atomic(args.output / ENCODERS_FILE, json.dumps(encoders_info(args, vae, text), indent=1))
     return counts
 
 

@@ -400,3 +400,19 @@ def test_help_shows_defaults_and_that_precompute_encoders_download(capsys, monke
     pre = helps["data_prep.precompute"]
     assert f"(default: {DEFAULT_VAE})" in pre and f"(default: {DEFAULT_TEXT_ENCODER})" in pre
     assert pre.count("downloaded on first use") >= 2 and "(default: 77)" in pre
+
+
+def test_a_rerun_removes_unfinished_chunks_and_interrupted_markers(tmp_path):
+    """What a kill leaves (a chunk without its marker, a marker's temporary file) goes; committed chunks stay."""
+    from data_prep import chunks
+
+    for k in (0, 1):
+        chunks.chunk_dir(tmp_path, k).mkdir()
+    chunks.done_path(tmp_path, 0).write_text("{}")
+    stray = [tmp_path / ".part-00001.done.tmp-12345-0badc0de", tmp_path / "part-00001.done.tmp"]
+    for p in stray:
+        p.write_text("{")
+    (tmp_path / "notes.txt").write_text("keep")
+    removed = chunks.remove_unfinished(tmp_path)
+    assert sorted(removed) == sorted([chunks.chunk_dir(tmp_path, 1), *stray])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "part-00000", "part-00000.done"]

@@ -206,4 +206,5 @@ def write_text_atomic(path: str | Path, text: str, encoding: str = "utf-8") -> P
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)  # the rename survives a power cut, not only a kill
     return path
