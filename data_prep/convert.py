@@ -32,7 +32,7 @@ from data_prep.adapters import FORMATS, Record, SourceError
 from data_prep.images import Settings, normalise_item
 from data_prep.sources import input_paths, is_pattern
 from micro_diffusion.data.integrity import SHARD_HASHES
-from micro_diffusion.errors import MicroDiffusionError, UsageError, exit_with
+from micro_diffusion.errors import MicroDiffusionError, UsageError, check_counts, exit_with
 from micro_diffusion.utils.argparsing import parser, renamed
 from micro_diffusion.utils.atomic import write_text_atomic
 from micro_diffusion.utils.folder_lock import holding
@@ -93,11 +93,8 @@ def check_options(format: str, options: dict[str, Any]) -> dict[str, Any]:
     format does not take (given as anything but None/False)."""
     if format not in FORMATS:
         raise UsageError(f"--format {format}: not one of {', '.join(sorted(FORMATS))}")
-    for name in ("max_side", "chunk_size", "shard_size", "max_caption_chars", "max_pixels"):
-        if options[name] < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {options[name]}")
-    if options["center_crop_resize"] is not None and options["center_crop_resize"] < 1:
-        raise UsageError(f"--center-crop-resize must be at least 1, got {options['center_crop_resize']}")
+    check_counts(**{name: options[name] for name in ("max_side", "chunk_size", "shard_size", "max_caption_chars",
+                                                     "max_pixels", "center_crop_resize")})
     if options["min_size"] < 0 or options["workers"] < 0:
         raise UsageError("--min-size and --workers must not be negative")
     threshold = options.get("nsfw_threshold")

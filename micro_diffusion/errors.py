@@ -43,6 +43,13 @@ class Preempted(MicroDiffusionError):
     exit_code = 143  # 128 + SIGTERM
 
 
+def check_counts(**counts: int | None) -> None:
+    """Each given count (option name: value; None skips it) is at least 1, else a usage error naming the flag."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def exit_with(prog: str, fn: Callable[[], int | None]) -> int:
     """Run a command's body; a project error becomes one line `prog: message` on stderr and its exit code."""
     try:

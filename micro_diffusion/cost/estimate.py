@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..diffusion.trigflow import AdaptiveWeight
-from ..errors import UsageError
+from ..errors import UsageError, check_counts
 from ..models import MicroDiT
 from ..recipe import build_network, latent_size, load_recipe
 from .flops import distill_flops_per_sample, train_flops_per_sample
@@ -62,8 +62,7 @@ def stage_flops(cfg: dict, steps: int, global_batch: int) -> tuple[float, float]
 
 def check_cost_args(devices: int, mfu: float, usd_per_hour: float | None = None) -> None:
     """Usage errors naming --devices, --mfu or --usd-per-device-hour when out of range."""
-    if devices < 1:
-        raise UsageError(f"--devices must be at least 1, got {devices}")
+    check_counts(devices=devices)
     if not 0 < mfu <= 1:
         raise UsageError(f"--mfu {mfu:g}: the share of the peak achieved must lie in (0, 1], e.g. 0.4")
     if usd_per_hour is not None and usd_per_hour < 0:

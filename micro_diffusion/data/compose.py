@@ -20,7 +20,7 @@ from tqdm import tqdm
 from micro_diffusion.data.drawing import render_scene
 from micro_diffusion.data.geneval import write_prompt, write_prompts_file, write_sample
 from micro_diffusion.data.scenes import SPLITS, Scene, split_prompt, split_scene
-from micro_diffusion.errors import UsageError
+from micro_diffusion.errors import UsageError, check_counts
 
 LAYOUTS = ("flat", "geneval")  # the project's one --layout vocabulary (sample writes the same two)
 
@@ -85,8 +85,7 @@ def compose(out: str | Path, count: int, seed: int, *, size: int = 64, split: st
         raise UsageError(f"--layout {layout!r}: expected one of {', '.join(LAYOUTS)}{hint}")
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
-    if count < 1:
-        raise UsageError(f"--count must be at least 1, got {count}")
+    check_counts(count=count)
     if include_novel and split != "train":
         raise UsageError(f"--include-novel only applies to --split train (the {split} split is a fixed list)")
     if layout == "flat":
@@ -94,6 +93,5 @@ def compose(out: str | Path, count: int, seed: int, *, size: int = 64, split: st
             raise UsageError("--images-per-prompt only applies to --layout geneval")
         return write_folder(out, count, seed, size, split, include_novel, progress=progress)
     k = 4 if images_per_prompt is None else images_per_prompt
-    if k < 1:
-        raise UsageError(f"--images-per-prompt must be at least 1, got {k}")
+    check_counts(images_per_prompt=k)
     return write_geneval(out, count, seed, size, split, k, include_novel, progress=progress)

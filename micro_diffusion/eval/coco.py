@@ -12,7 +12,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import MicroDiffusionError, UsageError
+from ..errors import MicroDiffusionError, UsageError, check_counts
 from ..exported import is_export
 from ..utils.atomic import write_text_atomic
 from ..utils.devices import torch_device
@@ -21,7 +21,7 @@ from ..utils.images import save_atomic
 from ..utils.run_folder import EVAL_METRICS
 from .clip_score import clip_score
 from .fid import fid_kid
-from .generate import Sampling, TextToImage, check_counts, check_out_folder, check_request, export_config, settings_for
+from .generate import Sampling, TextToImage, check_out_folder, check_request, export_config, settings_for
 
 DRAW_SEED = 2014  # the draw is part of the protocol: changing it changes which captions every run is scored on
 Render = Callable[[list[str], list[int]], list[Image.Image]]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from ..errors import UsageError
+from ..errors import UsageError, check_counts
 from ..utils.atomic import write_text_atomic
 from ..utils.devices import usable_cpus
 from .inception import default_cache_dir, local_inception_weights, torch_fidelity_inception
@@ -77,8 +77,7 @@ def fid_kid(gen_dir: str | Path, ref_dir: str | Path, weights: str | Path | None
 def fid(gen: str | Path, ref: str | Path, out: str | Path | None = None, batch_size: int = 64,
         device: str | None = None) -> dict:
     """FID and KID of the images of `gen` against those of `ref` (see fid_kid), also written as JSON to `out`."""
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    check_counts(batch_size=batch_size)
     if out is not None and Path(out).is_dir():
         raise UsageError(f"--out {out} is a folder: give the JSON file to write")
     result = fid_kid(gen, ref, batch_size=batch_size, device=device)

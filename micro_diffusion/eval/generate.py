@@ -23,7 +23,7 @@ from ..diffusion.sampling import (
     sampler_spec,
 )
 from ..encoders import load_text_encoder, load_vae
-from ..errors import MicroDiffusionError, UsageError
+from ..errors import MicroDiffusionError, UsageError, check_counts
 from ..exported import CONFIG_FILE, load_exported, read_config
 from ..utils.atomic import write_text_atomic
 from ..utils.devices import autocast, compute_dtype, dtype_name, torch_device
@@ -49,13 +49,6 @@ def export_config(model: str | Path) -> dict:
         return read_config(model)
     except ValueError as err:  # not JSON, or another network format: the message names the folder
         raise MicroDiffusionError(f"{Path(model) / CONFIG_FILE}: {err}") from err
-
-
-def check_counts(**counts: int | None) -> None:
-    """Each given count (option name: value; None skips it) is at least 1, else a usage error naming the flag."""
-    for name, value in counts.items():
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def check_out_folder(out: str | Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from ..cost.flops import sample_flops_per_image
 from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import DEFAULTS, SamplingSettings, sampler_spec
-from ..errors import UsageError
+from ..errors import UsageError, check_counts
 from ..utils.atomic import write_text_atomic
 from ..utils.run_folder import SWEEP, SWEEP_POINT
 from .coco import DRAW_SEED, Render, draw_captions, generate_missing, prepare_reference
@@ -25,7 +25,6 @@ from .compose import score_folder
 from .fid import FidScorer
 from .generate import (
     TextToImage,
-    check_counts,
     check_out_folder,
     check_request,
     check_sampling,
