@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .jsonl import read_jsonl, superseded_path
+from .jsonl import read_jsonl
 
 # run folder
 CONFIG = "config.yaml"
@@ -78,11 +78,6 @@ def config_file(run_dir: str | Path) -> Path:
 def metrics_file(run_dir: str | Path) -> Path:
     """The run's per-step metrics log."""
     return Path(run_dir) / METRICS
-
-
-def superseded_metrics_file(run_dir: str | Path) -> Path:
-    """Where a resumed run moves the metrics rows it logs again."""
-    return superseded_path(metrics_file(run_dir))
 
 
 def cost_file(run_dir: str | Path) -> Path:
