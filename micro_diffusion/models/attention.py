@@ -41,26 +41,33 @@ def fused_attention() -> AbstractContextManager[None]:
     return _force("fused")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v over (N, H, T, d) queries and (N, H, L, d) keys and values: (N, H, T, d)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over (N, H, T, d) queries and (N, H, L, d) keys and values: (N, H, T, d).
+
+    causal: query i attends to keys <= i only (GPT-like; T == L)."""
     if _forced == "plain":
-        return _plain(q, k, v)
+        return _plain(q, k, v, causal)
     if _forced == "fused":
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if q.is_cuda:
         if xops is not None:
-            out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (N,T,H,d)
-            return out.transpose(1, 2)
-        return F.scaled_dot_product_attention(q, k, v)
+            bias = xops.LowerTriangularMask() if causal else None
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (N, T, H, d): xformers' layout
+            return xops.memory_efficient_attention(q, k, v, attn_bias=bias).transpose(1, 2)  # (N, H, T, d)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if q.shape[-2] * k.shape[-2] > EXPLICIT_MAX_SCORES:  # long sequences: the fused kernel's memory is O(T), not O(T L)
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     # On CPU, torch 2.7's fused SDPA kernel runs forward+backward 2-6x slower than these three ops at our sizes
     # (a few hundred tokens); bf16 softmax still computes in fp32 inside. tests/test_equivalence.py compares them.
-    return _plain(q, k, v)
+    return _plain(q, k, v, causal)
 
 
-def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (N, H, T, L)
+    if causal:  # -inf above the diagonal: query i sees keys 0..i
+        T, L = scores.shape[-2:]
+        future = torch.ones(T, L, dtype=torch.bool, device=scores.device).triu(1)  # (T, L)
+        scores = scores.masked_fill(future, float("-inf"))
     return scores.softmax(dim=-1) @ v
 
 
@@ -80,11 +87,12 @@ class SelfAttention(nn.Module):
 
     q and k are normalised over the full attention width before the split into heads (the released network's
     q/k LayerNorms); the normalised values return to v's dtype, as bf16 autocast would run the norm in fp32.
+    causal=True lets token i attend to tokens <= i only (the raster-order Fluid).
     """
 
-    def __init__(self, dim: int, attn_dim: int, head_dim: int):
+    def __init__(self, dim: int, attn_dim: int, head_dim: int, causal: bool = False):
         super().__init__()
-        self.heads, self.head_dim = attn_dim // head_dim, head_dim
+        self.heads, self.head_dim, self.causal = attn_dim // head_dim, head_dim, causal
         self.qkv = nn.Linear(dim, 3 * attn_dim, bias=False)  # one fused projection: [q | k | v]
         self.proj = nn.Linear(attn_dim, dim, bias=False)
         self.q_norm, self.k_norm = qk_norm(attn_dim), qk_norm(attn_dim)
@@ -93,7 +101,7 @@ class SelfAttention(nn.Module):
         N, T, _ = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (N, T, A)
         q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)  # (N, T, A) each
-        out = attention(*(split_heads(t, self.heads) for t in (q, k, v)))  # (N, H, T, d)
+        out = attention(*(split_heads(t, self.heads) for t in (q, k, v)), causal=self.causal)  # (N, H, T, d)
         return self.proj(out.transpose(1, 2).reshape(N, T, -1))  # (N, T, D)
 
 

@@ -19,6 +19,14 @@ def patch_grid(latent_size: int | tuple[int, int], patch_size: int) -> tuple[int
     return h // patch_size, w // patch_size
 
 
+def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) latent -> (N, T, p*p*C) tokens, row-major over the grid: the exact inverse of unpatchify."""
+    N, C, H, W = latents.shape
+    (gh, gw), p = patch_grid((H, W), patch_size), patch_size
+    x = latents.reshape(N, C, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1)  # (N, h, w, p, p, C)
+    return x.reshape(N, gh * gw, p * p * C)  # (N, T, p*p*C)
+
+
 def unpatchify(tokens: torch.Tensor, grid: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
     """(N, T, p*p*C) tokens, row-major over the grid -> (N, C, H, W) latent."""
     N, (gh, gw), p = tokens.shape[0], grid, patch_size

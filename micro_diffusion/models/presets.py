@@ -1,8 +1,9 @@
 """Model sizes as one-line factories in a registry."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields, replace
-from typing import Callable
+from typing import Any, Callable
 
 from .dit import DiTConfig, MicroDiT
 
@@ -32,20 +33,22 @@ def list_presets() -> list[str]:
     return list(PRESETS)
 
 
-def preset_config(name: str, **overrides) -> DiTConfig:
-    """The preset's config with any fields overridden; unknown names or fields raise with the offending name."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-    known = {f.name for f in fields(DiTConfig)}
+def configured(presets: Mapping[str, Callable[[], Any]], name: str, kind: str, **overrides: Any) -> Any:
+    """A preset's config with fields overridden (lists, as YAML and JSON give pairs, become tuples); an unknown name
+    or field raises naming it (`kind` names the family in the message)."""
+    if name not in presets:
+        raise KeyError(f"unknown {kind} preset {name!r}; known: {', '.join(presets)}")
+    base = presets[name]()
+    known = {f.name for f in fields(base)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise TypeError(f"unknown model option(s) {unknown} for {name}; known: {sorted(known)}")
-    for key in ("attn_mult", "ffn_mult"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    if isinstance(overrides.get("latent_size"), list):
-        overrides["latent_size"] = tuple(overrides["latent_size"])
-    return replace(PRESETS[name](), **overrides)
+        raise TypeError(f"unknown {kind} option(s) {unknown} for {name}; known: {sorted(known)}")
+    return replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+
+def preset_config(name: str, **overrides) -> DiTConfig:
+    """The preset's config with any fields overridden; unknown names or fields raise with the offending name."""
+    return configured(PRESETS, name, "model", **overrides)
 
 
 def create_dit(
