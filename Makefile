@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export MPLCONFIGDIR ?= $(CURDIR)/.venv/.mplconfig
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast lint demo report bench gpu-check experiment ablation ablation-arch sizes
+.PHONY: install test test-fast lint demo report bench gpu-check experiment ablation ablation-arch sizes families
 
 install: $(STAMP)
 
@@ -134,3 +134,6 @@ ablation-arch: install
 	$(MAKE) -o install experiment NAME=architecture
 sizes: install
 	$(MAKE) -o install experiment NAME=sizes
+# MicroDiT against Fluid (random and raster order) at equal training FLOPs
+families: install
+	$(MAKE) -o install experiment NAME=families

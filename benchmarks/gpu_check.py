@@ -7,8 +7,9 @@ Measures, within the time budget (4 minutes by default): XL forward+backward of 
 microbatch (s/step, images/s, MFU against the device's dense peak in the dtype that ran, peak memory, whether the
 stage fits in 80 GB with the 1/8 FSDP share of fp32 master weights and Adam state added); flash SDPA against the
 plain attention path; the MoE dispatch against a per-expert loop and a dense FFN of equal FLOPs; torch.compile of one
-block; guided sampling images/s at 512 px. Without CUDA (or with --quick) the same code runs at a tiny size in well
-under a minute.
+block; guided sampling images/s at 512 px; a Fluid 369M training step (recipes/fluid_256.yaml's microbatch) and Fluid
+sampling images/s at 256 px (benchmarks/gpu_fluid.py). Without CUDA (or with --quick) the same code runs at a tiny
+size in well under a minute.
 Everything computes in the device's compute dtype (utils.devices.compute_dtype: bf16 autocast on CUDA and on CPUs with
 native bf16, else fp32); JSON and table say which (`dtype`), and MFU divides by the peak of that dtype.
 Writes OUT/gpu_check.json (records: name, config, value, unit, and error where a measurement failed) and
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from benchmarks.bench_train import bench_moe, step_fn
 from benchmarks.common import QUICK, bench_device, device_name, peak_memory_mb, time_fn
+from benchmarks.gpu_fluid import build_fluid, fluid_sampling, fluid_settings, fluid_train_step
 from micro_diffusion import recipe
 from micro_diffusion.cost.flops import train_flops_per_sample
 from micro_diffusion.cost.prices import run_peak_tflops
@@ -304,6 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     check.run("compile", s256, lambda: compile_check(check, net(s256), s256, device, dtype, repeats, backend))
     check.run("sampling", s512, lambda: sampling_check(check, net(s512), s512, device, dtype,
                                                        batch=2 if tiny else 8, steps=2 if tiny else DEFAULTS.steps))
+    fluid = fluid_settings(tiny)
+    fluid_net: list[torch.nn.Module] = []  # built once, on first use
+
+    def fnet() -> torch.nn.Module:
+        if not fluid_net:
+            nets.clear()  # the XL networks' memory goes back before the Fluid one is built
+            fluid_net.append(build_fluid(fluid, device))
+        return fluid_net[0]
+
+    check.run("fluid_train_step", fluid, lambda: fluid_train_step(check, fnet(), fluid, device, dtype, peak, repeats))
+    check.run("fluid_sampling", fluid, lambda: fluid_sampling(check, fnet(), fluid, device, dtype,
+                                                              batch=2 if tiny else 8, tiny=tiny))
     result = dict(device=device_name(device), dtype=dtype_name(dtype), torch=torch.__version__, cuda=torch.version.cuda,
                   tiny=tiny,
                   budget_s=args.budget, elapsed_s=check.elapsed(), records=check.records)

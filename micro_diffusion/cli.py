@@ -17,7 +17,7 @@ from .demo.cli import register as register_demo
 from .errors import exit_with
 from .eval.cli import register as register_eval
 from .experiments.cli import register as register_experiment
-from .models import create_dit, list_presets
+from .families import FAMILIES
 from .training.cli import register as register_train
 from .utils.argparsing import parser as new_parser
 from .utils.argparsing import subparser
@@ -25,10 +25,11 @@ from .version import __version__
 
 
 def _presets(args: argparse.Namespace) -> int:
-    for name in list_presets():
-        with torch.device("meta"):
-            net = create_dit(name)
-        print(f"{name:18s} {sum(p.numel() for p in net.parameters()) / 1e6:9.1f}M parameters")
+    for fam in FAMILIES.values():
+        for name in fam.presets:
+            with torch.device("meta"):
+                net = fam.create(name)
+            print(f"{name:18s} {fam.name:6s} {sum(p.numel() for p in net.parameters()) / 1e6:9.1f}M parameters")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The exported-model folder: safetensors weights, config.json and the null caption, written and read without pickles.
 
-A folder holds `model.safetensors` (raw weights), `ema.safetensors` (when EMA ran), `config.json` (preset name,
-resolved network config, sigma_data, encoders.json content, provenance) and `null_caption.npy` (docs/interfaces.md).
+A folder holds `model.safetensors` (raw weights), `ema.safetensors` (when EMA ran), `config.json` (model family,
+preset name, resolved network config, sigma_data, encoders.json content, provenance) and `null_caption.npy`
+(docs/interfaces.md).
 Training writes it (micro_diffusion.training.export); sampling, evaluation and the demo read it. It imports nothing
 from training, so every layer above the network can load a model.
 
@@ -19,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .data.integrity import file_hash
 from .errors import DataError, UsageError
-from .models import MicroDiT, create_dit
+from .families import check_preset, family_of
 from .utils.atomic import atomic_folder, parked
 from .utils.run_folder import EMA_WEIGHTS as EMA_FILE
 from .utils.run_folder import EXPORT_CONFIG as CONFIG_FILE
@@ -146,9 +148,15 @@ def check_files(model_dir: str | Path, config: dict, hashed: tuple[str, ...] = (
 
 
 def load_exported(model_dir: str | Path, use_ema: bool | None = None, device: str | torch.device = "cpu"
-                  ) -> tuple[MicroDiT, dict, np.ndarray]:
-    """(network in eval mode, config, null caption) from an exported folder; use_ema=None takes EMA when present."""
+                  ) -> tuple[nn.Module, dict, np.ndarray]:
+    """(network of the export's family in eval mode, config, null caption) from an exported folder; use_ema=None
+    takes EMA when present."""
     state, config = load_weights(model_dir, use_ema)
-    net = create_dit(config["preset"], **config["network"])
+    fam = family_of(config)
+    try:
+        check_preset(config["preset"], fam.name, f"{Path(model_dir) / CONFIG_FILE}")
+    except UsageError as err:
+        raise DataError(str(err)) from err
+    net = fam.create(config["preset"], **config["network"])
     net.load_state_dict(state)  # strict: a mismatch names the missing/unexpected keys
     return net.to(device).eval(), config, np.load(Path(model_dir) / NULL_FILE)

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from torch import nn
 
 from micro_diffusion.diffusion.edm import SIGMA_DATA
 from micro_diffusion.diffusion.sampling import DEFAULTS
-from micro_diffusion.models import MicroDiT, create_dit
+from micro_diffusion.families import family_of
 from micro_diffusion.recipe_checks import RecipeError, check_values  # RecipeError: imported from here by callers
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the repository's recipes/, beside the package
@@ -47,7 +48,7 @@ SCHEMA: dict[str, Any] = {
     "init_from": None,  # stage whose latest checkpoint gives the starting weights (not its optimizer)
     "init_checkpoint": None,  # instead of init_from: a Composer checkpoint (path or URI) or an export folder
     "runs_root": "runs",
-    "model": {"preset": "MicroDiT_XL_2", "overrides": {}, "latent_channels": 4, "caption_len": 77,
+    "model": {"family": "dit", "preset": "MicroDiT_XL_2", "overrides": {}, "latent_channels": 4, "caption_len": 77,
               "caption_dim": 1024},
     "data": {"root": "data/latents", "resolution": 256, "vae_downsample": 8,
              "streams": [{"local": name} for name in ("sa1b", "cc12m", "textcaps", "journeydb", "diffusiondb")],
@@ -71,7 +72,8 @@ SCHEMA: dict[str, Any] = {
         "a futuristic city skyline at night with neon lights",
         "a cat wearing sunglasses lying on a beach towel",
         "a mountain lake surrounded by pine trees in autumn",
-    ], "steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "sampler": DEFAULTS.sampler, "seed": 0},
+    ], "steps": DEFAULTS.steps, "guidance": DEFAULTS.guidance, "sampler": DEFAULTS.sampler,
+                "temperature": None, "head_steps": None, "seed": 0},
     "cost": {"usd_per_device_hour": None, "max_usd": None, "max_device_hours": None, "device_type": None},
     "distill": None,  # a section (DISTILL's options) makes the stage a consistency distillation of its init weights
 }
@@ -82,6 +84,8 @@ DISTILL: dict[str, Any] = {
     "sigma_max": 80.0,  # the highest noise level trained and sampled from
     "teacher_weights": "auto",  # auto (EMA weights when the teacher has them), ema or raw
 }
+# Numbers a recipe may switch off with null: the EDM keys a family does not read (Fluid: recipe_checks.check_family)
+NULLABLE = ("diffusion.mask_ratio", "diffusion.p_mean", "diffusion.p_std")
 OPEN_SECTIONS = ("model.overrides",)  # any keys (the model's own config checks them)
 STREAM_LISTS = ("data.streams", "data.val_streams")  # lists of {"local", "remote", "proportion"}
 NAMED_SECTIONS = ("scheduler",)  # a `name:` picks a registry entry; a section naming one replaces the old whole
@@ -210,7 +214,7 @@ def _fill(given: dict, schema: dict, where: str) -> dict:
 
 def _typed(value: Any, default: Any, dotted: str) -> Any:
     """Check a scalar against its default's type (YAML 1.1 reads `1e-3` as a string: numeric strings become floats)."""
-    if default is None or value is None and not isinstance(default, (bool, int, float)):
+    if default is None or value is None and (not isinstance(default, (bool, int, float)) or dotted in NULLABLE):
         return value
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -318,11 +322,11 @@ def is_remote(path: str | None) -> bool:
     return path is not None and "://" in path
 
 
-def build_network(cfg: dict) -> MicroDiT:
-    """The recipe's MicroDiT preset with its overrides, sized for the recipe's latents and captions."""
+def build_network(cfg: dict) -> nn.Module:
+    """The recipe's preset of its model family with its overrides, sized for the recipe's latents and captions."""
     m = cfg["model"]
     try:
-        return create_dit(m["preset"], latent_size=latent_size(cfg), in_channels=m["latent_channels"],
+        return family_of(m).create(m["preset"], latent_size=latent_size(cfg), in_channels=m["latent_channels"],
                           caption_dim=m["caption_dim"], **m["overrides"])
     except (KeyError, TypeError) as err:
         raise RecipeError(f"model: {err}") from err

@@ -8,13 +8,13 @@ training: it sits in the data layer beside recipe.py (docs/interfaces.md, "Layer
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+from dataclasses import replace
 from typing import Any
 
 from micro_diffusion.data.integrity import VERIFY_MODES
-from micro_diffusion.diffusion.sampling import SAMPLERS, diffusion_samplers
+from micro_diffusion.diffusion.sampling import SAMPLERS, SamplingSettings, diffusion_samplers
 from micro_diffusion.errors import UsageError
-from micro_diffusion.models import DiTConfig, list_presets, preset_config
+from micro_diffusion.families import FAMILIES, check_preset, config_fields, family
 
 
 class RecipeError(UsageError):
@@ -64,9 +64,6 @@ MINIMUM: dict[str, int] = {
     "model.latent_channels": 1, "model.caption_len": 1, "model.caption_dim": 1, "distill.tangent_warmup": 0,
     "train.seed": 0, "data.seed": 0,
 }
-# DiTConfig fields that count something -> least value; the recipe sets latent_size, in_channels and caption_dim
-MODEL_MINIMUM = {"width": 4, "depth": 1, "head_dim": 1, "patch_size": 1, "moe_every": 0, "num_experts": 1,
-                 "patch_mixer_depth": 0, "patch_mixer_width": 1, "pos_base_grid": 1}
 MODEL_SET_BY_RECIPE = {"latent_size": "data.resolution / data.vae_downsample", "in_channels": "model.latent_channels",
                        "caption_dim": "model.caption_dim"}
 
@@ -177,18 +174,48 @@ def check_batches(cfg: dict) -> None:
 
 
 def check_samples(cfg: dict) -> None:
-    """A known sampler: a diffusion one, or the students' one in a distillation recipe."""
-    sampler = cfg["samples"]["sampler"]
-    allowed = sorted(SAMPLERS) if cfg["distill"] is not None else diffusion_samplers()
+    """A known sampler of the family: a diffusion one, or the students' one in a distillation recipe; settings it
+    reads."""
+    s, fam = cfg["samples"], family(cfg["model"]["family"])
+    sampler = s["sampler"]
+    students = sorted(k for k, v in SAMPLERS.items() if v.for_students and v.family == fam.name)
+    allowed = diffusion_samplers(fam.name) + (students if cfg["distill"] is not None else [])
+    if sampler in SAMPLERS and SAMPLERS[sampler].family != fam.name:
+        raise RecipeError(f"samples.sampler: {sampler!r} samples {family(SAMPLERS[sampler].family).title} models; "
+                          f"model.family is {fam.name} ({fam.title}): use {', '.join(allowed)}")
     if sampler in SAMPLERS and sampler not in allowed:
         raise RecipeError(f"samples.sampler: {sampler!r} samples distilled students (recipes with a distill: "
                           f"section); a diffusion stage takes one of {', '.join(allowed)}")
     if sampler not in allowed:
         raise RecipeError(f"samples.sampler: unknown sampler {sampler!r} (allowed: {', '.join(allowed)})")
+    try:
+        SamplingSettings(steps=s["steps"], guidance=s["guidance"], sampler=sampler, temperature=s["temperature"],
+                         head_steps=s["head_steps"])
+    except UsageError as err:
+        raise RecipeError(f"samples: {err}") from err
+
+
+def check_family(cfg: dict) -> None:
+    """The family exists and the recipe sets what it reads: its diffusion keys, and nothing it would ignore."""
+    name = cfg["model"]["family"]
+    if name not in FAMILIES:
+        raise RecipeError(f"model.family: unknown family {name!r} (allowed: {', '.join(FAMILIES)})")
+    fam = FAMILIES[name]
+    for key, value in cfg["diffusion"].items():
+        if key in fam.diffusion_keys and value is None:
+            raise RecipeError(f"diffusion.{key}: {fam.title} reads it: give a number")
+        if key not in fam.diffusion_keys and value is not None:
+            raise RecipeError(f"diffusion.{key}: {fam.title} (model.family={name}) does not read it (it reads "
+                              f"{', '.join('diffusion.' + k for k in fam.diffusion_keys)}): set diffusion.{key}=null")
+    if cfg["distill"] is not None and not fam.distills:
+        raise RecipeError(f"distill: consistency distillation applies to MicroDiT teachers; model.family is {name} "
+                          f"({fam.title})")
+    if cfg["eval"]["sigmas"] is not None and not fam.noise_grid:
+        raise RecipeError(f"eval.sigmas: {fam.title} has no EDM noise levels to average over: set eval.sigmas=null")
 
 
 def _fits(type_name: str, value: Any) -> bool:
-    """Whether an override fits its DiTConfig field: an int, a number, or a pair of positive numbers."""
+    """Whether an override fits its network config's field: an int, a number, or a pair of positive numbers."""
     if type_name == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if type_name == "float":
@@ -199,11 +226,14 @@ def _fits(type_name: str, value: Any) -> bool:
 
 
 def check_model(cfg: dict, latent_side: int) -> None:
-    """A known preset; override keys that DiTConfig has, with values the network can be built from (no weights)."""
+    """A preset of the recipe's family; override keys its config has, with values the network can be built from (no
+    weights)."""
     m = cfg["model"]
-    if m["preset"] not in list_presets():
-        raise RecipeError(f"model.preset: unknown preset {m['preset']!r} (allowed: {', '.join(list_presets())})")
-    types = {f.name: f.type for f in fields(DiTConfig)}
+    try:
+        fam = check_preset(m["preset"], m["family"], "model.preset")
+    except UsageError as err:
+        raise RecipeError(str(err)) from err
+    types = config_fields(fam)
     for key, value in m["overrides"].items():
         if key in MODEL_SET_BY_RECIPE:
             raise RecipeError(f"model.overrides.{key}: set by the recipe ({MODEL_SET_BY_RECIPE[key]}), not here")
@@ -212,28 +242,12 @@ def check_model(cfg: dict, latent_side: int) -> None:
                               f"{', '.join(sorted(set(types) - set(MODEL_SET_BY_RECIPE)))})")
         if not _fits(types[key], value):
             raise RecipeError(f"model.overrides.{key}: expected {types[key]}, got {value!r}")
-    net = preset_config(m["preset"], latent_size=latent_side, in_channels=m["latent_channels"],
-                        caption_dim=m["caption_dim"], **m["overrides"])
-    _check_network(net, latent_side)
-
-
-def _check_network(net: DiTConfig, latent_side: int) -> None:
-    """Sizes the network's layers can be built from."""
-    where = "model (preset and overrides)"
-    for key, least in MODEL_MINIMUM.items():
-        if getattr(net, key) < least:
-            raise RecipeError(f"{where}: {key} must be >= {least}, got {getattr(net, key)}")
-    if net.capacity_factor <= 0 or net.mixer_ffn_mult <= 0:
-        raise RecipeError(f"{where}: capacity_factor and mixer_ffn_mult must be > 0, got {net.capacity_factor} and "
-                          f"{net.mixer_ffn_mult}")
-    if net.width % net.head_dim or net.width % 4:
-        raise RecipeError(f"{where}: width {net.width} must be a multiple of head_dim {net.head_dim} and of 4")
-    if net.patch_mixer_depth and net.patch_mixer_width % net.head_dim:
-        raise RecipeError(f"{where}: patch_mixer_width {net.patch_mixer_width} must be a multiple of head_dim "
-                          f"{net.head_dim}")
-    if latent_side % net.patch_size:
-        raise RecipeError(f"{where}: the latent side {latent_side} (data.resolution / data.vae_downsample) is not a "
-                          f"multiple of patch_size {net.patch_size}")
+    try:
+        net = replace(fam.presets[m["preset"]](), latent_size=latent_side, in_channels=m["latent_channels"],
+                      caption_dim=m["caption_dim"], **m["overrides"])  # Fluid's config checks itself here
+        fam.check_network(net, latent_side, cfg["samples"]["steps"])
+    except ValueError as err:
+        raise RecipeError(f"model (preset and overrides): {err}") from err
 
 
 def check_streams(cfg: dict) -> None:
@@ -275,6 +289,7 @@ def check_links(cfg: dict) -> None:
 
 def check_values(cfg: dict) -> None:
     """Every value of a filled-in recipe that a run would use; the first bad one raises, naming its key."""
+    check_family(cfg)
     check_choices(cfg)
     check_ranges(cfg)  # sizes positive before anything divides by them
     check_durations(cfg)

@@ -44,8 +44,13 @@ def demo(tmp_path_factory):
 @pytest.mark.slow
 def test_stage_figures_are_the_runs_own(demo):
     cfg, summary = demo
-    assert [s["name"] for s in summary["stages"]] == ["demo_masked", "demo_finetune", "demo_distill"]
-    assert [s["mask_ratio"] for s in summary["stages"]] == [0.75, 0.0, 0.0]
+    assert [s["name"] for s in summary["stages"]] == ["demo_masked", "demo_finetune", "demo_distill", "demo_fluid"]
+    assert [s["mask_ratio"] for s in summary["stages"]] == [0.75, 0.0, 0.0, None]  # Fluid draws one per batch
+    fluid = summary["fluid"]
+    assert {"caption_match", "geneval", "fid", "images_per_s", "train_flops"} <= set(fluid)
+    assert 0 <= fluid["caption_match"] <= 1 and 0 <= fluid["geneval"] <= 1 and np.isfinite(fluid["fid"])
+    assert fluid["train_flops"] == read_jsonl(Path(summary["stages"][-1]["run_dir"]) / "cost.jsonl")[-1][
+        "stage_totals"]["flops"] and fluid["sampling"]["sampler"] == "fluid"
     for stage in summary["stages"]:
         run = Path(stage["run_dir"])
         losses = [r["loss/train/total"] for r in read_jsonl(run / "metrics.jsonl") if "loss/train/total" in r]

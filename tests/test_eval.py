@@ -244,7 +244,8 @@ def test_sweep_scores_each_point_once_with_relative_cost(tmp_path):
         return sample_flops_per_image(net, latent_size=8, caption_len=4, steps=s.steps, sampler=s.sampler,
                                       guidance=s.guidance != 1.0)
 
-    result = sweep(points + points[:1], held, tmp_path / "sweep", make_render, score, flops, batch_size=4)
+    result = sweep(points + points[:1], held, tmp_path / "sweep", make_render, score, flops, SamplingSettings(),
+                   batch_size=4)
     assert len(scored) == len(set(scored)) == 6 and len(result) == 7  # a repeated point is scored once
     assert [(p["sampler"], p["guidance"]) for p in result[:2]] == [("heun", 1.0), ("heun", 5.0)]
     assert result[0]["fid"] != result[1]["fid"]
@@ -254,7 +255,7 @@ def test_sweep_scores_each_point_once_with_relative_cost(tmp_path):
     assert all(p["images_per_s"] > 0 for p in result)
     plot_sweep({"tiny": [result]}, tmp_path / "sweep.png")
     assert Image.open(tmp_path / "sweep.png").size[0] > 100
-    again = sweep(points, held, tmp_path / "sweep", make_render, score, flops)
+    again = sweep(points, held, tmp_path / "sweep", make_render, score, flops, SamplingSettings())
     assert again == result[:6] and len(rendered) == 6 * 2  # resumed: nothing rendered or scored again
     assert len(scored) == 6
 
@@ -311,4 +312,5 @@ def test_sample_help_says_the_export_decides_its_settings(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert text.count("(default: the export's") == 4 and "--prompts FILE" in text  # steps, guidance, sampler, interval
+    # steps, guidance, sampler, interval, and the fluid sampler's temperature and head steps
+    assert text.count("(default: the export's") == 6 and "--prompts FILE" in text

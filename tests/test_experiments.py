@@ -17,9 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 MASKING = REPO / "recipes" / "experiments" / "masking.yaml"
 ARCH = REPO / "recipes" / "experiments" / "architecture.yaml"
 SIZES = REPO / "recipes" / "experiments" / "sizes.yaml"
+FAMILIES = REPO / "recipes" / "experiments" / "families.yaml"
 
 
-@pytest.mark.parametrize("path", [MASKING, ARCH])
+@pytest.mark.parametrize("path", [MASKING, ARCH, FAMILIES])
 def test_every_run_spends_the_same_flops(path):
     exp = load_experiment(path)
     plans = plan_runs(exp, [0])
@@ -120,7 +121,7 @@ def test_quick_ablation_writes_results_for_every_run(quick_runs, name, exp_file)
     for png in ("val_loss_flops.png", "val_loss_usd.png"):
         assert (quick_runs / name / png).stat().st_size > 1000
     summary = (quick_runs / name / "summary.md").read_text()  # the tables in markdown, for the README
-    assert sum(line.startswith("| --- |") for line in summary.splitlines()) == 2
+    assert sum(line.startswith("| --- |") for line in summary.splitlines()) == 3  # claims, metrics, tasks
     assert all(f"| {c['name']} |" in summary for c in results["claims"])
 
 
@@ -152,7 +153,7 @@ def test_experiment_report_renders_in_chromium(quick_runs):
     assert "https://" not in html and 'id="claims-table"' in html and 'id="metrics-table"' in html
     dom, console = render(page)
     assert console == [], console
-    assert 'data-images="2/2"' in dom
+    assert 'data-images="3/3"' in dom  # two validation-loss plots and quality against sampling cost
     assert "deferred beats downscaling (loss)" in dom and "inconclusive" in dom
 
 
@@ -172,3 +173,27 @@ def test_a_run_trained_with_other_settings_is_an_error_not_reused(quick_runs, tm
     args = argparse.Namespace(file=str(MASKING), quick=True, seeds=None, out=str(out), dry_run=False)
     assert exit_with("micro-diffusion experiment", lambda: run(args)) == 2
     assert json.loads(marker.read_text())["overrides"]["optimizer.lr"] == 0.5  # nothing rewritten
+
+
+@pytest.mark.slow
+def test_quick_families_compares_each_family_at_its_own_sampler(tmp_path):
+    """`make families QUICK=1`: MicroDiT (two stages) and Fluid in both orders through the same runner, each sampled
+    at its own fixed point, with sampling FLOPs and images/s in the results and a per-task GenEval-style table."""
+    make("families", "QUICK=1", f"EXP_OUT={tmp_path}")
+    exp = load_experiment(FAMILIES, quick=True)
+    results = json.loads((tmp_path / "families" / "results.json").read_text())
+    rows = {v["name"]: v for v in results["variants"]}
+    assert list(rows) == ["microdit", "fluid_random", "fluid_raster"]
+    for name, row in rows.items():
+        m, want = row["metrics"], exp.variant(name).sampling or exp.eval["sampling"]
+        assert m["sampling"]["sampler"] == want["sampler"] and m["sampling"]["steps"] == want["steps"]
+        assert m["flops_per_image"] > 0 and m["images_per_s"] > 0 and math.isfinite(m["fid"])
+        assert set(m["geneval"]) > {"overall"}
+        config = json.loads((Path(row["run_dir"]) / "eval" / "model" / "config.json").read_text())
+        assert config["family"] == ("dit" if name == "microdit" else "fluid")
+    assert len(list((Path(rows["microdit"]["run_dir"])).glob("stage*"))) == 2
+    assert rows["fluid_random"]["metrics"]["flops_per_image"] != rows["fluid_raster"]["metrics"]["flops_per_image"]
+    assert [c["name"] for c in results["claims"]] == [c["name"] for c in exp.claims]
+    summary = (tmp_path / "families" / "summary.md").read_text()
+    tasks = [t for t in rows["microdit"]["metrics"]["geneval"] if t != "overall"]
+    assert "| variant | " + " | ".join(tasks) + " | overall |" in summary  # the per-task table

@@ -59,8 +59,11 @@ def test_every_measurement_recorded_without_errors(gpu_check):
     assert all(set(r) == {"name", "config", "value", "unit"} for r in records)
     names = {r["name"] for r in records}
     for name in ("attention_max_abs_diff", "moe_dispatch_max_abs_diff", "compile_first_call_s", "compile_speedup",
-                 "sample_images_per_s", "moe_over_dense_ffn"):
+                 "sample_images_per_s", "moe_over_dense_ffn", "fluid_train_s_per_step", "fluid_train_mfu",
+                 "fluid_sample_images_per_s"):
         assert name in names
+    fluid = next(r for r in records if r["name"] == "fluid_train_s_per_step")["config"]
+    assert fluid["recipe_preset"] == "Fluid_369M" and fluid["recipe_microbatch"] == 128  # tiny stands in for these
     assert md.count("\n| ") == len(records) + 2  # header, rule and one row per record
 
 

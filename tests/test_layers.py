@@ -15,8 +15,10 @@ PACKAGES = ("micro_diffusion", "data_prep", "benchmarks")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("utils", ("micro_diffusion.utils", "micro_diffusion.version", "micro_diffusion.errors")),
     ("models", ("micro_diffusion.models",)),
-    ("diffusion", ("micro_diffusion.diffusion",)),
+    # the FLOP walks are pure functions of a built network and a sampler's evaluation count
+    ("diffusion", ("micro_diffusion.diffusion", "micro_diffusion.cost.flops", "micro_diffusion.cost.fluid_flops")),
     ("data, encoders", ("micro_diffusion.data", "micro_diffusion.encoders", "micro_diffusion.recipe",
+                        "micro_diffusion.families",
                         "micro_diffusion.recipe_checks", "micro_diffusion.exported", "micro_diffusion.reference",
                         "data_prep")),
     ("training, eval, cost", ("micro_diffusion.training", "micro_diffusion.eval", "micro_diffusion.cost")),

@@ -87,7 +87,8 @@ REFUSED = [
     ("scheduler.warmup=10sp", "scheduler.warmup '10sp' counts sp but train.max_duration '1200ba' counts ba"),
     ("algorithms.ema={start: 5x}", "algorithms.ema.start: '5x'"),
     # presets, samplers, steps, batches
-    ("model.preset=MicroDiT_XXL_2", "model.preset: unknown preset 'MicroDiT_XXL_2' .allowed: MicroDiT_Tiny_2, "),
+    ("model.preset=MicroDiT_XXL_2",
+     "model.preset: unknown MicroDiT preset 'MicroDiT_XXL_2' .allowed: MicroDiT_Tiny_2, "),
     ("samples.sampler=eulerr", "samples.sampler: unknown sampler 'eulerr'"),
     ("samples.sampler=consistency", "'consistency' samples distilled students"),
     ("samples.steps=0", "samples.steps: must be a positive integer, got 0"),

@@ -72,7 +72,11 @@ def test_evaluation_counts_follow_steps():
         levels = {"sigma_data": 0.9} if name == "consistency" else {}  # its levels need the denoiser's sigma_data
         sample(d, noise(8), steps=steps, sampler=name, **levels)
         assert d.calls == evals == network_evals(steps, name), name
-    assert set(SAMPLERS) == {"heun", "euler", "ddim", "dpmpp_2m", "stochastic", "consistency"}  # each counted above
+    # each counted above; fluid's passes are counted in tests/test_fluid_math.py (decode calls per step)
+    assert set(SAMPLERS) == {"heun", "euler", "ddim", "dpmpp_2m", "stochastic", "consistency", "fluid"}
+    assert network_evals(16, "fluid") == 16
+    with pytest.raises(ValueError, match="samples Fluid models"):
+        sample(Counting(ideal_denoiser), noise(8), steps=4, sampler="fluid")
 
 
 def test_heun_beats_euler_at_equal_evaluations():

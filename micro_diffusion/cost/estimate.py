@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..diffusion.trigflow import AdaptiveWeight
 from ..errors import UsageError, check_counts
-from ..models import MicroDiT
+from ..families import family
 from ..recipe import build_network, latent_size, load_recipe
-from .flops import distill_flops_per_sample, train_flops_per_sample
+from .flops import distill_flops_per_sample
 from .prices import device_spec, usd_per_device_hour
 
 
@@ -40,11 +41,12 @@ class StageEstimate:
         return asdict(self)
 
 
-def flops_per_sample(net: MicroDiT, cfg: dict) -> int:
-    """Training FLOPs of one sample of a recipe's stage: forward+backward at its mask ratio, or a distillation step."""
+def flops_per_sample(net: nn.Module, cfg: dict) -> int:
+    """Training FLOPs of one sample of a recipe's stage: its family's forward+backward (MicroDiT at its mask ratio,
+    Fluid at its expected one), or a distillation step."""
     size, length = latent_size(cfg), cfg["model"]["caption_len"]
     if cfg["distill"] is None:
-        return train_flops_per_sample(net, size, length, cfg["diffusion"]["mask_ratio"])
+        return family(cfg["model"]["family"]).train_flops(net, size, length, cfg["diffusion"])
     with torch.device("meta"):
         weight = AdaptiveWeight(cfg["diffusion"]["sigma_data"])  # the shape of the learned loss weighting
     return distill_flops_per_sample(net, size, length, cfg["distill"]["guidance"] != 1.0, weight)
@@ -99,7 +101,7 @@ def estimate_recipe(path: str | os.PathLike, overrides: Mapping[str, Any] | None
     if batch < 1:
         raise UsageError(f"{path}: train.global_batch must be at least 1, got {batch}")
     steps = steps_of(cfg["train"]["max_duration"], batch, f"{path}: train.max_duration")
-    mask = float(cfg["diffusion"]["mask_ratio"])
+    mask = cfg["diffusion"]["mask_ratio"]  # None for Fluid, which draws its own per batch
     per_sample, flops = stage_flops(cfg, steps, batch)
     cost = cost_of(flops, devices, device_type, mfu, usd_per_hour)
     return StageEstimate(cfg["stage"], steps, batch, cfg["data"]["resolution"], mask, per_sample, flops, **cost)

@@ -11,6 +11,7 @@ resident memory before the network exists (the runtime); the CUDA allocator's pe
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..diffusion.edm import EDMPrecond
+from ..families import FAMILIES
 from ..models.attention import fused_attention
 from ..recipe import build_network, latent_size
 from .estimate import cost_of, stage_flops, steps_of
@@ -72,9 +73,12 @@ def state_bytes(params: int, devices: int, parallelism: str) -> tuple[float, flo
     raise ValueError(f"unknown parallelism {parallelism!r}; known: fsdp, ddp, none")
 
 
-def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask_ratio: float,
-                fused: bool) -> int:
-    """Bytes autograd saves in one forward of the EDM loss (bf16 autocast, CPU) at `batch` samples."""
+def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask_ratio: float | None,
+                fused: bool, family: str = "dit") -> int:
+    """Bytes autograd saves in one forward of the family's training loss (bf16 autocast, CPU) at `batch` samples.
+
+    The global RNG is seeded first, so the one and two-sample probes draw the same masks (Fluid: the same ratio).
+    """
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -85,24 +89,23 @@ def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int
     torch.manual_seed(0)
     x0 = torch.randn(batch, net.in_channels, latent, latent)
     y = torch.randn(batch, *caption)
-    denoiser = EDMPrecond(net, sigma_data=1.0)  # sigma_data scales values, never a saved tensor's size
+    # sigma_data scales values, never a saved tensor's size
+    d = {"mask_ratio": mask_ratio, "p_mean": 0.0, "p_std": 1.0, "sigma_data": 1.0}
+    loss = FAMILIES[family].loss
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        if fused:
-            with fused_attention():
-                denoiser.loss(x0, y, 0.0, 1.0, mask_ratio=mask_ratio)
-        else:
-            denoiser.loss(x0, y, 0.0, 1.0, mask_ratio=mask_ratio)
+        with fused_attention() if fused else nullcontext():
+            loss(net, x0, y, d, (None, None))
     return sum(storages.values())
 
 
-def activation_bytes_per_sample(net: nn.Module, latent: int, caption: tuple[int, int], mask_ratio: float,
-                                fused: bool = True) -> float:
+def activation_bytes_per_sample(net: nn.Module, latent: int, caption: tuple[int, int], mask_ratio: float | None,
+                                fused: bool = True, family: str = "dit") -> float:
     """Saved-for-backward bytes per sample: two samples' minus one's (the per-step weight casts cancel).
 
     fused=True counts torch's fused attention (what CUDA runs keep: no score matrices); False, the plain path a CPU
     run takes at few tokens.
     """
-    one, two = (saved_bytes(net, n, latent, caption, mask_ratio, fused) for n in (1, 2))
+    one, two = (saved_bytes(net, n, latent, caption, mask_ratio, fused, family) for n in (1, 2))
     return float(two - one)
 
 
@@ -133,14 +136,16 @@ def predict_stage(cfg: dict, devices: int, device_type: str, mfu: float, paralle
     t, m = cfg["train"], cfg["model"]
     torch.manual_seed(0)
     net = build_network(cfg)
-    latent, mask = latent_size(cfg), float(cfg["diffusion"]["mask_ratio"])
-    per_sample = activation_bytes_per_sample(net, latent, (m["caption_len"], m["caption_dim"]), mask, fused=True)
+    latent, mask = latent_size(cfg), cfg["diffusion"]["mask_ratio"]
+    per_sample = activation_bytes_per_sample(net, latent, (m["caption_len"], m["caption_dim"]), mask, fused=True,
+                                             family=m["family"])
     est = estimate_memory(net, devices, parallelism, int(t["device_microbatch"]), per_sample)
     steps = steps_of(t["max_duration"], t["global_batch"], "train.max_duration")
     flops = stage_flops(cfg, steps, t["global_batch"])[1]
     cost = cost_of(flops, devices, device_type, mfu)
     step_s = cost["device_hours"] * 3600 / devices / steps
-    lines = [f"# predicted on {devices} x {device_type} ({parallelism}, microbatch {est.microbatch}, mask {mask}, "
+    masks = "drawn per batch" if mask is None else mask
+    lines = [f"# predicted on {devices} x {device_type} ({parallelism}, microbatch {est.microbatch}, mask {masks}, "
              f"{latent}x{latent} latents): peak {est.total / GIB:.2f} GiB per device = weights "
              f"{est.weights / GIB:.2f} + gradients {est.gradients / GIB:.2f} + optimizer {est.optimizer / GIB:.2f} + "
              f"activations {est.activations / GIB:.2f} ({per_sample / 2**20:.2f} MiB per sample, probed)",

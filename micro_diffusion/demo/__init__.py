@@ -6,7 +6,7 @@ from pathlib import Path
 DEFAULT_ROOT = Path("runs/demo")  # where `make demo` and `micro-diffusion demo` write unless told otherwise
 # The demo's steps in the order run_demo takes them; each leaves a done marker (step_marker) and is then reused.
 STEPS = ("data", "train_masked", "train_finetune", "export", "sample", "evaluate", "train_distill", "export_student",
-         "distilled")
+         "distilled", "train_fluid", "export_fluid", "fluid")
 
 
 def step_marker(root: Path, name: str) -> Path:

@@ -6,7 +6,8 @@ Steps: generate captioned shape scenes -> convert to MDS -> precompute latents (
 embeddings (the packaged MiniLM) -> train demo_masked (75% deferred masking) then demo_finetune (unmasked) -> export ->
 sample a grid for held-out captions with guidance -> evaluate (caption match read back by a fixed reader, its chance
 level and its score on real images; FID against held-out real images) -> distil the finetuned model into a consistency
-student (demo_distill) and score it at 1, 2 and 4 steps beside the teacher -> cost dashboard -> summary.json.
+student (demo_distill) and score it at 1, 2 and 4 steps beside the teacher -> train a tiny Fluid (demo_fluid) on the
+same latents, export it and score it the same way -> cost dashboard -> summary.json.
 A finished step leaves a marker and is skipped on the next run, unless --fresh starts over.
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from micro_diffusion.utils.run_folder import EVAL, REPORT, SAMPLES, TRAIN_LOSS, 
 
 from . import DEFAULT_ROOT, demo_vae_path, step_marker
 from .distilled import score_student
+from .fluid import score_fluid
 
 MARKER = ".micro_diffusion_demo"  # identifies a folder this demo made: --fresh deletes nothing else
 CAPTION_LEN = 16  # MiniLM tokens kept: shape captions are about 10 tokens, so 77 would be mostly padding
@@ -61,13 +63,16 @@ class DemoConfig:
     masked_recipe: str = "recipes/demo_masked.yaml"
     finetune_recipe: str = "recipes/demo_finetune.yaml"
     distill_recipe: str = "recipes/demo_distill.yaml"  # the finetuned model distilled into a 1-4 step student
+    fluid_recipe: str = "recipes/demo_fluid.yaml"  # the second model family on the same latents
     train_overrides: dict[str, Any] = field(default_factory=dict)  # {dotted key: value} applied to every stage
+    fluid_overrides: dict[str, Any] = field(default_factory=dict)  # and to the Fluid stage (its sampling settings)
     fresh: bool = False
 
     @classmethod
     def quick(cls, root: Path, fresh: bool = False) -> DemoConfig:
         """Every step at a much smaller size (seconds of training): checks the pipeline, not the results."""
         return cls(root=root, train_images=64, heldout_images=12, grid_images=8, sample_steps=2, fresh=fresh,
+                   fluid_overrides={"samples.steps": 2, "samples.head_steps": 5},
                    train_overrides={"train.max_duration": "3ba", "train.global_batch": 16,
                                     "train.device_microbatch": 16, "train.log_interval": "1ba",
                                     "checkpoint.save_interval": "3ba"})
@@ -118,7 +123,8 @@ def stage_summary(run: Run) -> dict:
     if run.stage_totals is None:
         raise RuntimeError(f"{run.run_dir} has no cost ledger")
     window = max(1, min(LOSS_WINDOW, len(losses) // 2))  # EDM losses vary with the drawn sigma: average a few
-    return {"name": run.stage, "steps": len(losses), "mask_ratio": float(run.recipe["diffusion"]["mask_ratio"]),
+    mask = run.recipe["diffusion"]["mask_ratio"]  # None: Fluid draws one per batch
+    return {"name": run.stage, "steps": len(losses), "mask_ratio": None if mask is None else float(mask),
             "loss_first": sum(losses[:window]) / window, "loss_last": sum(losses[-window:]) / window,
             "loss_window": window, "device_hours": run.stage_totals.device_hours, "usd": run.stage_totals.usd,
             "run_dir": str(run.run_dir)}
@@ -223,13 +229,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     distilled = step("distilled", lambda: distill_scores(cfg, Path(model["model"]), Path(student["model"]), metrics,
                                                          [s["run_dir"] for s in stages]))
 
+    stages.append(step("train_fluid", lambda: train_stage(cfg, cfg.fluid_recipe, cfg.fluid_overrides)))
+    fluid_model = step("export_fluid", lambda: {"model": str(export_run(stages[-1]["run_dir"], root / "fluid"))})
+    fluid = step("fluid", lambda: score_fluid(root, heldout_captions(cfg)[1], Path(fluid_model["model"]), cfg.seed,
+                                              lambda folder: evaluate(cfg, folder), stages[-1]["run_dir"]))
+
     report = write_report([s["run_dir"] for s in stages], out=root / REPORT)
     reused = {line.split(":")[0] for line in log if line.endswith("reused")}
     this_run = time.perf_counter() - start
     wall = this_run + sum(sec for name, sec in seconds.items() if name in reused)  # reused: as measured when run
     summary = {"wall_clock_s": wall, "this_run_s": this_run, "step_seconds": seconds, "steps_log": log,
                "data": data, "stages": stages, "samples": samples["grid"], "model": model["model"],
-               "eval": metrics, "distilled": distilled, "student": student["model"],
+               "eval": metrics, "distilled": distilled, "student": student["model"], "fluid": fluid,
                "report": str(report.relative_to(root)),
                "config": {k: str(v) for k, v in asdict(cfg).items()}}
     write_text_atomic(root / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -241,7 +252,8 @@ def _print_summary(summary: dict, root: Path) -> None:
     ev = summary["eval"]
     print("\n[demo] finished in {:.0f} s".format(summary["wall_clock_s"]))
     for s in summary["stages"]:
-        print(f"[demo] {s['name']}: {s['steps']} steps, mask {s['mask_ratio']}, loss {s['loss_first']:.3f} -> "
+        mask = "per batch" if s["mask_ratio"] is None else s["mask_ratio"]
+        print(f"[demo] {s['name']}: {s['steps']} steps, mask {mask}, loss {s['loss_first']:.3f} -> "
               f"{s['loss_last']:.3f}, {s['device_hours']:.4f} device-hours, ${s['usd']:.4f}")
     print(f"[demo] caption match {ev['caption_match']['value']:.3f} (chance {ev['caption_match']['chance']:.3f}; "
           f"reader on real images {ev['caption_match_real']['value']:.3f}); "
@@ -257,6 +269,10 @@ def _print_summary(summary: dict, root: Path) -> None:
               f"{entry['images_per_s'] / dis['teacher']['images_per_s']:.0f}x the teacher's images/s")
     print(f"[demo] distillation FLOPs: {dis['distill_flops'] / dis['teacher_train_flops']:.0%} of the teacher's "
           "training")
+    f = summary["fluid"]
+    print(f"[demo] Fluid: caption match {f['caption_match']:.3f} (chance {f['caption_match_chance']:.3f}), "
+          f"GenEval-style {f['geneval']:.3f}, FID {f['fid']:.1f}, {f['images_per_s']:.1f} images/s, "
+          f"{f['train_flops']:.3g} training FLOPs")
     print(f"[demo] sample grid  {root / summary['samples']}")
     print(f"[demo] dashboard    {root / summary['report']}")
     print(f"[demo] model        {summary['model']}")

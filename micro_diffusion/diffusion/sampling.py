@@ -21,6 +21,7 @@ import torch
 from ..errors import UsageError
 from ..utils.seeds import derive_seed, draw, seeded_generator
 from .edm import EDMPrecond
+from .fluid import generate_fluid
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Noise = torch.Generator | Sequence[torch.Generator] | None
@@ -34,13 +35,29 @@ class SamplingSettings:
     guidance: float = 5.0  # classifier-free guidance scale; 1 turns guidance off
     sampler: str = "heun"
     guidance_interval: tuple[float, float] | None = None  # guide only for sigma in [lo, hi]
+    temperature: float | None = None  # the fluid sampler: multiplies the noise of each step of its head
+    head_steps: int | None = None  # the fluid sampler: reverse steps of its head per revealed token
+
+    def __post_init__(self) -> None:
+        reveal = self.sampler in SAMPLERS and SAMPLERS[self.sampler].schedule == "reveal"
+        given = [k for k in FLUID_FIELDS if getattr(self, k) is not None]
+        if given and self.sampler in SAMPLERS and not reveal:
+            raise UsageError(f"{', '.join(given)}: settings of the fluid sampler; sampler {self.sampler!r} has none")
+        if reveal and self.guidance_interval is not None:
+            raise UsageError(f"guidance_interval: the {self.sampler} sampler raises guidance linearly over its steps "
+                             "and takes no interval")
+        if self.temperature is not None and not self.temperature > 0:
+            raise UsageError(f"temperature must be > 0, got {self.temperature}")
+        if self.head_steps is not None and (isinstance(self.head_steps, bool) or not isinstance(self.head_steps, int)
+                                            or not 1 <= self.head_steps <= 1000):
+            raise UsageError(f"head_steps must be an integer in [1, 1000] (of the head's 1000), got {self.head_steps}")
 
     def to_dict(self) -> dict:
-        """Plain, JSON-ready copy."""
-        return asdict(self)
+        """Plain, JSON-ready copy; the fluid sampler's own fields only where they are set."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in FLUID_FIELDS}
 
 
-DEFAULTS = SamplingSettings()  # the one source of the sampling defaults (CLI, recipes, callbacks, FLOP counts)
+FLUID_FIELDS = ("temperature", "head_steps")  # settings only the fluid sampler reads
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -172,8 +189,9 @@ class Sampler:
     evaluations: Callable[[int], int]  # network evaluations per image for `steps` levels, without guidance
     options: Mapping[str, object] = field(default_factory=dict)  # the sampler's own options and their defaults
     stochastic: bool = False  # draws noise from the generator while it integrates
-    schedule: str = "karras"  # "karras" (karras_sigmas) or "consistency" (consistency_sigmas)
+    schedule: str = "karras"  # "karras" (karras_sigmas), "consistency" (consistency_sigmas) or "reveal" (Fluid's)
     for_students: bool = False  # samples distilled consistency students, never a diffusion model
+    family: str = "dit"  # the model family it samples (families.FAMILIES)
 
     def schedule_options(self) -> dict[str, object]:
         """Options of the noise levels (consistency: sigma_data, required, and mid_times), with their defaults."""
@@ -210,7 +228,14 @@ SAMPLERS: dict[str, Sampler] = {
     "dpmpp_2m": Sampler(sample_dpmpp_2m, _one_per_step),
     "consistency": Sampler(sample_consistency, _one_per_step, stochastic=True, schedule="consistency",
                            for_students=True),
+    # Fluid: `steps` transformer passes revealing tokens (diffusion.fluid.generate_fluid), not noise levels
+    "fluid": Sampler(generate_fluid, _one_per_step, stochastic=True, schedule="reveal", family="fluid"),
 }
+
+DEFAULTS = SamplingSettings()  # the one source of the MicroDiT sampling defaults (CLI, recipes, callbacks, FLOPs)
+# Fluid's (Fan et al. 2024, random order): 64 transformer passes, 100 head steps, temperature 0.975, guidance 5 on
+# the linear schedule.
+FLUID_DEFAULTS = SamplingSettings(steps=64, guidance=5.0, sampler="fluid", temperature=0.975, head_steps=100)
 
 
 def sampler_spec(sampler: str) -> Sampler:
@@ -220,9 +245,9 @@ def sampler_spec(sampler: str) -> Sampler:
     return SAMPLERS[sampler]
 
 
-def diffusion_samplers() -> list[str]:
-    """The samplers of diffusion models (every one but the distilled students'), sorted."""
-    return sorted(name for name, spec in SAMPLERS.items() if not spec.for_students)
+def diffusion_samplers(family: str = "dit") -> list[str]:
+    """The samplers of a family's diffusion models (every one of the family's but the distilled students'), sorted."""
+    return sorted(name for name, spec in SAMPLERS.items() if not spec.for_students and spec.family == family)
 
 
 def network_evals(steps: int, sampler: str = DEFAULTS.sampler) -> int:
@@ -251,6 +276,8 @@ def sample(denoiser: Denoiser, noise: torch.Tensor, steps: int = DEFAULTS.steps,
     the sampler (e.g. S_churn for "stochastic"; sigma_data and mid_times for the consistency levels).
     """
     spec, known = sampler_spec(sampler), sampler_options(sampler)
+    if spec.schedule == "reveal":
+        raise ValueError(f"sampler {sampler!r} samples Fluid models (generate_fluid), not the EDM ODE")
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"sampler {sampler!r} has no option(s) {unknown}; it accepts {sorted(known) or 'none'}")

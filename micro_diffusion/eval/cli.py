@@ -23,7 +23,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The sampling settings given on the command line; the ones left out come from the export."""
     interval = getattr(args, "guidance_interval", None)
     return {"steps": getattr(args, "steps", None), "guidance": getattr(args, "guidance", None),
-            "sampler": getattr(args, "sampler", None), "guidance_interval": tuple(interval) if interval else None}
+            "sampler": getattr(args, "sampler", None), "guidance_interval": tuple(interval) if interval else None,
+            "temperature": getattr(args, "temperature", None), "head_steps": getattr(args, "head_steps", None)}
 
 
 def _use_ema(args: argparse.Namespace) -> bool | None:
@@ -34,11 +35,15 @@ def _use_ema(args: argparse.Namespace) -> bool | None:
 def _add_settings(p: argparse.ArgumentParser) -> None:
     """--steps, --guidance, --sampler: left out, the export's recorded settings (older exports: the package's)."""
     p.add_argument("--steps", type=int, default=argparse.SUPPRESS,
-                   help=f"noise levels; Heun spends 2*steps-1 evaluations, a distilled student 1, 2 or 4 "
-                        f"(default: {EXPORTS})")
+                   help=f"noise levels; Heun spends 2*steps-1 evaluations, a distilled student 1, 2 or 4; "
+                        f"--sampler fluid: transformer passes (default: {EXPORTS})")
     p.add_argument("--guidance", type=float, default=argparse.SUPPRESS,
                    help=f"guidance scale, 1 = none (default: {EXPORTS}; 1 with --sampler consistency)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=argparse.SUPPRESS, help=f"(default: {EXPORTS})")
+    p.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
+                   help=f"--sampler fluid: scales the noise of each head step (default: {EXPORTS}, else 0.975)")
+    p.add_argument("--head-steps", type=int, default=argparse.SUPPRESS,
+                   help=f"--sampler fluid: the head's reverse steps per token (default: {EXPORTS}, else 100)")
 
 
 def _add_run(p: argparse.ArgumentParser, batch_size: int = 16) -> None:

@@ -13,18 +13,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.geneval import check_line, read_prompts_file, sample_path, write_prompt, write_sample
-from ..diffusion.edm import EDMPrecond
-from ..diffusion.sampling import (
-    DEFAULTS,
-    SamplingSettings,
-    diffusion_samplers,
-    generate_latents,
-    image_seeds,
-    sampler_spec,
-)
+from ..diffusion.sampling import FLUID_FIELDS, SamplingSettings, diffusion_samplers, image_seeds, sampler_spec
 from ..encoders import load_text_encoder, load_vae
 from ..errors import MicroDiffusionError, UsageError, check_counts
 from ..exported import CONFIG_FILE, load_exported, read_config
+from ..families import family, family_of
 from ..utils.atomic import write_text_atomic
 from ..utils.devices import autocast, compute_dtype, dtype_name, torch_device
 from ..utils.images import grid, save_atomic, to_pil
@@ -72,7 +65,8 @@ def check_request(model: str | Path, settings: Sampling = None, use_ema: bool | 
 
 
 def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> SamplingSettings:
-    """The sampling settings of an export: each given one, else the export's recorded `sampling`, else DEFAULTS.
+    """The sampling settings of an export: each given one, else the export's recorded `sampling`, else its family's
+    defaults for its network (MicroDiT: DEFAULTS; Fluid: FLUID_DEFAULTS, one pass a token in raster order).
 
     A consistency sampler (a distilled student) defaults to guidance 1 and no interval: its teacher's guidance is
     baked in. Older exports record no `sampling`; they sample with the package DEFAULTS.
@@ -84,19 +78,29 @@ def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> Sampli
     for where, keys in (("the export's sampling", recorded), ("sampling settings", given)):
         if set(keys) - names:
             raise UsageError(f"{where}: unknown keys {sorted(set(keys) - names)} (known: {sorted(names)})")
-    merged = {**DEFAULTS.to_dict(), **recorded, **given}
+    fam = family_of(config)
+    merged = {**(fam.sampling_for(config["network"]) if "network" in config else fam.sampling).to_dict(), **recorded,
+              **given}
     if sampler_spec(merged["sampler"]).for_students:
         merged["guidance"] = given.get("guidance", 1.0)
         merged["guidance_interval"] = given.get("guidance_interval")
+    if sampler_spec(merged["sampler"]).schedule != "reveal":  # another sampler asked of a Fluid export: check_sampling
+        merged = {k: v for k, v in merged.items() if k not in FLUID_FIELDS or k in given}  # names both families
     interval = merged["guidance_interval"]
     return SamplingSettings(steps=int(merged["steps"]), guidance=float(merged["guidance"]), sampler=merged["sampler"],
-                            guidance_interval=tuple(float(v) for v in interval) if interval else None)
+                            guidance_interval=tuple(float(v) for v in interval) if interval else None,
+                            **{k: merged[k] for k in FLUID_FIELDS if merged.get(k) is not None})
 
 
 def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None:
-    """A distilled student samples with `consistency` and no guidance (its teacher's is baked in); a diffusion model
-    never with `consistency`. Anything else is an error naming the export and what to ask for instead."""
-    student, for_students = config.get("distilled"), sampler_spec(settings.sampler).for_students
+    """A sampler of the export's family (naming both otherwise); a distilled student samples with `consistency` and
+    no guidance (its teacher's is baked in); a diffusion model never with `consistency`. Anything else is an error
+    naming the export and what to ask for instead."""
+    fam, spec = family_of(config), sampler_spec(settings.sampler)
+    if spec.family != fam.name:
+        raise UsageError(f"{where} is a {fam.title} model ({fam.name}): the {settings.sampler} sampler samples "
+                         f"{family(spec.family).title} models; use --sampler {', '.join(diffusion_samplers(fam.name))}")
+    student, for_students = config.get("distilled"), spec.for_students
     if student and not for_students:
         raise UsageError(f"{where} is a distilled student (guidance {student['guidance']} baked in): sample it with "
                          f"--sampler consistency --steps 1, 2 or 4, not --sampler {settings.sampler}")
@@ -105,7 +109,7 @@ def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None
                          f"in: drop --guidance {settings.guidance:g}")
     if not student and for_students:
         raise UsageError(f"{where} is a diffusion model: {settings.sampler} sampling needs a student made by "
-                         f"`micro-diffusion distill`; use {', '.join(diffusion_samplers())}")
+                         f"`micro-diffusion distill`; use {', '.join(diffusion_samplers(fam.name))}")
 
 
 class TextToImage:
@@ -121,7 +125,7 @@ class TextToImage:
         self.where = str(model_dir)
         self.net, self.config, null = load_exported(model_dir, use_ema, self.device)
         check_sampling(self.config, settings, self.where)
-        self.denoiser = EDMPrecond(self.net, self.config["sigma_data"])
+        self.family = family_of(self.config)
         enc = self.config["encoders"]
         self.text = load_text_encoder(enc["text_encoder"], device=self.device, dtype=dtype,
                                       caption_len=enc["caption_len"])
@@ -150,8 +154,8 @@ class TextToImage:
         """Sampled latents (N, C, h, w) for caption embeddings (N, L, D): the network's part of rendering."""
         shape = (self.net.in_channels, *self.latent_hw)
         with autocast(self.device, compute_dtype(self.device)):  # bf16 where the device runs it fast, else fp32
-            return generate_latents(self.denoiser, emb, self.null, self.settings, image_seeds(self.seed, indices),
-                                    shape)
+            return self.family.generate(self.net, emb, self.null, self.settings, image_seeds(self.seed, indices),
+                                        shape, self.config["sigma_data"])
 
     @torch.no_grad()
     def __call__(self, captions: list[str], indices: list[int]) -> list[Image.Image]:

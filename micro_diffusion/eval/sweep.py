@@ -14,9 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..cost.flops import sample_flops_per_image
 from ..data.geneval import read_prompts_file
-from ..diffusion.sampling import DEFAULTS, SamplingSettings, sampler_spec
+from ..diffusion.sampling import SamplingSettings, sampler_spec
 from ..errors import UsageError, check_counts
 from ..utils.atomic import write_text_atomic
 from ..utils.run_folder import SWEEP, SWEEP_POINT
@@ -32,7 +31,6 @@ from .generate import (
 )
 from .sweep_plots import plot_sweep
 
-REFERENCE_PRESET = "heun:30"
 Score = Callable[[Path], float]  # generated folder -> FID against the held-out set's reference
 
 
@@ -88,9 +86,10 @@ def compose_heldout(scenes: str | Path, geneval: str | Path, num: int, images_pe
 
 
 def sweep(points: list[SamplingSettings], held: HeldOut, out: Path, make_render: Callable[[SamplingSettings], Render],
-          score: Score, flops: Callable[[SamplingSettings], int], batch_size: int = 16) -> list[dict[str, Any]]:
-    """Generate (resumably) and score every point once, in order; returns the points' records."""
-    ref_sampler, ref_steps = parse_preset(REFERENCE_PRESET)
+          score: Score, flops: Callable[[SamplingSettings], int], reference: SamplingSettings,
+          batch_size: int = 16) -> list[dict[str, Any]]:
+    """Generate (resumably) and score every point once, in order; returns the points' records (relative_cost: a
+    point's FLOPs over those of the `reference` settings, the model family's default sampling)."""
     records: dict[str, dict[str, Any]] = {}
     for settings in points:
         name = point_name(settings)
@@ -109,8 +108,7 @@ def sweep(points: list[SamplingSettings], held: HeldOut, out: Path, make_render:
         seconds = time.perf_counter() - start
         cost = flops(settings)
         record = {**settings.to_dict(), "flops_per_image": int(cost),
-                  "relative_cost": cost / flops(replace(settings, sampler=ref_sampler, steps=ref_steps,
-                                                        guidance=DEFAULTS.guidance)),
+                  "relative_cost": cost / flops(reference),
                   "images_per_s": made / seconds if made else float("nan"),  # nan: images were on disk already
                   "fid": float(score(out / name / "fid"))}
         if held.prompts is not None:
@@ -126,8 +124,7 @@ def model_sweep(render: TextToImage, points: list[SamplingSettings], held: HeldO
     """The sweep of one loaded model: one network serves every point, only its sampling settings change."""
 
     def flops(s: SamplingSettings) -> int:
-        return sample_flops_per_image(render.net, latent_size=render.latent_hw, caption_len=render.text.caption_len,
-                                      steps=s.steps, sampler=s.sampler, guidance=s.guidance != 1.0)
+        return render.family.sample_flops(render.net, render.latent_hw, render.text.caption_len, s)
 
     def make_render(s: SamplingSettings) -> Render:
         check_sampling(render.config, s, render.where)
@@ -141,7 +138,8 @@ def model_sweep(render: TextToImage, points: list[SamplingSettings], held: HeldO
             scorer.append(FidScorer(held.reference, device=str(render.device)))
         return scorer[0](folder)
 
-    return sweep(points, held, out, make_render, score, flops, batch_size)
+    reference = render.family.sampling_for(render.config["network"])
+    return sweep(points, held, out, make_render, score, flops, reference, batch_size)
 
 
 def run_sweep(model: str | Path, out: str | Path, presets: list[str], guidances: list[float], num: int = 5000,
@@ -163,9 +161,10 @@ def run_sweep(model: str | Path, out: str | Path, presets: list[str], guidances:
                          "(--scenes and --geneval)")
     out = Path(out)
     config, base = check_request(model, {"guidance_interval": guidance_interval}, use_ema)
+    for sampler, steps in presets_given:  # another family's or a student's sampler, or back, before loading
+        check_sampling(config, SamplingSettings(steps=steps, guidance=float(guidances[0]), sampler=sampler),
+                       str(model))
     points = grid(base, presets, guidances)
-    for sampler, steps in presets_given:  # a student's sampler on a diffusion model, or back, before loading
-        check_sampling(config, replace(points[0], sampler=sampler, steps=steps), str(model))
     render = TextToImage(model, points[0], seed, use_ema, device)
     if scenes is not None:
         held = compose_heldout(scenes, geneval, num, images_per_prompt)
@@ -177,7 +176,9 @@ def run_sweep(model: str | Path, out: str | Path, presets: list[str], guidances:
         source = {"annotations": str(annotations), "draw_seed": draw_seed}
     result = {"points": model_sweep(render, points, held, out, batch_size),
               "settings": {"model": str(model), **source, "num_fid_images": len(held.draw),
-                           "resolution": render.resolution, "reference_preset": REFERENCE_PRESET, "seed": seed,
+                           "resolution": render.resolution, "seed": seed,
+                           "reference_preset": "{0.sampler}:{0.steps}".format(
+                               render.family.sampling_for(render.config["network"])),
                            "weights": render.config["weights_file"],
                            "cost": "sample_flops_per_image (forward FLOPs x evaluations, x2 with guidance)"}}
     out.mkdir(parents=True, exist_ok=True)

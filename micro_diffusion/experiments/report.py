@@ -67,6 +67,24 @@ def _curves_plot(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path
     return save_plot(fig, ax, path, f"validation loss against {xlabel}", xlabel, "validation loss (unmasked)")
 
 
+def _quality_cost_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """GenEval-style overall and FID of each run against its sampling FLOPs per image (the variant's fixed point),
+    one colour a variant; None when the results record no sampling cost (older runs)."""
+    if not all("flops_per_image" in r["metrics"] for r in rows):
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.6), dpi=100)
+    for name in dict.fromkeys(r["name"] for r in rows):
+        runs = [r["metrics"] for r in rows if r["name"] == name]
+        xs = [m["flops_per_image"] for m in runs]
+        axes[0].scatter(xs, [m["geneval"]["overall"] for m in runs], label=name, s=18)
+        axes[1].scatter(xs, [m["fid"] for m in runs], label=name, s=18)
+    for ax in axes:
+        ax.set_xscale("log")
+    axes[0].set(xlabel="sampling FLOPs per image", ylabel="GenEval-style overall (higher is better)")
+    axes[0].grid(alpha=0.3)
+    return save_plot(fig, axes[1], path, "", "sampling FLOPs per image", "FID (lower is better)")
+
+
 def _fmt_spread(values: list[float]) -> str:
     mean, var = mean_and_var(values)
     return f"{mean:.4g}" if not np.isfinite(var) else f"{mean:.4g} ± {np.sqrt(var):.2g}"
@@ -77,15 +95,29 @@ Table = tuple[list[str], list[list[str]]]  # column names, rows of cells (plain 
 
 def metrics_cells(rows: list[dict[str, Any]]) -> Table:
     """Final metrics per variant as mean +- standard deviation over seeds, with steps, FLOPs and parameters."""
-    cols = ["variant", "seeds", "steps", "training FLOPs", "parameters", "val loss", "FID", "GenEval-style overall"]
+    cols = ["variant", "seeds", "steps", "training FLOPs", "parameters", "val loss", "FID", "GenEval-style overall",
+            "sampler", "sampling FLOPs/image", "images/s"]
     body = []
     for name in dict.fromkeys(r["name"] for r in rows):
         runs = [r for r in rows if r["name"] == name]
+        m = runs[0]["metrics"]
+        point = m.get("sampling")  # older results record no sampling point
         body.append([name, str(len(runs)), str(runs[0]["steps"]), f"{runs[0]['flops']:.3g}",
                      f"{runs[0]['parameters']:,}", _fmt_spread([r["metrics"]["val_loss"] for r in runs]),
                      _fmt_spread([r["metrics"]["fid"] for r in runs]),
-                     _fmt_spread([r["metrics"]["geneval"]["overall"] for r in runs])])
+                     _fmt_spread([r["metrics"]["geneval"]["overall"] for r in runs]),
+                     f"{point['sampler']} {point['steps']}, guidance {point['guidance']:g}" if point else "",
+                     f"{m['flops_per_image']:.3g}" if "flops_per_image" in m else "",
+                     _fmt_spread([r["metrics"]["images_per_s"] for r in runs]) if "images_per_s" in m else ""])
     return cols, body
+
+
+def task_cells(rows: list[dict[str, Any]]) -> Table:
+    """GenEval-style accuracy per task and overall, per variant (mean +- standard deviation over seeds)."""
+    tasks = [t for t in rows[0]["metrics"]["geneval"] if t != "overall"]
+    body = [[name, *[_fmt_spread([r["metrics"]["geneval"][t] for r in rows if r["name"] == name])
+                     for t in [*tasks, "overall"]]] for name in dict.fromkeys(r["name"] for r in rows)]
+    return ["variant", *tasks, "overall"], body
 
 
 def claims_cells(claims: list[dict[str, Any]]) -> Table:
@@ -139,13 +171,19 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path
              "verdicts by the rule in docs/interfaces.md (2 standard errors; within: and 5% of b).</p>",
              "<h2>Claims</h2>", html_table(claims_cells(results["claims"]), "claims-table", True),
              "<h2>Final metrics</h2>", html_table(metrics_cells(rows), "metrics-table"), _trust_note(results["reader"]),
+             "<h2>GenEval-style score per task</h2>", html_table(task_cells(rows), "tasks-table"),
              "<h2>Validation loss against compute</h2>", *[img_tag(p, p.stem) for p in plots]]
+    quality = _quality_cost_plot(rows, out / "quality_sampling_cost.png")
+    if quality is not None:
+        parts += ["<h2>Quality against sampling cost (each variant at its own sampler)</h2>",
+                  img_tag(quality, quality.stem)]
     if swept(rows):
         figures, table = sweep_section(rows, out)
         parts += ["<h2>Quality against sampling cost</h2>", *[img_tag(p, p.stem) for p in figures], table]
     parts += ["<h2>Cost of every run</h2>", cost_table(stages)]
     (out / "summary.md").write_text(f"## {exp.name}\n\n" + markdown_table(claims_cells(results["claims"])) + "\n"
-                                    + markdown_table(metrics_cells(rows)), encoding="utf-8")
+                                    + markdown_table(metrics_cells(rows)) + "\n" + markdown_table(task_cells(rows)),
+                                    encoding="utf-8")
     page = out / REPORT
     page.write_text("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
                     f'<link rel="icon" href="data:,"><title>micro_diffusion experiment {html.escape(exp.name)}</title>'

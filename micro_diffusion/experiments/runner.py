@@ -123,9 +123,15 @@ def val_curve(run: RunPlan, dirs: list[Path]) -> dict[str, list[float]]:
     return curve
 
 
-def sweep_points(exp: Experiment) -> list[SamplingSettings]:
-    """The sampling settings every run is evaluated at: the fixed point, or the sweep's grid (which holds it)."""
-    fixed = SamplingSettings(**exp.eval["sampling"])
+def fixed_point(exp: Experiment, variant: str) -> SamplingSettings:
+    """The variant's fixed sampling point: its own `sampling` (another family's sampler), else eval.sampling."""
+    return SamplingSettings(**(exp.variant(variant).sampling or exp.eval["sampling"]))
+
+
+def sweep_points(exp: Experiment, variant: str) -> list[SamplingSettings]:
+    """The sampling settings a variant's runs are evaluated at: the fixed point, or the sweep's grid (which holds
+    it)."""
+    fixed = fixed_point(exp, variant)
     grid = exp.eval["sweep"]
     if grid is None:
         return [fixed]
@@ -143,11 +149,13 @@ def evaluate_run(exp: Experiment, run: RunPlan, dirs: list[Path], root: Path) ->
     model = export_run(dirs[-1], out / "model")
     e, data = exp.eval, root / "data"
     held = compose_heldout(data / "images" / "val", data / "prompts", e["fid_images"], e["images_per_prompt"])
-    points = sweep_points(exp)
+    points = sweep_points(exp, run.variant)
     render = TextToImage(model, points[0], int(exp.data["seed"]))
     records = model_sweep(render, points, held, out / "points", batch_size=64)
-    fixed = records[points.index(SamplingSettings(**e["sampling"]))]
-    metrics = {"fid": fixed["fid"], "geneval": fixed["geneval"], **({"sweep": records} if e["sweep"] else {})}
+    fixed = records[points.index(fixed_point(exp, run.variant))]
+    metrics = {"fid": fixed["fid"], "geneval": fixed["geneval"], "sampling": fixed_point(exp, run.variant).to_dict(),
+               "flops_per_image": fixed["flops_per_image"], "images_per_s": fixed["images_per_s"],
+               **({"sweep": records} if e["sweep"] else {})}
     write_text_atomic(saved, json.dumps(metrics, indent=2) + "\n")
     return metrics
 

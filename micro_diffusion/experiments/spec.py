@@ -9,13 +9,16 @@
       - {name: deferred_75, overrides: {diffusion.mask_ratio: 0.75}}
       - {name: downscaled, overrides: {diffusion.mask_ratio: 0.0}, narrow_to: deferred_75}
       - {name: deferred_75_ft, overrides: {...}, then: {fraction: 0.1, overrides: {diffusion.mask_ratio: 0.0}}}
+      - {name: fluid, overrides: {model.family: fluid, ...}, sampling: {sampler: fluid, steps: 16, ...}}
+                                               # sampling: this variant's fixed sampling point (its family's sampler)
     claims:
       - {name: ..., kind: beats | within, a: VARIANT, b: VARIANT, metric: val_loss | fid | geneval}
       - {..., metric: fid | geneval, budget: lowest | highest, sampler: NAME | each}
                                                # on the sweep: each run's best-guidance curve at the lowest or highest
                                                # sampling budget all runs cover (one claim a sampler for `each`)
-    quick: {data: {...}, budget: {...}, eval: {...}, seeds: [...], overrides: {...}, variants: [NAME, ...]}
-                                               # what --quick changes; variants keeps a subset (and their claims)
+    quick: {data: {...}, budget: {...}, eval: {...}, seeds: [...], overrides: {...}, variants: [NAME, ...],
+            sampling: {VARIANT: {...}}}        # what --quick changes; variants keeps a subset (and their claims);
+                                               # sampling replaces variants' own sampling points
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from typing import Any
 
 import yaml
 
-from ..diffusion.sampling import diffusion_samplers
+from ..diffusion.sampling import SamplingSettings, diffusion_samplers
+from ..errors import UsageError
+from ..families import FAMILIES
 from ..recipe import RecipeError, find_recipe
 from .verdict import LOWER_IS_BETTER
 
@@ -47,7 +52,8 @@ EVAL = {
 SWEEP_KEYS = {"samplers", "steps", "guidances"}
 CLAIM_AT = {"budget": ("lowest", "highest"), "sampler": None}  # optional claim keys: judged on the sweep
 KEYS = {"base_recipe", "data", "budget", "seeds", "eval", "variants", "claims", "quick"}
-VARIANT_KEYS = {"name", "overrides", "narrow_to", "then"}
+VARIANT_KEYS = {"name", "overrides", "narrow_to", "then", "sampling"}
+SAMPLING_KEYS = {"sampler", "steps", "guidance", "temperature", "head_steps"}
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Variant:
     overrides: dict[str, Any] = field(default_factory=dict)
     narrow_to: str | None = None  # narrow the network until its FLOPs per sample equal this variant's
     then: dict[str, Any] | None = None  # {fraction: share of the budget, overrides: {...}}: a finetune stage
+    sampling: dict[str, Any] | None = None  # its fixed sampling point instead of eval.sampling (another family's)
 
 
 @dataclass
@@ -100,19 +107,29 @@ def _variant(raw: Any, where: str) -> Variant:
     then = raw.get("then")
     if then is not None and (set(then) - {"fraction", "overrides"} or not 0 < then.get("fraction", 0) < 1):
         raise RecipeError(f"{where}.then: needs a fraction in (0, 1) and overrides, got {then!r}")
-    return Variant(str(raw["name"]), dict(raw.get("overrides") or {}), raw.get("narrow_to"), then)
+    sampling = raw.get("sampling")
+    if sampling is not None:
+        _check_sampling(sampling, f"{where}.sampling")
+    return Variant(str(raw["name"]), dict(raw.get("overrides") or {}), raw.get("narrow_to"), then, sampling)
 
 
 def _check_sampling(sampling: dict[str, Any], where: str) -> None:
-    """The fixed sampling point, as a recipe's samples: section is checked (a bad one would fail after training)."""
+    """A fixed sampling point, as a recipe's samples: section is checked (a bad one would fail after training)."""
+    if not isinstance(sampling, dict) or not {"sampler", "steps", "guidance"} <= set(sampling) <= SAMPLING_KEYS:
+        raise RecipeError(f"{where}: needs sampler, steps, guidance (and for the fluid sampler temperature, "
+                          f"head_steps), got {sampling!r}")
     steps, guidance = sampling["steps"], sampling["guidance"]
-    if sampling["sampler"] not in diffusion_samplers():
-        raise RecipeError(f"{where}.sampler: unknown sampler {sampling['sampler']!r} (allowed: "
-                          f"{', '.join(diffusion_samplers())})")
+    allowed = sorted(n for fam in FAMILIES for n in diffusion_samplers(fam))
+    if sampling["sampler"] not in allowed:
+        raise RecipeError(f"{where}.sampler: unknown sampler {sampling['sampler']!r} (allowed: {', '.join(allowed)})")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise RecipeError(f"{where}.steps: must be a positive integer, got {steps!r}")
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or guidance < 1:
         raise RecipeError(f"{where}.guidance: must be a number >= 1, got {guidance!r}")
+    try:
+        SamplingSettings(**sampling)
+    except UsageError as err:
+        raise RecipeError(f"{where}: {err}") from err
 
 
 def _check_sweep(sweep: Any, sampling: dict[str, Any], where: str) -> dict[str, list] | None:
@@ -193,8 +210,15 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
         variants = [v for v in variants if v.name in kept]
         claims = [c for c in claims if isinstance(c, dict) and c.get("a") in kept and c.get("b") in kept]
     extra = dict(small.get("overrides") or {}) if quick else {}
+    points = dict(small.get("sampling") or {}) if quick else {}
+    unknown_points = sorted(set(points) - {v.name for v in variants if v.sampling is not None})
+    if unknown_points:
+        raise RecipeError(f"{where}.quick.sampling: {unknown_points[0]!r} is no variant with its own sampling")
     for v in variants:
         v.overrides = {**v.overrides, **extra}
+        if v.name in points:
+            _check_sampling(points[v.name], f"{where}.quick.sampling.{v.name}")
+            v.sampling = dict(points[v.name])
     names = {v.name for v in variants}
     if len(names) != len(variants):
         raise RecipeError(f"{where}.variants: names must differ, got {[v.name for v in variants]}")
@@ -204,6 +228,10 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
     evaluation = _section(raw.get("eval", {}), EVAL, f"{where}.eval")
     _check_sampling(evaluation["sampling"], f"{where}.eval.sampling")
     evaluation["sweep"] = _check_sweep(evaluation["sweep"], evaluation["sampling"], f"{where}.eval.sweep")
+    own = [v.name for v in variants if v.sampling is not None]
+    if own and evaluation["sweep"] is not None:
+        raise RecipeError(f"{where}: variants {own} sample at their own point, which the eval.sweep grid does not "
+                          "hold: drop eval.sweep or their sampling")
     return Experiment(name=path.stem, path=path, base_recipe=(path.parent / raw["base_recipe"]).resolve(),
                       data=_section(raw.get("data", {}), DATA, f"{where}.data"),
                       budget={k: float(v) for k, v in budget.items()}, seeds=[int(s) for s in raw.get("seeds", [0])],

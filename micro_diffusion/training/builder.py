@@ -21,6 +21,7 @@ from micro_diffusion.diffusion.edm import sigma_grid
 from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.encoders import load_text_encoder, load_vae
 from micro_diffusion.exported import is_export, load_weights
+from micro_diffusion.families import family_of
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 from micro_diffusion.recipe import RecipeError, build_network, latent_size, resolve_streams
 from micro_diffusion.training.callbacks import BadSamples, JSONLLogger, NaNGuard, Preemption, StepSeed
@@ -44,7 +45,7 @@ def build_model(cfg: dict, plan: RunPlan) -> DiffusionModel:
         if from_export:
             net.load_state_dict(load_weights(plan.init_checkpoint)[0])  # EMA weights when the export has them
         return DiffusionModel(net, mask_ratio=d["mask_ratio"], p_mean=d["p_mean"], p_std=d["p_std"],
-                              sigma_data=d["sigma_data"])
+                              sigma_data=d["sigma_data"], family=cfg["model"]["family"])
     dis, state = cfg["distill"], teacher_state(plan.init_checkpoint, cfg["distill"]["teacher_weights"])
     student, teacher = build_network(cfg), build_network(cfg)
     for net in (student, teacher):
@@ -59,6 +60,9 @@ def check_export_fits(cfg: dict, model_dir: str) -> None:
     _, config = load_weights(model_dir, use_ema=False)  # reads and checks the network format
     with torch.device("meta"):
         want = json.loads(json.dumps(build_network(cfg).cfg.to_dict()))  # as config.json holds it: tuples as lists
+    theirs, ours = family_of(config).name, cfg["model"]["family"]
+    if theirs != ours:
+        raise RecipeError(f"init_checkpoint {model_dir} holds a {theirs} model, the recipe's model.family is {ours}")
     diff = {k: (v, want[k]) for k, v in config["network"].items() if k != "latent_size" and want.get(k) != v}
     if diff:
         raise RecipeError(f"init_checkpoint {model_dir}: its network differs from the recipe's "
@@ -156,7 +160,8 @@ def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
     del text
     decode = load_vae(enc["vae"], device=device).decode if dist.get_global_rank() == 0 else None  # rank 0 writes
     s = cfg["samples"]
-    settings = SamplingSettings(steps=s["steps"], guidance=s["guidance"], sampler=s["sampler"])
+    settings = SamplingSettings(steps=s["steps"], guidance=s["guidance"], sampler=s["sampler"],
+                                temperature=s["temperature"], head_steps=s["head_steps"])
     shape = (cfg["model"]["latent_channels"], *as_hw(latent_size(cfg)))
     return SampleGrid(prompt_emb, null_caption(cfg, folder), decode, samples_dir(plan.run_dir),
                       s["interval"], shape, settings, s["seed"])

@@ -9,9 +9,10 @@ import torch
 import yaml
 
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
-from micro_diffusion.diffusion.sampling import sampler_spec
+from micro_diffusion.diffusion.sampling import FLUID_FIELDS, sampler_spec
 from micro_diffusion.errors import UsageError
 from micro_diffusion.exported import check_target, export_model
+from micro_diffusion.families import family_of
 from micro_diffusion.recipe import build_network, resolve_streams
 from micro_diffusion.training.run import null_caption
 from micro_diffusion.utils.folder_lock import hold
@@ -68,6 +69,7 @@ def sampling_settings(cfg: dict) -> dict[str, Any]:
     s = cfg["samples"]
     out = {"steps": s["steps"], "guidance": s["guidance"], "sampler": s["sampler"],
            "guidance_interval": s.get("guidance_interval")}
+    out.update({k: s[k] for k in FLUID_FIELDS if s.get(k) is not None})  # the fluid sampler's, where set
     if cfg.get("distill") and not sampler_spec(s["sampler"]).for_students:
         out.update(steps=1, guidance=1.0, sampler="consistency", guidance_interval=None)
     elif cfg.get("distill"):
@@ -115,7 +117,8 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
     for f in (shards / ENCODERS_FILE, shards / NULL_CAPTION_FILE):
         if not f.is_file():
             raise UsageError(f"{f} is missing: export records the encoders and null caption of the data")
-    export_cfg = {"preset": cfg["model"]["preset"], "network": net.cfg.to_dict(),
+    export_cfg = {"family": family_of(cfg["model"]).name, "preset": cfg["model"]["preset"],
+                  "network": net.cfg.to_dict(),
                   "encoders": json.loads((shards / ENCODERS_FILE).read_text()), "recipe": cfg.get("stage"),
                   "sigma_data": cfg["diffusion"]["sigma_data"], "source_checkpoint": str(ckpt),
                   "git_revision": info.get("git_revision"), "micro_diffusion_version": __version__,

@@ -1,37 +1,44 @@
-"""The Composer glue: a MicroDiT inside the EDM denoiser, trained on latent batches, with raw or EMA weights."""
+"""The Composer glue: a network of either model family trained with its family's loss on latent batches, with raw
+or EMA weights."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from composer.models import ComposerModel
+from torch import nn
 
 from micro_diffusion.diffusion.edm import EDMPrecond
-from micro_diffusion.models import MicroDiT
-from micro_diffusion.models.blocks import DiTBlock
-from micro_diffusion.utils.seeds import derive_seed, draw, seeded_generator
+from micro_diffusion.diffusion.sampling import SamplingSettings
+from micro_diffusion.families import DEFAULT_FAMILY, FAMILIES
+from micro_diffusion.utils.seeds import derive_seed, seeded_generator
 
 NOISE_STREAM, PATCH_STREAM = 0, 1  # the two seeded draws of a microbatch: noise levels and noise; the patch draw
 
 
 class DiffusionModel(ComposerModel):
-    """Trains `net` with the EDM loss of its denoiser on {"latents", "caption_emb", "caption"} batches.
+    """Trains `net` with its family's loss on {"latents", "caption_emb", "caption"} batches (families.FAMILIES).
 
     Args:
-        net: a MicroDiT (create_dit); Composer wraps it (FSDP/DDP) as the child module `net`.
-        mask_ratio: fraction of patches the network drops in training (0 for the unmasked stages).
-        p_mean: mean of ln(sigma) of the training noise levels.
-        p_std: std of ln(sigma) of the training noise levels.
-        sigma_data: std of the latents, owned by the denoiser.
+        net: a network of the family (create_dit, create_fluid); Composer wraps it (FSDP/DDP) as the child `net`.
+        mask_ratio: MicroDiT: fraction of patches the network drops in training (0 for the unmasked stages);
+            None for Fluid, which draws its own ratio per batch.
+        p_mean: mean of ln(sigma) of the EDM training noise levels (MicroDiT; None for Fluid).
+        p_std: std of ln(sigma) of the EDM training noise levels (MicroDiT; None for Fluid).
+        sigma_data: std of the latents, as the shards record them (Fluid's tokens are the latents over it).
+        family: the model family's name.
     """
 
-    def __init__(self, net: MicroDiT, mask_ratio: float, p_mean: float, p_std: float, sigma_data: float):
+    def __init__(self, net: nn.Module, mask_ratio: float | None, p_mean: float | None, p_std: float | None,
+                 sigma_data: float, family: str = DEFAULT_FAMILY):
         super().__init__()
-        self.net = net
+        self.net, self.family = net, FAMILIES[family]
         # FSDP reads this from the wrapped child: one FSDP unit per transformer block.
-        net.fsdp_wrap_fn = lambda module: isinstance(module, DiTBlock)
+        blocks = self.family.block_types
+        net.fsdp_wrap_fn = lambda module: isinstance(module, blocks)
         self.mask_ratio, self.p_mean, self.p_std, self.sigma_data = mask_ratio, p_mean, p_std, sigma_data
         self.ema: Any = None  # composer.algorithms.EMA once attach_ema is called
         self._batch_seed: int | None = None
@@ -59,9 +66,19 @@ class DiffusionModel(ComposerModel):
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Training loss of one (micro)batch."""
         latents = batch["latents"]
-        noise_gen, patch_gen = self._train_generators(latents.device)
-        return self.denoiser.loss(latents, batch["caption_emb"], self.p_mean, self.p_std, noise_gen,
-                                  mask_ratio=self.mask_ratio, generator=patch_gen)
+        return self.family.loss(self.net, latents, batch["caption_emb"], self.diffusion,
+                                self._train_generators(latents.device))
+
+    @property
+    def diffusion(self) -> dict[str, Any]:
+        """The recipe's diffusion settings as the family's loss reads them."""
+        return {"mask_ratio": self.mask_ratio, "p_mean": self.p_mean, "p_std": self.p_std,
+                "sigma_data": self.sigma_data}
+
+    def generate(self, cond: torch.Tensor, null: torch.Tensor | np.ndarray, settings: SamplingSettings,
+                 seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
+        """Latents of the network as it is now, through its family's one sampling path."""
+        return self.family.generate(self.net, cond, null, settings, seeds, shape, self.sigma_data)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, Any], *args, **kwargs) -> torch.Tensor:
         """The loss is computed in forward; Composer's loss step only hands it on."""
@@ -70,15 +87,10 @@ class DiffusionModel(ComposerModel):
     @torch.no_grad()
     def validation_loss(self, batch: dict[str, Any], generator: torch.Generator,
                         sigmas: torch.Tensor | None = None) -> torch.Tensor:
-        """Unmasked EDM loss of a held-out batch, noise from `generator`: at log-normal noise levels drawn from it,
-        or averaged over a fixed grid of noise levels `sigmas` (K,) when given."""
-        x0, cond = batch["latents"], batch["caption_emb"]
-        if sigmas is None:
-            return self.denoiser.loss(x0, cond, self.p_mean, self.p_std, generator)
-        losses = [self.denoiser.loss_at(x0, cond, s.expand(x0.shape[0]).to(x0.device),
-                                        draw("randn", x0.shape, generator, x0.device, x0.dtype))
-                  for s in sigmas]
-        return torch.stack(losses).mean()
+        """The family's validation loss of a held-out batch, every draw from `generator` (MicroDiT: the unmasked EDM
+        loss at log-normal noise levels, or averaged over a fixed grid `sigmas` (K,) when given)."""
+        return self.family.val_loss(self.net, batch["latents"], batch["caption_emb"], self.diffusion, generator,
+                                    sigmas)
 
     def attach_ema(self, ema: Any) -> None:
         """Remember Composer's EMA algorithm so sampling can use its weights."""

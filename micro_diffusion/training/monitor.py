@@ -13,7 +13,7 @@ from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 from PIL import Image
 
-from micro_diffusion.diffusion.sampling import SamplingSettings, generate_latents, image_seeds
+from micro_diffusion.diffusion.sampling import SamplingSettings, image_seeds
 from micro_diffusion.training.model import unwrap
 from micro_diffusion.utils.devices import autocast, compute_dtype
 from micro_diffusion.utils.images import grid, to_pil
@@ -122,8 +122,8 @@ class SampleGrid(Callback):
         model.eval()
         try:
             with model.weights(use_ema), autocast(device, compute_dtype(device)):  # as `micro-diffusion sample`
-                return generate_latents(model.denoiser, self.prompt_emb.to(device, torch.float32),
-                                        self.null_caption, self.settings, seeds, self.shape)
+                return model.generate(self.prompt_emb.to(device, torch.float32), self.null_caption, self.settings,
+                                      seeds, self.shape)
         finally:
             model.train(was_training)
 
