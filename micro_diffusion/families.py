@@ -9,7 +9,8 @@ the dry run go through this table; no other module branches on a family.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -69,14 +70,26 @@ def _dit_loss(net: nn.Module, x0: torch.Tensor, cond: torch.Tensor, d: Mapping[s
                                                  mask_ratio=d["mask_ratio"], generator=gens[1])
 
 
+@contextmanager
+def _evaluating(net: nn.Module) -> Iterator[None]:
+    """The body with `net` in eval mode, then its mode restored."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
 def _dit_val_loss(net: nn.Module, x0: torch.Tensor, cond: torch.Tensor, d: Mapping[str, Any],
                   generator: torch.Generator, sigmas: torch.Tensor | None) -> torch.Tensor:
     denoiser = EDMPrecond(net, d["sigma_data"])
-    if sigmas is None:
-        return denoiser.loss(x0, cond, d["p_mean"], d["p_std"], generator)
-    losses = [denoiser.loss_at(x0, cond, s.expand(x0.shape[0]).to(x0.device),
-                               draw("randn", x0.shape, generator, x0.device, x0.dtype)) for s in sigmas]
-    return torch.stack(losses).mean()
+    with _evaluating(net):  # the network as it samples: TREAD routes act in training mode only
+        if sigmas is None:
+            return denoiser.loss(x0, cond, d["p_mean"], d["p_std"], generator)
+        losses = [denoiser.loss_at(x0, cond, s.expand(x0.shape[0]).to(x0.device),
+                                   draw("randn", x0.shape, generator, x0.device, x0.dtype)) for s in sigmas]
+        return torch.stack(losses).mean()
 
 
 def _dit_generate(net: nn.Module, cond: torch.Tensor, null: torch.Tensor, settings: SamplingSettings,

@@ -215,12 +215,13 @@ def check_family(cfg: dict) -> None:
 
 
 def _fits(type_name: str, value: Any) -> bool:
-    """Whether an override fits its network config's field: an int, a number, or a pair of positive numbers."""
+    """Whether an override fits its network config's field: an int, a number, or a pair of positive numbers (other
+    tuples, such as DiTConfig.routes, the config checks itself)."""
     if type_name == "int":
         return isinstance(value, int) and not isinstance(value, bool)
     if type_name == "float":
         return _number(value)
-    if type_name.startswith("tuple"):
+    if type_name == "tuple[float, float]":
         return isinstance(value, (list, tuple)) and len(value) == 2 and all(_number(v) and v > 0 for v in value)
     return True  # a field of another type: the network's own code reads it
 

@@ -2,7 +2,9 @@
 
 Counted as torch's FlopCounterMode counts them: 2*m*n*k per matrix product (the attention products QK^T and AV
 included), the backward pass twice the forward, element-wise work (norms, activations, softmax, gathers) not counted.
-The walk reads every width from the built modules, so any preset or override is counted as built.
+The walk reads every width from the built modules, so any preset or override is counted as built. TREAD routes
+(DiTConfig.routes) act in training only: a training forward counts a route's blocks on the tokens it keeps, a
+sampling forward counts every block on every token the backbone sees.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from ..models.embeddings import CaptionBlock, CaptionEmbed, NoiseEmbed, PatchEmb
 from ..models.ffn import ExpertChoiceMoE, SwiGLU
 from ..models.masking import num_kept
 from ..models.patches import patch_grid
+from ..models.routing import num_routed
 
 
 def _linear(lin: nn.Module, tokens: int) -> int:
@@ -88,10 +91,20 @@ def _grid_tokens(net: MicroDiT, latent_size: int | tuple[int, int]) -> int:
     return gh * gw
 
 
+def backbone_tokens(net: MicroDiT, tokens: int, training: bool) -> list[int]:
+    """Tokens each backbone block runs on, from the `tokens` the backbone sees: in training, a route's blocks run on
+    the tokens it does not route (T - int(T x ratio)); in evaluation every block runs on all of them."""
+    per_block = [tokens] * len(net.blocks)
+    for start, end, ratio in net.cfg.routes if training else ():
+        per_block[start:end + 1] = [tokens - num_routed(tokens, ratio)] * (end + 1 - start)
+    return per_block
+
+
 def forward_flops_breakdown(
-    net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0
+    net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0,
+    training: bool = False,
 ) -> dict[str, int]:
-    """Forward FLOPs of one sample, by part: embed, caption, mixer, backbone, final."""
+    """Forward FLOPs of one sample, by part: embed, caption, mixer, backbone, final; `training` applies the routes."""
     if not isinstance(net, MicroDiT):
         raise TypeError(f"expected a MicroDiT from create_dit, got {type(net).__name__}")
     if not 0.0 <= mask_ratio < 1.0:
@@ -108,23 +121,25 @@ def forward_flops_breakdown(
         "embed": _embed_flops(net.patch_embed, net.noise_embed, T),
         "caption": _caption_flops(net.caption_embed, caption_len),
         "mixer": mixer,
-        "backbone": sum(block_flops(b, K, caption_len) for b in net.blocks),
+        "backbone": sum(block_flops(b, n, caption_len)
+                        for b, n in zip(net.blocks, backbone_tokens(net, K, training), strict=True)),
         "final": _final_flops(net.final, K),  # on the kept tokens; dropped ones get zeros afterwards
     }
 
 
 def forward_flops(
-    net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0
+    net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0,
+    training: bool = False,
 ) -> int:
-    """Forward FLOPs of one sample."""
-    return sum(forward_flops_breakdown(net, latent_size, caption_len, mask_ratio).values())
+    """Forward FLOPs of one sample (`training`: as a training forward runs, routes applied)."""
+    return sum(forward_flops_breakdown(net, latent_size, caption_len, mask_ratio, training).values())
 
 
 def train_flops_per_sample(
     net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0
 ) -> int:
-    """Forward plus backward FLOPs of one training sample (backward counted as twice the forward)."""
-    return 3 * forward_flops(net, latent_size, caption_len, mask_ratio)
+    """Forward plus backward FLOPs of one training sample (backward counted as twice the forward), routes applied."""
+    return 3 * forward_flops(net, latent_size, caption_len, mask_ratio, training=True)
 
 
 def caption_only_flops(net: MicroDiT, caption_len: int) -> int:

@@ -1,4 +1,5 @@
-"""MicroDiT: a patch-mixer on all patches, deferred masking, then a layer-wise scaled backbone with MoE FFNs."""
+"""MicroDiT: a patch-mixer on all patches, deferred masking, then a layer-wise scaled backbone with MoE FFNs and,
+in training, optional TREAD token routing around spans of backbone blocks."""
 from __future__ import annotations
 
 import math
@@ -13,6 +14,7 @@ from .embeddings import CaptionEmbed, NoiseEmbed, PatchEmbed, sincos_2d
 from .ffn import ExpertChoiceMoE
 from .masking import draw_keep, gather_tokens, scatter_tokens
 from .patches import keep_pixels, patch_grid, unpatchify
+from .routing import check_routes, draw_spans, end_route, start_route
 
 
 @dataclass
@@ -35,6 +37,12 @@ class DiTConfig:
     patch_mixer_width: int = 768
     mixer_ffn_mult: float = 4.0
     pos_base_grid: int = 16  # patch grid at which positions are uninterpolated (16 = 256 px with an 8x VAE, p=2)
+    # TREAD routes (start, end, ratio): in training, int(T x ratio) tokens skip backbone blocks start..end (0-based,
+    # inclusive); no parameters, so routed and unrouted networks share weights
+    routes: tuple[tuple[int, int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.routes = check_routes(self.routes, self.depth)  # lists (YAML, JSON) become tuples; errors name the route
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -150,6 +158,20 @@ class MicroDiT(nn.Module):
             self._pos_cache[key] = sincos_2d(self.cfg.width, grid_h, grid_w, scale).to(device, dtype)
         return self._pos_cache[key]
 
+    def _backbone(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor,
+                  spans: dict[int, tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """The backbone blocks; at a span's first block its routed tokens step aside, and after its last block they
+        rejoin at their positions with the values they had before it (routes never overlap)."""
+        end, idx, before = -1, None, None
+        for i, block in enumerate(self.blocks):
+            if i in spans:
+                (end, idx), before = spans[i], x  # before: (N, K, D)
+                x = start_route(x, idx)  # (N, K_span, D)
+            x = block(x, c, y)  # (N, K or K_span, D)
+            if i == end:
+                x = end_route(x, idx, before)  # (N, K, D)
+        return x
+
     def forward(
         self,
         x: torch.Tensor,
@@ -173,8 +195,10 @@ class MicroDiT(nn.Module):
             x = gather_tokens(x, keep)  # (N, K, Dm)
         if len(self.mixer):
             x = self.mixer_out(x)  # (N, K, D): back to backbone width after masking
-        for block in self.blocks:
-            x = block(x, c, y)  # (N, K, D)
+        # Routes act on the tokens the backbone sees (the kept ones under deferred masking). Every route is drawn here,
+        # after the patch draw and outside the blocks, so a checkpointed block's recomputation never draws again.
+        spans = draw_spans(self.cfg.routes, N, x.shape[1], x.device, generator) if self.training else {}
+        x = self._backbone(x, c, y, spans)  # (N, K, D)
         x = self.final(x, c)  # (N, K, p*p*C)
         if keep is not None:  # dropped patches predict zeros, as the released network's zero mask token
             x = scatter_tokens(x, keep, gh * gw, x.new_zeros(x.shape[-1]))  # (N, T, p*p*C)
