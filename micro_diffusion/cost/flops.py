@@ -4,7 +4,9 @@ Counted as torch's FlopCounterMode counts them: 2*m*n*k per matrix product (the 
 included), the backward pass twice the forward, element-wise work (norms, activations, softmax, gathers) not counted.
 The walk reads every width from the built modules, so any preset or override is counted as built. TREAD routes
 (DiTConfig.routes) act in training only: a training forward counts a route's blocks on the tokens it keeps, a
-sampling forward counts every block on every token the backbone sees.
+sampling forward counts every block on every token the backbone sees. SPRINT (DiTConfig.sprint_encoder_depth and
+sprint_decoder_depth) counts its dense encoder and decoder blocks, the fusion and the final layer on every token and
+its middle blocks on the kept ones, in training and sampling alike (the mask ratio decides, as in the forward).
 """
 from __future__ import annotations
 
@@ -91,9 +93,15 @@ def _grid_tokens(net: MicroDiT, latent_size: int | tuple[int, int]) -> int:
     return gh * gw
 
 
-def backbone_tokens(net: MicroDiT, tokens: int, training: bool) -> list[int]:
+def backbone_tokens(net: MicroDiT, tokens: int, training: bool, all_tokens: int | None = None) -> list[int]:
     """Tokens each backbone block runs on, from the `tokens` the backbone sees: in training, a route's blocks run on
-    the tokens it does not route (T - int(T x ratio)); in evaluation every block runs on all of them."""
+    the tokens it does not route (T - int(T x ratio)); in evaluation every block runs on all of them. Under SPRINT
+    the encoder and decoder blocks run on `all_tokens` (the patch grid's T; default `tokens`), the middle on
+    `tokens`."""
+    if net.cfg.sprint:
+        e, d, depth = net.cfg.sprint_encoder_depth, net.cfg.sprint_decoder_depth, len(net.blocks)
+        T = tokens if all_tokens is None else all_tokens
+        return [T] * e + [tokens] * (depth - e - d) + [T] * d
     per_block = [tokens] * len(net.blocks)
     for start, end, ratio in net.cfg.routes if training else ():
         per_block[start:end + 1] = [tokens - num_routed(tokens, ratio)] * (end + 1 - start)
@@ -104,7 +112,8 @@ def forward_flops_breakdown(
     net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int, mask_ratio: float = 0.0,
     training: bool = False,
 ) -> dict[str, int]:
-    """Forward FLOPs of one sample, by part: embed, caption, mixer, backbone, final; `training` applies the routes."""
+    """Forward FLOPs of one sample, by part: embed, caption, mixer, backbone, fusion (SPRINT), final; `training`
+    applies the routes."""
     if not isinstance(net, MicroDiT):
         raise TypeError(f"expected a MicroDiT from create_dit, got {type(net).__name__}")
     if not 0.0 <= mask_ratio < 1.0:
@@ -117,13 +126,16 @@ def forward_flops_breakdown(
     if len(net.mixer):
         mixer = _linear(net.mixer_in, T) + _linear(net.mixer_caption, caption_len) + _linear(net.mixer_out, K)
         mixer += sum(block_flops(b, T, caption_len) for b in net.mixer)  # the mixer sees every patch
+    sprint = net.fusion is not None
     return {
         "embed": _embed_flops(net.patch_embed, net.noise_embed, T),
         "caption": _caption_flops(net.caption_embed, caption_len),
         "mixer": mixer,
         "backbone": sum(block_flops(b, n, caption_len)
-                        for b, n in zip(net.blocks, backbone_tokens(net, K, training), strict=True)),
-        "final": _final_flops(net.final, K),  # on the kept tokens; dropped ones get zeros afterwards
+                        for b, n in zip(net.blocks, backbone_tokens(net, K, training, T), strict=True)),
+        "fusion": _linear(net.fusion.linear, T) if sprint else 0,  # Linear(2D -> D) on every token
+        # on the kept tokens (dropped ones get zeros afterwards); under SPRINT on every token
+        "final": _final_flops(net.final, T if sprint else K),
     }
 
 

@@ -1,5 +1,6 @@
 """MicroDiT: a patch-mixer on all patches, deferred masking, then a layer-wise scaled backbone with MoE FFNs and,
-in training, optional TREAD token routing around spans of backbone blocks."""
+in training, optional TREAD token routing around spans of backbone blocks; or, without the mixer, SPRINT's dense
+encoder, sparse middle and dense decoder joined by a fusion."""
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ from .ffn import ExpertChoiceMoE
 from .masking import draw_keep, gather_tokens, scatter_tokens
 from .patches import keep_pixels, patch_grid, unpatchify
 from .routing import check_routes, draw_spans, end_route, start_route
+from .sprint import ConcatLinearFusion, check_sprint, sprint_on
 
 
 @dataclass
@@ -40,9 +42,21 @@ class DiTConfig:
     # TREAD routes (start, end, ratio): in training, int(T x ratio) tokens skip backbone blocks start..end (0-based,
     # inclusive); no parameters, so routed and unrouted networks share weights
     routes: tuple[tuple[int, int, float], ...] = ()
+    # SPRINT: the first e backbone blocks on all tokens, the middle on the kept ones (the forward's mask_ratio), a
+    # fusion, then the last d blocks on all tokens; 0/0 = off; needs patch_mixer_depth 0 and no routes
+    sprint_encoder_depth: int = 0
+    sprint_decoder_depth: int = 0
+    sprint_fusion: str = "concat_linear"
 
     def __post_init__(self) -> None:
         self.routes = check_routes(self.routes, self.depth)  # lists (YAML, JSON) become tuples; errors name the route
+        check_sprint(self.sprint_encoder_depth, self.sprint_decoder_depth, self.sprint_fusion, self.depth,
+                     self.patch_mixer_depth, self.routes)
+
+    @property
+    def sprint(self) -> bool:
+        """Whether the network is SPRINT's dense-sparse-dense split."""
+        return sprint_on(self.sprint_encoder_depth, self.sprint_decoder_depth)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -60,7 +74,9 @@ class DiTOutput:
 
     sample: torch.Tensor  # (N, C, H, W)
     mask: torch.Tensor | None  # (N, T) bool, True where a patch was dropped; None without masking
-    keep: torch.Tensor | None  # (N, 1, H, W) float, 1 on pixels of kept patches; None without masking
+    # (N, 1, H, W) float, 1 on pixels of kept patches; None when every patch is predicted (no masking, or SPRINT,
+    # whose decoder restores every token: the loss covers all of them)
+    keep: torch.Tensor | None
 
 
 def _trunc(w: torch.Tensor, std: float) -> None:
@@ -112,6 +128,7 @@ class MicroDiT(nn.Module):
         self.blocks = nn.ModuleList(
             self._block(D, float(attn_mults[i]), float(ffn_mults[i]), self._backbone_moe(i)) for i in range(cfg.depth)
         )
+        self.fusion = ConcatLinearFusion(D) if cfg.sprint else None  # the only fusion check_sprint accepts
         self.final = FinalLayer(D, p, cfg.in_channels)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self.initialize_weights()
@@ -149,6 +166,8 @@ class MicroDiT(nn.Module):
         for lin in (self.final.adaLN[-1], self.final.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
+        if self.fusion is not None:  # its Linear took xavier above; the fill token is drawn last
+            self.fusion.reset_fill()
 
     def pos_embed(self, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Computed 2D sin-cos positions (T, D); interpolated so a grid larger than the base spans the same range."""
@@ -172,6 +191,25 @@ class MicroDiT(nn.Module):
                 x = end_route(x, idx, before)  # (N, K, D)
         return x
 
+    def _sprint(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor, mask_ratio: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SPRINT's backbone: dense encoder, the patch draw, sparse middle, fusion, dense decoder; (N, T, D) in and out,
+        and the mask (N, T) of the tokens the middle dropped (None at mask_ratio 0)."""
+        e, d = self.cfg.sprint_encoder_depth, self.cfg.sprint_decoder_depth
+        N, T, _ = x.shape
+        for block in self.blocks[:e]:
+            x = block(x, c, y)  # (N, T, D)
+        dense, keep, mask = x, None, None
+        if mask_ratio > 0:
+            keep, mask = draw_keep(N, T, mask_ratio, x.device, generator)  # (N, K), (N, T)
+            x = gather_tokens(x, keep)  # (N, K, D)
+        for block in self.blocks[e:len(self.blocks) - d]:
+            x = block(x, c, y)  # (N, K, D)
+        x = self.fusion(x, dense, keep)  # (N, T, D)
+        for block in self.blocks[len(self.blocks) - d:]:
+            x = block(x, c, y)  # (N, T, D)
+        return x, mask
+
     def forward(
         self,
         x: torch.Tensor,
@@ -185,6 +223,10 @@ class MicroDiT(nn.Module):
         x = self.patch_embed(x) + self.pos_embed(gh, gw, x.device, x.dtype)  # (N, T, D)
         y, pooled = self.caption_embed(caption_tokens)  # (N, L, D), (N, D)
         c = self.noise_embed(c_noise).to(pooled.dtype) + pooled  # (N, D)
+        if self.fusion is not None:  # SPRINT: every token reaches the final layer, so the loss covers all of them
+            x, mask = self._sprint(x, c, y, mask_ratio, generator)  # (N, T, D), (N, T) or None
+            sample = unpatchify(self.final(x, c), (gh, gw), self.patch_size, self.in_channels)
+            return DiTOutput(sample=sample, mask=mask, keep=None)
         if len(self.mixer):
             x, ym = self.mixer_in(x), self.mixer_caption(y)  # (N, T, Dm), (N, L, Dm)
             for block in self.mixer:
