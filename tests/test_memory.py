@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from micro_diffusion.cli import main
 from micro_diffusion.cost.memory import MemoryEstimate, activation_bytes_per_sample, saved_bytes, state_bytes
@@ -72,3 +73,23 @@ def test_predictions_outside_what_the_model_covers_are_refused(tmp_path, capsys)
     assert "--mfu in (0, 1], got 8 and 1.5" in capsys.readouterr().err
     assert main(["train", "recipes/distill_512.yaml", f"runs_root={tmp_path}", "--dry-run", "--devices", "8"]) == 2
     assert "distillation" in capsys.readouterr().err
+
+
+def test_probe_follows_routes_in_training_mode_whatever_mode_it_is_handed():
+    def per_sample(routes: tuple = (), eval_mode: bool = False) -> float:
+        torch.manual_seed(0)
+        net = create_dit("MicroDiT_Tiny_2", latent_size=16, caption_dim=32, routes=routes,
+                         **{**TINY, "depth": 6, "patch_mixer_depth": 0})
+        net.train(not eval_mode)
+        out = activation_bytes_per_sample(net, 16, (8, 32), 0.0)
+        assert net.training is not eval_mode  # the caller's mode comes back
+        return out
+
+    full = per_sample()
+    saved = {r: full - per_sample(((1, 4, r),)) for r in (0.25, 0.5, 0.75)}
+    assert 0 < saved[0.25] < saved[0.5] < saved[0.75] < full
+    # the bytes a route saves grow linearly with the tokens it routes and with the blocks it spans
+    assert saved[0.75] - saved[0.5] == pytest.approx(saved[0.5] - saved[0.25], rel=0.02)
+    assert saved[0.5] == pytest.approx(2 * (full - per_sample(((1, 2, 0.5),))), rel=0.05)
+    # a network handed over in eval mode is probed as it trains: routed
+    assert per_sample(((1, 4, 0.5),), eval_mode=True) == full - saved[0.5]

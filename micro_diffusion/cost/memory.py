@@ -4,10 +4,11 @@ For P parameters over n devices, on GPUs (FSDP SHARD_GRAD_OP with bf16 parameter
 train): weights 2 P (the gathered bf16 copy, kept from forward to backward) + 4 P / n (the fp32 master shard);
 gradients 2 P (bf16, whole during backward) + 4 P / n (the fp32 shard after the reduce-scatter); AdamW 8 P / n.
 Without FSDP (DDP, one device): weights 4 P + the bf16 copies autocast makes each step 2 P, gradients 4 P, AdamW 8 P.
-Activations: the bytes autograd saves for backward per sample, probed by two forwards on the CPU (one and two
-samples, so what does not grow with the batch cancels) and scaled by the microbatch; on GPUs with torch's fused
-attention (no score matrices), on a CPU with the plain path it takes there. A CPU prediction adds the process's
-resident memory before the network exists (the runtime); the CUDA allocator's peak has no such term.
+Activations: the bytes autograd saves for backward per sample, probed by two forwards on the CPU in training mode
+(TREAD routes applied; one and two samples, so what does not grow with the batch cancels) and scaled by the
+microbatch; on GPUs with torch's fused attention (no score matrices), on a CPU with the plain path it takes there. A
+CPU prediction adds the process's resident memory before the network exists (the runtime); the CUDA allocator's peak
+has no such term.
 """
 from __future__ import annotations
 
@@ -78,6 +79,8 @@ def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int
     """Bytes autograd saves in one forward of the family's training loss (bf16 autocast, CPU) at `batch` samples.
 
     The global RNG is seeded first, so the one and two-sample probes draw the same masks (Fluid: the same ratio).
+    The network runs in training mode whatever mode it was handed in (then restored), so TREAD routes apply as they
+    do in training.
     """
     storages: dict[int, int] = {}
 
@@ -92,9 +95,14 @@ def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int
     # sigma_data scales values, never a saved tensor's size
     d = {"mask_ratio": mask_ratio, "p_mean": 0.0, "p_std": 1.0, "sigma_data": 1.0}
     loss = FAMILIES[family].loss
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        with fused_attention() if fused else nullcontext():
-            loss(net, x0, y, d, (None, None))
+    was_training = net.training
+    net.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            with fused_attention() if fused else nullcontext():
+                loss(net, x0, y, d, (None, None))
+    finally:
+        net.train(was_training)
     return sum(storages.values())
 
 
