@@ -286,6 +286,10 @@ def check_links(cfg: dict) -> None:
         if cfg["diffusion"]["mask_ratio"] != 0:
             raise RecipeError(f"distill: consistency distillation trains unmasked; diffusion.mask_ratio is "
                               f"{cfg['diffusion']['mask_ratio']}, set it to 0")
+        routes = (cfg["model"].get("overrides") or {}).get("routes")
+        if routes:
+            raise RecipeError(f"distill with model.overrides.routes {routes!r}: the student's JVP and its forward "
+                              "would draw routes separately; distill an unrouted network (routes: [])")
 
 
 def check_values(cfg: dict) -> None:

@@ -232,3 +232,9 @@ def test_small_flops_agree_with_flop_counter(routes, latent_hw, mask_ratio):
     ours = train_flops_per_sample(net, latent_size=latent_hw, caption_len=9, mask_ratio=mask_ratio)
     # as test_flops: the first layers' input gradients are never computed (inputs need no grad), a small bounded gap
     assert 0 <= ours - measured < 0.03 * measured, (ours, measured)
+
+
+def test_distilling_a_routed_network_is_refused():
+    with pytest.raises(RecipeError, match=r"^distill with model.overrides.routes \[\[1, 2, 0.5\]\]: .* JVP"):
+        load_recipe("recipes/demo_distill.yaml", ["model.overrides.routes=[[1, 2, 0.5]]"])
+    assert load_recipe("recipes/demo_distill.yaml", ["model.overrides.routes=[]"])["distill"] is not None
