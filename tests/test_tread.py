@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_flops import measured_train_flops
 
+from micro_diffusion.cost.estimate import stage_flops
 from micro_diffusion.cost.flops import backbone_tokens, forward_flops, train_flops_per_sample
 from micro_diffusion.families import FAMILIES
 from micro_diffusion.models import DiTConfig, create_dit
@@ -238,3 +239,21 @@ def test_distilling_a_routed_network_is_refused():
     with pytest.raises(RecipeError, match=r"^distill with model.overrides.routes \[\[1, 2, 0.5\]\]: .* JVP"):
         load_recipe("recipes/demo_distill.yaml", ["model.overrides.routes=[[1, 2, 0.5]]"])
     assert load_recipe("recipes/demo_distill.yaml", ["model.overrides.routes=[]"])["distill"] is not None
+
+
+@pytest.mark.parametrize("res", [256, 512])
+def test_tread_stage_recipes_route_the_xl_backbone_in_place_of_masking(res):
+    tread, masked = (load_recipe(f"recipes/res{res}_{kind}.yaml") for kind in ("tread", "masked"))
+    with torch.device("meta"):
+        net = build_network(tread)
+    assert net.cfg.routes == ((5, 20, 0.5),) and net.cfg.patch_mixer_depth == 0 and len(net.blocks) == 28
+    assert tread["diffusion"]["mask_ratio"] == 0.0 and masked["diffusion"]["mask_ratio"] == 0.75
+    same = ("optimizer", "scheduler", "algorithms", "train", "data")
+    assert {k: tread[k] for k in same} == {k: masked[k] for k in same}
+    assert tread["init_from"] == masked["init_from"]  # stage 3 starts from the 256 px finetune in both chains
+    per_sample = {name: stage_flops(cfg, 1, 1)[0] for name, cfg in (
+        ("tread", tread), ("masked", masked), ("dense", load_recipe(f"recipes/res{res}_tread.yaml",
+                                                                     ["model.overrides.routes=[]"])))}
+    # half the tokens skip 16 of 28 blocks: about 2/7 of the dense backbone's FLOPs saved, more than masking costs
+    assert 1 - per_sample["tread"] / per_sample["dense"] == pytest.approx(0.5 * 16 / 28, rel=0.1)
+    assert per_sample["masked"] < per_sample["tread"] < per_sample["dense"]
