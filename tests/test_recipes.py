@@ -7,12 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from tiny_runs import REPO, write_shards
 
+from micro_diffusion.cost.estimate import stage_flops
 from micro_diffusion.data.inputs import missing_inputs
 from micro_diffusion.demo.pipeline import CAPTION_LEN
-from micro_diffusion.recipe import SCHEMA, RecipeError, load_recipe, merge, validate
+from micro_diffusion.recipe import SCHEMA, RecipeError, build_network, load_recipe, merge, validate
 from micro_diffusion.training.run import check_inputs, plan_run
 
 RECIPES = REPO / "recipes"
@@ -47,6 +49,36 @@ def test_stage_recipes_hold_the_papers_hyperparameters():
     assert "diffusiondb" not in streams and "cc12m_512" in streams and "cc12m" not in streams
     assert len(s1["data"]["streams"]) == 5 and s3["data"]["resolution"] == 512
 
+
+
+SPRINT_STAGES = ["res256_sprint", "res256_sprint_finetune", "res512_sprint", "res512_sprint_finetune"]
+
+
+@pytest.mark.parametrize("res", [256, 512])
+def test_sprint_stage_recipes_split_the_xl_backbone_in_place_of_masking(res):
+    sprint, sprint_ft, masked, finetune = (recipe(f"res{res}_{kind}") for kind in
+                                           ("sprint", "sprint_finetune", "masked", "finetune"))
+    with torch.device("meta"):
+        net, net_ft, paper_ft = (build_network(c) for c in (sprint, sprint_ft, finetune))
+    # SPRINT's public XL split 2 / 24 / 2 on MicroDiT_XL_2's 28 backbone blocks, no patch-mixer, concat-linear fusion
+    assert (net.cfg.sprint_encoder_depth, net.cfg.sprint_decoder_depth, len(net.blocks)) == (2, 2, 28)
+    assert net.cfg.patch_mixer_depth == 0 and net.cfg.sprint_fusion == "concat_linear" and net.fusion is not None
+    assert sprint["diffusion"]["mask_ratio"] == 0.75 and sprint_ft["diffusion"]["mask_ratio"] == 0.0
+    same = ("optimizer", "scheduler", "algorithms", "train", "data")
+    assert {k: sprint[k] for k in same} == {k: masked[k] for k in same}
+    assert {k: sprint_ft[k] for k in (*same, "diffusion")} == {k: finetune[k] for k in (*same, "diffusion")}
+    assert sprint["stages"] == sprint_ft["stages"] == SPRINT_STAGES and sprint_ft["init_from"] == f"res{res}_sprint"
+    assert sprint["init_from"] == {256: None, 512: "res256_sprint_finetune"}[res]  # its own chain's 256 px finetune
+    # the finetune builds the same network, so it loads the masked stage's weights; the paper's finetune could not
+    shapes = [{k: v.shape for k, v in n.state_dict().items()} for n in (net, net_ft, paper_ft)]
+    assert shapes[0] == shapes[1] and shapes[0] != shapes[2]
+    per_sample = {name: stage_flops(cfg, 1, 1)[0] for name, cfg in
+                  (("sprint", sprint), ("masked", masked), ("dense", sprint_ft), ("finetune", finetune))}
+    print(f"res{res} GFLOP per sample:", {k: round(v / 1e9, 1) for k, v in per_sample.items()})
+    # 24 of 28 blocks on a quarter of the tokens: about 0.75 * 24/28 of the dense SPRINT network's FLOPs saved
+    assert 1 - per_sample["sprint"] / per_sample["dense"] == pytest.approx(0.75 * 24 / 28, rel=0.1)
+    # no mixer on every token: cheaper per sample than deferred masking, which is cheaper than either unmasked network
+    assert per_sample["sprint"] < per_sample["masked"] < per_sample["dense"] < per_sample["finetune"]
 
 def test_demo_recipes():
     masked, finetune = recipe("demo_masked"), recipe("demo_finetune")
