@@ -94,11 +94,15 @@ def _dit_val_loss(net: nn.Module, x0: torch.Tensor, cond: torch.Tensor, d: Mappi
 
 def _dit_generate(net: nn.Module, cond: torch.Tensor, null: torch.Tensor, settings: SamplingSettings,
                   seeds: Sequence[int], shape: tuple[int, int, int], sigma_data: float) -> torch.Tensor:
+    cfg = getattr(net, "cfg", None)  # a wrapped network has none: its forward refuses drop_path itself
+    if settings.guidance_mode == "path_drop" and isinstance(cfg, DiTConfig) and not cfg.sprint:
+        raise UsageError("guidance_mode path_drop needs a SPRINT network (sprint_encoder_depth / "
+                         "sprint_decoder_depth); this network has none: use guidance_mode cfg")
     return generate_latents(EDMPrecond(net, sigma_data), cond, null, settings, seeds, shape)
 
 
 def _dit_sample_flops(net: nn.Module, latent: Any, caption_len: int, s: SamplingSettings) -> int:
-    return sample_flops_per_image(net, latent, caption_len, s.steps, s.sampler, s.guidance != 1.0)
+    return sample_flops_per_image(net, latent, caption_len, s.steps, s.sampler, s.guidance != 1.0, s.guidance_mode)
 
 
 def _check_dit(net: DiTConfig, latent_side: int, steps: int) -> None:

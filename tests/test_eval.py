@@ -312,5 +312,5 @@ def test_sample_help_says_the_export_decides_its_settings(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    # steps, guidance, sampler, interval, and the fluid sampler's temperature and head steps
-    assert text.count("(default: the export's") == 6 and "--prompts FILE" in text
+    # steps, guidance, sampler, guidance mode, interval, and the fluid sampler's temperature and head steps
+    assert text.count("(default: the export's") == 7 and "--prompts FILE" in text

@@ -7,12 +7,13 @@ The walk reads every width from the built modules, so any preset or override is 
 sampling forward counts every block on every token the backbone sees. SPRINT (DiTConfig.sprint_encoder_depth and
 sprint_decoder_depth) counts its dense encoder and decoder blocks, the fusion and the final layer on every token and
 its middle blocks on the kept ones, in training and sampling alike (the mask ratio decides, as in the forward).
+Path-Drop Guidance (guidance_mode "path_drop") counts the unconditional evaluations without the middle blocks.
 """
 from __future__ import annotations
 
 from torch import nn
 
-from ..diffusion.sampling import DEFAULTS, network_evals
+from ..diffusion.sampling import DEFAULTS, GUIDANCE_MODES, network_evals
 from ..models.attention import CrossAttention, SelfAttention
 from ..models.blocks import DiTBlock, FinalLayer
 from ..models.dit import MicroDiT
@@ -180,6 +181,16 @@ def distill_flops_per_sample(net: MicroDiT, latent_size: int | tuple[int, int], 
         net, latent_size, caption_len, 0.0) + weighting
 
 
+def path_drop_flops(net: MicroDiT, latent_size: int | tuple[int, int], caption_len: int) -> int:
+    """One unmasked forward of a SPRINT network without its sparse middle blocks (drop_path=True)."""
+    if net.fusion is None:
+        raise ValueError("path_drop counts a SPRINT network (sprint_encoder_depth / sprint_decoder_depth); this one "
+                         "has none")
+    T, e, d = _grid_tokens(net, latent_size), net.cfg.sprint_encoder_depth, net.cfg.sprint_decoder_depth
+    middle = sum(block_flops(b, T, caption_len) for b in net.blocks[e:len(net.blocks) - d])
+    return forward_flops(net, latent_size, caption_len) - middle
+
+
 def sample_flops_per_image(
     net: MicroDiT,
     latent_size: int | tuple[int, int],
@@ -187,7 +198,14 @@ def sample_flops_per_image(
     steps: int = DEFAULTS.steps,
     sampler: str = DEFAULTS.sampler,
     guidance: bool = True,
+    guidance_mode: str = DEFAULTS.guidance_mode,
 ) -> int:
-    """Forward FLOPs of sampling one image: evaluations x unmasked forward, doubled by classifier-free guidance."""
-    evals = network_evals(steps, sampler) * (2 if guidance else 1)
-    return evals * forward_flops(net, latent_size, caption_len, mask_ratio=0.0)
+    """Forward FLOPs of sampling one image: evaluations x unmasked forward, plus with guidance the unconditional
+    evaluations (the full forward for "cfg", the forward without the sparse middle for "path_drop")."""
+    if guidance_mode not in GUIDANCE_MODES:
+        raise ValueError(f"unknown guidance_mode {guidance_mode!r}; known: {', '.join(GUIDANCE_MODES)}")
+    evals, full = network_evals(steps, sampler), forward_flops(net, latent_size, caption_len, mask_ratio=0.0)
+    if not guidance:
+        return evals * full
+    uncond = path_drop_flops(net, latent_size, caption_len) if guidance_mode == "path_drop" else full
+    return evals * (full + uncond)

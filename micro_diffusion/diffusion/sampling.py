@@ -37,6 +37,9 @@ class SamplingSettings:
     guidance_interval: tuple[float, float] | None = None  # guide only for sigma in [lo, hi]
     temperature: float | None = None  # the fluid sampler: multiplies the noise of each step of its head
     head_steps: int | None = None  # the fluid sampler: reverse steps of its head per revealed token
+    # "cfg": the unconditional branch is the full network on the null caption; "path_drop": SPRINT's Path-Drop
+    # Guidance, the null caption through the network without its sparse middle (guided_denoiser)
+    guidance_mode: str = "cfg"
 
     def __post_init__(self) -> None:
         reveal = self.sampler in SAMPLERS and SAMPLERS[self.sampler].schedule == "reveal"
@@ -51,13 +54,22 @@ class SamplingSettings:
         if self.head_steps is not None and (isinstance(self.head_steps, bool) or not isinstance(self.head_steps, int)
                                             or not 1 <= self.head_steps <= 1000):
             raise UsageError(f"head_steps must be an integer in [1, 1000] (of the head's 1000), got {self.head_steps}")
+        if self.guidance_mode not in GUIDANCE_MODES:
+            raise UsageError(f"unknown guidance_mode {self.guidance_mode!r}; known: {', '.join(GUIDANCE_MODES)}")
+        spec = SAMPLERS.get(self.sampler)
+        if self.guidance_mode == "path_drop" and spec is not None and (spec.family != "dit" or spec.for_students):
+            raise UsageError(f"guidance_mode path_drop guides the EDM samplers of SPRINT networks, not the "
+                             f"{self.sampler} sampler: use guidance_mode cfg")
 
     def to_dict(self) -> dict:
-        """Plain, JSON-ready copy; the fluid sampler's own fields only where they are set."""
-        return {k: v for k, v in asdict(self).items() if v is not None or k not in FLUID_FIELDS}
+        """Plain, JSON-ready copy; the fluid sampler's own fields only where they are set, guidance_mode only where it
+        is not "cfg" (so records written before it stay as they were)."""
+        return {k: v for k, v in asdict(self).items() if (v is not None or k not in FLUID_FIELDS)
+                and (k != "guidance_mode" or v != "cfg")}
 
 
 FLUID_FIELDS = ("temperature", "head_steps")  # settings only the fluid sampler reads
+GUIDANCE_MODES = ("cfg", "path_drop")  # SamplingSettings.guidance_mode
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -325,8 +337,15 @@ def conditioned(denoiser: EDMPrecond, cond: torch.Tensor) -> Denoiser:
 
 
 def guided_denoiser(denoiser: EDMPrecond, cond: torch.Tensor, null_caption: torch.Tensor | np.ndarray, scale: float,
-                    interval: tuple[float, float] | None = None) -> Denoiser:
-    """CFG over an EDM denoiser; the unconditional branch uses the null caption (L, D) caption dropout trains on."""
+                    interval: tuple[float, float] | None = None, path_drop: bool = False) -> Denoiser:
+    """CFG over an EDM denoiser; the unconditional branch uses the null caption (L, D) caption dropout trains on.
+
+    `path_drop`: Path-Drop Guidance (SPRINT, Park et al. 2025) for SPRINT networks. As SPRINT's sampler does, the
+    unconditional branch takes the null caption and also skips the sparse middle blocks: the encoder runs, the
+    middle's output is the fixed fill token at every position, then the fusion and the decoder run
+    (MicroDiT's drop_path). The conditional branch is the full network. SPRINT also trains for this branch (its
+    cfg_mask_prob: 10% of training samples see the fill token in place of the middle's output); training here does not.
+    """
     null = torch.as_tensor(np.asarray(null_caption, dtype=np.float32) if isinstance(null_caption, np.ndarray)
                            else null_caption).to(cond.device, cond.dtype)
     if null.shape != cond.shape[1:]:
@@ -335,7 +354,9 @@ def guided_denoiser(denoiser: EDMPrecond, cond: torch.Tensor, null_caption: torc
     if scale == 1.0:  # D_u + 1 (D_c - D_u) = D_c: skip the unconditional evaluations
         return conditioned(denoiser, cond)
     uncond = null.unsqueeze(0).expand_as(cond)  # (N, L, D)
-    return cfg_denoiser(conditioned(denoiser, cond), conditioned(denoiser, uncond), scale, interval)
+    d_uncond = (lambda x, sigma: denoiser(x, sigma, uncond, drop_path=True)) if path_drop else \
+        conditioned(denoiser, uncond)
+    return cfg_denoiser(conditioned(denoiser, cond), d_uncond, scale, interval)
 
 
 def image_seeds(seed: int, indices: Sequence[int]) -> list[int]:
@@ -357,7 +378,8 @@ def generate_latents(denoiser: EDMPrecond, cond: torch.Tensor, null_caption: tor
     noise = torch.stack([torch.randn(shape, generator=seeded_generator(s)) for s in seeds])  # (N, C, H, W)
     stochastic = sampler_spec(settings.sampler).stochastic  # the deterministic samplers draw nothing
     churn = [seeded_generator(derive_seed(s, 1)) for s in seeds] if stochastic else None
-    guided = guided_denoiser(denoiser, cond, null_caption, settings.guidance, settings.guidance_interval)
+    guided = guided_denoiser(denoiser, cond, null_caption, settings.guidance, settings.guidance_interval,
+                             path_drop=settings.guidance_mode == "path_drop")
     levels = {"sigma_data": denoiser.sigma_data} if "sigma_data" in sampler_options(settings.sampler) else {}
     return sample(guided, noise.to(cond.device), steps=settings.steps, sampler=settings.sampler, generator=churn,
                   **levels)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..diffusion.sampling import SAMPLERS
+from ..diffusion.sampling import GUIDANCE_MODES, SAMPLERS
 from ..errors import UsageError
 from ..utils.argparsing import renamed, subparser
 from .generate import load_prompts, sample
@@ -24,7 +24,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     interval = getattr(args, "guidance_interval", None)
     return {"steps": getattr(args, "steps", None), "guidance": getattr(args, "guidance", None),
             "sampler": getattr(args, "sampler", None), "guidance_interval": tuple(interval) if interval else None,
-            "temperature": getattr(args, "temperature", None), "head_steps": getattr(args, "head_steps", None)}
+            "temperature": getattr(args, "temperature", None), "head_steps": getattr(args, "head_steps", None),
+            "guidance_mode": getattr(args, "guidance_mode", None)}
 
 
 def _use_ema(args: argparse.Namespace) -> bool | None:
@@ -40,6 +41,9 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=argparse.SUPPRESS,
                    help=f"guidance scale, 1 = none (default: {EXPORTS}; 1 with --sampler consistency)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=argparse.SUPPRESS, help=f"(default: {EXPORTS})")
+    p.add_argument("--guidance-mode", choices=GUIDANCE_MODES, default=argparse.SUPPRESS,
+                   help=f"cfg, or path_drop: SPRINT's Path-Drop Guidance, the unconditional branch without the sparse "
+                        f"middle blocks (SPRINT networks only) (default: {EXPORTS}, else cfg)")
     p.add_argument("--temperature", type=float, default=argparse.SUPPRESS,
                    help=f"--sampler fluid: scales the noise of each head step (default: {EXPORTS}, else 0.975)")
     p.add_argument("--head-steps", type=int, default=argparse.SUPPRESS,

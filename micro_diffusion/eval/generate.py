@@ -18,6 +18,7 @@ from ..encoders import load_text_encoder, load_vae
 from ..errors import MicroDiffusionError, UsageError, check_counts
 from ..exported import CONFIG_FILE, load_exported, read_config
 from ..families import family, family_of
+from ..models.sprint import sprint_on
 from ..utils.atomic import write_text_atomic
 from ..utils.devices import autocast, compute_dtype, dtype_name, torch_device
 from ..utils.images import grid, save_atomic, to_pil
@@ -84,11 +85,13 @@ def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> Sampli
     if sampler_spec(merged["sampler"]).for_students:
         merged["guidance"] = given.get("guidance", 1.0)
         merged["guidance_interval"] = given.get("guidance_interval")
+        merged["guidance_mode"] = given.get("guidance_mode", "cfg")
     if sampler_spec(merged["sampler"]).schedule != "reveal":  # another sampler asked of a Fluid export: check_sampling
         merged = {k: v for k, v in merged.items() if k not in FLUID_FIELDS or k in given}  # names both families
     interval = merged["guidance_interval"]
     return SamplingSettings(steps=int(merged["steps"]), guidance=float(merged["guidance"]), sampler=merged["sampler"],
                             guidance_interval=tuple(float(v) for v in interval) if interval else None,
+                            guidance_mode=merged.get("guidance_mode", "cfg"),
                             **{k: merged[k] for k in FLUID_FIELDS if merged.get(k) is not None})
 
 
@@ -110,6 +113,11 @@ def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None
     if not student and for_students:
         raise UsageError(f"{where} is a diffusion model: {settings.sampler} sampling needs a student made by "
                          f"`micro-diffusion distill`; use {', '.join(diffusion_samplers(fam.name))}")
+    net = config.get("network") or {}
+    if settings.guidance_mode == "path_drop" and not sprint_on(net.get("sprint_encoder_depth", 0),
+                                                               net.get("sprint_decoder_depth", 0)):
+        raise UsageError(f"{where} is not a SPRINT network (sprint_encoder_depth / sprint_decoder_depth 0): "
+                         "--guidance-mode path_drop skips SPRINT's sparse middle; use --guidance-mode cfg")
 
 
 class TextToImage:

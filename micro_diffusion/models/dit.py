@@ -192,13 +192,18 @@ class MicroDiT(nn.Module):
         return x
 
     def _sprint(self, x: torch.Tensor, c: torch.Tensor, y: torch.Tensor, mask_ratio: float,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                generator: torch.Generator | None, drop_path: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """SPRINT's backbone: dense encoder, the patch draw, sparse middle, fusion, dense decoder; (N, T, D) in and out,
-        and the mask (N, T) of the tokens the middle dropped (None at mask_ratio 0)."""
+        and the mask (N, T) of the tokens the middle dropped (None at mask_ratio 0). `drop_path` skips the middle."""
         e, d = self.cfg.sprint_encoder_depth, self.cfg.sprint_decoder_depth
         N, T, _ = x.shape
         for block in self.blocks[:e]:
             x = block(x, c, y)  # (N, T, D)
+        if drop_path:  # Path-Drop Guidance: no middle; the fusion sees the fill token at every position, as SPRINT's
+            x = self.fusion(self.fusion.fill.to(x.dtype).expand_as(x), x, None)  # (N, T, D)
+            for block in self.blocks[len(self.blocks) - d:]:
+                x = block(x, c, y)  # (N, T, D)
+            return x, None
         dense, keep, mask = x, None, None
         if mask_ratio > 0:
             keep, mask = draw_keep(N, T, mask_ratio, x.device, generator)  # (N, K), (N, T)
@@ -217,14 +222,23 @@ class MicroDiT(nn.Module):
         caption_tokens: torch.Tensor,
         mask_ratio: float = 0.0,
         generator: torch.Generator | None = None,
+        drop_path: bool = False,
     ) -> DiTOutput:
+        """The prediction for noisy latents x (N, C, H, W); `drop_path` (SPRINT only, unmasked) skips the sparse
+        middle blocks, the unconditional branch of Path-Drop Guidance."""
+        if drop_path and self.fusion is None:
+            raise ValueError("drop_path (Path-Drop Guidance) needs a SPRINT network (sprint_encoder_depth / "
+                             "sprint_decoder_depth); this one has none")
+        if drop_path and mask_ratio > 0:
+            raise ValueError(f"drop_path skips the sparse middle and draws no mask: mask_ratio must be 0, got "
+                             f"{mask_ratio}")
         N, _, H, W = x.shape
         gh, gw = patch_grid((H, W), self.patch_size)
         x = self.patch_embed(x) + self.pos_embed(gh, gw, x.device, x.dtype)  # (N, T, D)
         y, pooled = self.caption_embed(caption_tokens)  # (N, L, D), (N, D)
         c = self.noise_embed(c_noise).to(pooled.dtype) + pooled  # (N, D)
         if self.fusion is not None:  # SPRINT: every token reaches the final layer, so the loss covers all of them
-            x, mask = self._sprint(x, c, y, mask_ratio, generator)  # (N, T, D), (N, T) or None
+            x, mask = self._sprint(x, c, y, mask_ratio, generator, drop_path)  # (N, T, D), (N, T) or None
             sample = unpatchify(self.final(x, c), (gh, gw), self.patch_size, self.in_channels)
             return DiTOutput(sample=sample, mask=mask, keep=None)
         if len(self.mixer):
