@@ -250,7 +250,14 @@ def test_tread_stage_recipes_route_the_xl_backbone_in_place_of_masking(res):
     assert tread["diffusion"]["mask_ratio"] == 0.0 and masked["diffusion"]["mask_ratio"] == 0.75
     same = ("optimizer", "scheduler", "algorithms", "train", "data")
     assert {k: tread[k] for k in same} == {k: masked[k] for k in same}
-    assert tread["init_from"] == masked["init_from"]  # stage 3 starts from the 256 px finetune in both chains
+    # the chain's own finetunes: the paper's, on the network without a patch-mixer, so they load its weights
+    finetune = load_recipe(f"recipes/res{res}_tread_finetune.yaml")
+    assert finetune["init_from"] == f"res{res}_tread" and finetune["diffusion"]["mask_ratio"] == 0.0
+    with torch.device("meta"):
+        tuned = build_network(finetune)
+    assert {k: v.shape for k, v in tuned.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    if res == 512:  # stage 3 starts from the chain's 256 px finetune
+        assert tread["init_from"] == "res256_tread_finetune"
     per_sample = {name: stage_flops(cfg, 1, 1)[0] for name, cfg in (
         ("tread", tread), ("masked", masked), ("dense", load_recipe(f"recipes/res{res}_tread.yaml",
                                                                      ["model.overrides.routes=[]"])))}
