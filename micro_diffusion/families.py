@@ -9,8 +9,7 @@ the dry run go through this table; no other module branches on a family.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -30,6 +29,7 @@ from .models.blocks import DiTBlock
 from .models.fluid import FLUID_PRESETS, Fluid, FluidConfig, create_fluid
 from .models.patches import patch_grid
 from .models.presets import PRESETS
+from .utils.modes import module_mode
 from .utils.seeds import draw
 
 Generators = tuple[torch.Generator | None, torch.Generator | None]  # (noise, masks) of one microbatch
@@ -47,7 +47,6 @@ class Family:
     config_type: type
     create: Callable[..., nn.Module]  # create(preset, latent_size=, in_channels=, caption_dim=, **overrides)
     block_types: tuple[type, ...]  # the transformer blocks (FSDP units)
-    sampling: SamplingSettings  # default sampling settings
     diffusion_keys: tuple[str, ...]  # the recipe's diffusion.* keys it reads; the others must be null
     loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping[str, Any], Generators], torch.Tensor]
     val_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping[str, Any], torch.Generator,
@@ -57,7 +56,8 @@ class Family:
     train_flops: Callable[[nn.Module, Any, int, Mapping[str, Any]], int]
     sample_flops: Callable[[nn.Module, Any, int, SamplingSettings], int]
     check_network: Callable[[Any, int, int], None]  # (config, latent side, samples.steps): ValueError naming a field
-    sampling_for: Callable[[Mapping[str, Any]], SamplingSettings]  # default settings of a network config (a dict)
+    # default sampling settings for a network config (a dict; {} when unknown)
+    sampling_for: Callable[[Mapping[str, Any]], SamplingSettings]
     distills: bool = False  # consistency distillation (recipes with a distill: section) applies
     noise_grid: bool = False  # its validation loss can average over fixed EDM noise levels (eval.sigmas)
 
@@ -70,21 +70,10 @@ def _dit_loss(net: nn.Module, x0: torch.Tensor, cond: torch.Tensor, d: Mapping[s
                                                  mask_ratio=d["mask_ratio"], generator=gens[1])
 
 
-@contextmanager
-def _evaluating(net: nn.Module) -> Iterator[None]:
-    """The body with `net` in eval mode, then its mode restored."""
-    was_training = net.training
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train(was_training)
-
-
 def _dit_val_loss(net: nn.Module, x0: torch.Tensor, cond: torch.Tensor, d: Mapping[str, Any],
                   generator: torch.Generator, sigmas: torch.Tensor | None) -> torch.Tensor:
     denoiser = EDMPrecond(net, d["sigma_data"])
-    with _evaluating(net):  # the network as it samples: TREAD routes act in training mode only
+    with module_mode(net, training=False):  # the network as it samples: TREAD routes act in training mode only
         if sigmas is None:
             return denoiser.loss(x0, cond, d["p_mean"], d["p_std"], generator)
         losses = [denoiser.loss_at(x0, cond, s.expand(x0.shape[0]).to(x0.device),
@@ -183,14 +172,14 @@ def _check_fluid(net: FluidConfig, latent_side: int, steps: int) -> None:
 FAMILIES: dict[str, Family] = {
     "dit": Family(
         name="dit", title="MicroDiT", presets=PRESETS, config_type=DiTConfig, create=create_dit,
-        block_types=(DiTBlock,), sampling=DEFAULTS, diffusion_keys=("mask_ratio", "p_mean", "p_std", "sigma_data"),
+        block_types=(DiTBlock,), diffusion_keys=("mask_ratio", "p_mean", "p_std", "sigma_data"),
         loss=_dit_loss, val_loss=_dit_val_loss, generate=_dit_generate,
         train_flops=lambda net, latent, length, d: train_flops_per_sample(net, latent, length, d["mask_ratio"]),
         sample_flops=_dit_sample_flops, check_network=_check_dit, sampling_for=lambda network: DEFAULTS,
         distills=True, noise_grid=True),
     "fluid": Family(
         name="fluid", title="Fluid", presets=FLUID_PRESETS, config_type=FluidConfig, create=create_fluid,
-        block_types=Fluid.block_types, sampling=FLUID_DEFAULTS, diffusion_keys=("sigma_data",),
+        block_types=Fluid.block_types, diffusion_keys=("sigma_data",),
         loss=_fluid_loss, val_loss=_fluid_val_loss, generate=_fluid_generate,
         train_flops=lambda net, latent, length, d: fluid_train_flops_per_sample(net, latent, length),
         sample_flops=_fluid_sample_flops, check_network=_check_fluid, sampling_for=_fluid_sampling_for),

@@ -23,6 +23,7 @@ from torch import nn
 from ..families import FAMILIES
 from ..models.attention import fused_attention
 from ..recipe import build_network, latent_size
+from ..utils.modes import module_mode
 from .estimate import cost_of, stage_flops, steps_of
 from .prices import DEVICE_MEMORY_GIB
 
@@ -95,14 +96,9 @@ def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int
     # sigma_data scales values, never a saved tensor's size
     d = {"mask_ratio": mask_ratio, "p_mean": 0.0, "p_std": 1.0, "sigma_data": 1.0}
     loss = FAMILIES[family].loss
-    was_training = net.training
-    net.train()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-            with fused_attention() if fused else nullcontext():
-                loss(net, x0, y, d, (None, None))
-    finally:
-        net.train(was_training)
+    with module_mode(net, training=True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16), fused_attention() if fused else nullcontext():
+        loss(net, x0, y, d, (None, None))
     return sum(storages.values())
 
 

@@ -80,8 +80,7 @@ def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> Sampli
         if set(keys) - names:
             raise UsageError(f"{where}: unknown keys {sorted(set(keys) - names)} (known: {sorted(names)})")
     fam = family_of(config)
-    merged = {**(fam.sampling_for(config["network"]) if "network" in config else fam.sampling).to_dict(), **recorded,
-              **given}
+    merged = {**fam.sampling_for(config.get("network", {})).to_dict(), **recorded, **given}
     if sampler_spec(merged["sampler"]).for_students:
         merged["guidance"] = given.get("guidance", 1.0)
         merged["guidance_interval"] = given.get("guidance_interval")

@@ -199,18 +199,17 @@ class MicroDiT(nn.Module):
         N, T, _ = x.shape
         for block in self.blocks[:e]:
             x = block(x, c, y)  # (N, T, D)
+        mask = None
         if drop_path:  # Path-Drop Guidance: no middle; the fusion sees the fill token at every position, as SPRINT's
             x = self.fusion(self.fusion.fill.to(x.dtype).expand_as(x), x, None)  # (N, T, D)
-            for block in self.blocks[len(self.blocks) - d:]:
-                x = block(x, c, y)  # (N, T, D)
-            return x, None
-        dense, keep, mask = x, None, None
-        if mask_ratio > 0:
-            keep, mask = draw_keep(N, T, mask_ratio, x.device, generator)  # (N, K), (N, T)
-            x = gather_tokens(x, keep)  # (N, K, D)
-        for block in self.blocks[e:len(self.blocks) - d]:
-            x = block(x, c, y)  # (N, K, D)
-        x = self.fusion(x, dense, keep)  # (N, T, D)
+        else:
+            dense, keep = x, None
+            if mask_ratio > 0:
+                keep, mask = draw_keep(N, T, mask_ratio, x.device, generator)  # (N, K), (N, T)
+                x = gather_tokens(x, keep)  # (N, K, D)
+            for block in self.blocks[e:len(self.blocks) - d]:
+                x = block(x, c, y)  # (N, K, D)
+            x = self.fusion(x, dense, keep)  # (N, T, D)
         for block in self.blocks[len(self.blocks) - d:]:
             x = block(x, c, y)  # (N, T, D)
         return x, mask

@@ -17,6 +17,7 @@ from micro_diffusion.diffusion.sampling import SamplingSettings, image_seeds
 from micro_diffusion.training.model import unwrap
 from micro_diffusion.utils.devices import autocast, compute_dtype
 from micro_diffusion.utils.images import grid, to_pil
+from micro_diffusion.utils.modes import module_mode
 from micro_diffusion.utils.run_folder import VAL_LOSS, VAL_LOSS_EMA
 from micro_diffusion.utils.seeds import seeded_generator
 
@@ -118,14 +119,10 @@ class SampleGrid(Callback):
     def _sample(self, model, state: State, use_ema: bool) -> torch.Tensor:
         device = next(model.parameters()).device
         seeds = image_seeds(self.seed, range(self.prompt_emb.shape[0]))
-        was_training = model.training
-        model.eval()
-        try:
-            with model.weights(use_ema), autocast(device, compute_dtype(device)):  # as `micro-diffusion sample`
-                return model.generate(self.prompt_emb.to(device, torch.float32), self.null_caption, self.settings,
-                                      seeds, self.shape)
-        finally:
-            model.train(was_training)
+        # eval mode, the chosen weights and the compute dtype, as `micro-diffusion sample`
+        with module_mode(model, training=False), model.weights(use_ema), autocast(device, compute_dtype(device)):
+            return model.generate(self.prompt_emb.to(device, torch.float32), self.null_caption, self.settings,
+                                  seeds, self.shape)
 
     def _write(self, latents: torch.Tensor, batch: int, use_ema: bool, logger: Logger) -> None:
         if self.decode is None:
