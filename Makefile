@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export MPLCONFIGDIR ?= $(CURDIR)/.venv/.mplconfig
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install test test-fast lint demo report bench gpu-check experiment ablation ablation-arch sizes families
+.PHONY: install test test-fast lint demo report bench gpu-check experiment ablation ablation-arch sizes families routing
 
 install: $(STAMP)
 
@@ -137,3 +137,7 @@ sizes: install
 # MicroDiT against Fluid (random and raster order) at equal training FLOPs
 families: install
 	$(MAKE) -o install experiment NAME=families
+# The paper's deferred masking against no masking, TREAD routing and SPRINT fusion at equal training FLOPs, with the
+# GenEval-style score along training (convergence speed-ups): docs/routing.md
+routing: install
+	$(MAKE) -o install experiment NAME=routing

@@ -246,7 +246,7 @@ def test_tread_stage_recipes_route_the_xl_backbone_in_place_of_masking(res):
     tread, masked = (load_recipe(f"recipes/res{res}_{kind}.yaml") for kind in ("tread", "masked"))
     with torch.device("meta"):
         net = build_network(tread)
-    assert net.cfg.routes == ((5, 20, 0.5),) and net.cfg.patch_mixer_depth == 0 and len(net.blocks) == 28
+    assert net.cfg.routes == ((2, 24, 0.5),) and net.cfg.patch_mixer_depth == 0 and len(net.blocks) == 28
     assert tread["diffusion"]["mask_ratio"] == 0.0 and masked["diffusion"]["mask_ratio"] == 0.75
     same = ("optimizer", "scheduler", "algorithms", "train", "data")
     assert {k: tread[k] for k in same} == {k: masked[k] for k in same}
@@ -261,6 +261,6 @@ def test_tread_stage_recipes_route_the_xl_backbone_in_place_of_masking(res):
     per_sample = {name: stage_flops(cfg, 1, 1)[0] for name, cfg in (
         ("tread", tread), ("masked", masked), ("dense", load_recipe(f"recipes/res{res}_tread.yaml",
                                                                      ["model.overrides.routes=[]"])))}
-    # half the tokens skip 16 of 28 blocks: about 2/7 of the dense backbone's FLOPs saved, more than masking costs
-    assert 1 - per_sample["tread"] / per_sample["dense"] == pytest.approx(0.5 * 16 / 28, rel=0.1)
+    # half the tokens skip 23 of 28 blocks: about 0.41 of the dense backbone's FLOPs saved, less than masking saves
+    assert 1 - per_sample["tread"] / per_sample["dense"] == pytest.approx(0.5 * 23 / 28, rel=0.1)
     assert per_sample["masked"] < per_sample["tread"] < per_sample["dense"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..utils.argparsing import subparser
 from ..utils.run_folder import RESULTS
 from .plan import plan_runs
-from .spec import load_experiment
+from .spec import load_experiment, only_variants
 
 
 def run(args: argparse.Namespace) -> int:
@@ -18,6 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from .runner import run_experiment
 
     exp = load_experiment(args.file, quick=args.quick)
+    if args.variants:
+        exp = only_variants(exp, args.variants)
     plans = plan_runs(exp, args.seeds)
     for p in plans:
         print(f"[experiment] {p.name}: {' + '.join(str(s.steps) for s in p.stages)} steps, {p.flops:.3g} FLOPs, "
@@ -39,6 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = subparser(sub, "experiment", help="train an experiment's variants at equal compute and judge its claims")
     p.add_argument("file", help="experiment file, e.g. recipes/experiments/masking.yaml")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds to run (None: the file's)")
+    p.add_argument("--variants", nargs="+", default=None, help="run and report only these variants (None: all; "
+                   "claims between them are judged)")
     p.add_argument("--quick", action="store_true", help="the file's quick: sizes (the whole chain at a toy size)")
     p.add_argument("--out", default=None, help="experiment folder (None: runs/experiments/NAME, NAME_quick with "
                    "--quick)")

@@ -17,7 +17,7 @@ from ..utils.atomic import write_text_atomic  # noqa: E402
 from ..utils.run_folder import REPORT, RESULTS, SCORES  # noqa: E402
 from .spec import Experiment  # noqa: E402
 from .sweeps import budget_values, crossovers, expand_claims, grid_samplers, sweep_section, swept  # noqa: E402
-from .verdict import mean_and_var, verdict  # noqa: E402
+from .verdict import LOWER_IS_BETTER, mean_and_var, reach_flops, speedup_verdict, verdict  # noqa: E402
 
 
 def claim_value(metrics: dict[str, Any], metric: str) -> float:
@@ -25,12 +25,31 @@ def claim_value(metrics: dict[str, Any], metric: str) -> float:
     return float(metrics["geneval"]["overall"] if metric == "geneval" else metrics[metric])
 
 
+def training_curve(row: dict[str, Any], metric: str) -> tuple[list[float], list[float]]:
+    """A run's (cumulative training FLOPs, values) of val_loss or the GenEval-style overall along training."""
+    if metric == "val_loss":
+        return row["curve"]["flops"], row["curve"]["val_loss"]
+    return [p["flops"] for p in row["geneval_curve"]], [p["geneval"] for p in row["geneval_curve"]]
+
+
+def speedup(rows: list[dict[str, Any]], a: str, b: str, metric: str, factor: float = 1.0) -> dict[str, Any]:
+    """Variant a's convergence speed-up over b's final value of metric (verdict.speedup_verdict)."""
+    b_rows = [r for r in rows if r["name"] == b]
+    return speedup_verdict(metric, [training_curve(r, metric) for r in rows if r["name"] == a],
+                           [training_curve(r, metric)[1][-1] for r in b_rows],
+                           sum(r["flops"] for r in b_rows) / len(b_rows), factor)
+
+
 def judge(exp: Experiment, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every claim's means, gap, standard error and verdict from the runs' final metrics (or, for a claim at a
-    sampling budget, from their sweeps' best-guidance curves there)."""
+    sampling budget, from their sweeps' best-guidance curves there; for a speed-up, from their training curves)."""
     out = []
     for claim in expand_claims(exp.claims, grid_samplers(rows)):
         where: dict[str, Any] = {}
+        if claim["kind"] == "speedup":
+            found = speedup(rows, claim["a"], claim["b"], claim["metric"], claim["factor"])
+            out.append({"name": claim["name"], "kind": "speedup", "metric": claim["metric"], **found})
+            continue
         if "budget" in claim:
             a, b, where = budget_values(rows, claim)
         else:
@@ -53,18 +72,25 @@ def write_results(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> dic
     return results
 
 
-def _curves_plot(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path) -> Path:
-    """Validation loss against x_key, one line a variant (mean over seeds) with the seeds' range shaded."""
+def _curves_plot(rows: list[dict[str, Any]], x_key: str, xlabel: str, path: Path, metric: str = "val_loss") -> Path:
+    """Validation loss (or the GenEval-style curve) against x_key, one line a variant (mean over seeds) with the
+    seeds' range shaded."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
     for name in dict.fromkeys(r["name"] for r in rows):
-        curves = [r["curve"] for r in rows if r["name"] == name]
-        n = min(len(c["val_loss"]) for c in curves)
-        xs = np.mean([c[x_key][:n] for c in curves], axis=0)
-        ys = np.array([c["val_loss"][:n] for c in curves])
-        ax.plot(xs, ys.mean(0), label=name, linewidth=1.2)
+        if metric == "val_loss":
+            curves = [(r["curve"][x_key], r["curve"]["val_loss"]) for r in rows if r["name"] == name]
+        else:
+            curves = [training_curve(r, metric) for r in rows if r["name"] == name]
+        n = min(len(c[1]) for c in curves)
+        xs = np.mean([c[0][:n] for c in curves], axis=0)
+        ys = np.array([c[1][:n] for c in curves])
+        ax.plot(xs, ys.mean(0), label=name, linewidth=1.2, marker="o" if metric != "val_loss" else None, ms=3)
         if len(curves) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
-    return save_plot(fig, ax, path, f"validation loss against {xlabel}", xlabel, "validation loss (unmasked)")
+    if metric != "val_loss":
+        ax.set_xscale("log")
+    label = "validation loss (unmasked)" if metric == "val_loss" else "GenEval-style overall (held-out points)"
+    return save_plot(fig, ax, path, f"{label.split(' (')[0]} against {xlabel}", xlabel, label)
 
 
 def _quality_cost_plot(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -120,8 +146,28 @@ def task_cells(rows: list[dict[str, Any]]) -> Table:
     return ["variant", *tasks, "overall"], body
 
 
+def convergence_cells(rows: list[dict[str, Any]], reference: str) -> Table:
+    """Per variant and metric along training: the FLOPs at which each seed first reaches the reference variant's
+    final value (mean over its seeds), and the speed-up (reference FLOPs over those; geometric mean, seeds' range)."""
+    cols = ["variant", "metric", f"target ({reference} final)", "FLOPs to reach (per seed)", "speed-up (per seed)",
+            "speed-up (geometric mean)"]
+    metrics = ["val_loss"] + (["geneval"] if all(r.get("geneval_curve") for r in rows) else [])
+    body = []
+    for metric in metrics:
+        for name in dict.fromkeys(r["name"] for r in rows):
+            found = speedup(rows, name, reference, metric)
+            reach = [reach_flops(*training_curve(r, metric), found["target"], LOWER_IS_BETTER[metric])
+                     for r in rows if r["name"] == name]
+            body.append([name, metric, f"{found['target']:.4g}",
+                         ", ".join("never" if f is None else f"{f:.3g}" for f in reach),
+                         ", ".join("-" if x is None else f"{x:.2f}x" for x in found["speedups"]),
+                         "-" if None in found["speedups"] else f"{found['a_mean']:.2f}x"])
+    return cols, body
+
+
 def claims_cells(claims: list[dict[str, Any]]) -> Table:
-    """Each claim with its means, gap (positive favours a), twice its standard error and verdict."""
+    """Each claim with its means, gap (positive favours a), twice its standard error and verdict; a speed-up claim
+    gives its geometric-mean speed-up as a, the factor it needs as b, and the gap in log speed-up."""
     cols = ["claim", "kind", "metric", "a mean", "b mean", "gap", "2 se", "verdict"]
 
     def where(c: dict[str, Any]) -> str:  # a claim at a sampling budget names it
@@ -162,6 +208,10 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path
     results = write_results(exp, rows, out)
     plots = [_curves_plot(rows, "flops", "training FLOPs", out / "val_loss_flops.png"),
              _curves_plot(rows, "usd", "dollars", out / "val_loss_usd.png")]
+    if all(r.get("geneval_curve") for r in rows):
+        plots.append(_curves_plot(rows, "flops", "training FLOPs", out / "geneval_flops.png", metric="geneval"))
+    references = list(dict.fromkeys(c["b"] for c in exp.claims if c["kind"] == "speedup"))
+    convergence = [convergence_cells(rows, ref) for ref in references]
     stages = []
     for r in rows:
         for folder in sorted(Path(r["run_dir"]).glob("stage*")):
@@ -172,7 +222,10 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path
              "<h2>Claims</h2>", html_table(claims_cells(results["claims"]), "claims-table", True),
              "<h2>Final metrics</h2>", html_table(metrics_cells(rows), "metrics-table"), _trust_note(results["reader"]),
              "<h2>GenEval-style score per task</h2>", html_table(task_cells(rows), "tasks-table"),
-             "<h2>Validation loss against compute</h2>", *[img_tag(p, p.stem) for p in plots]]
+             *[part for table in convergence for part in
+               ("<h2>Convergence: FLOPs to reach the reference's final value</h2>", html_table(table, "convergence"))],
+             "<h2>Validation loss (and GenEval-style score) against compute</h2>",
+             *[img_tag(p, p.stem) for p in plots]]
     quality = _quality_cost_plot(rows, out / "quality_sampling_cost.png")
     if quality is not None:
         parts += ["<h2>Quality against sampling cost (each variant at its own sampler)</h2>",
@@ -182,7 +235,8 @@ def write_report(exp: Experiment, rows: list[dict[str, Any]], out: Path) -> Path
         parts += ["<h2>Quality against sampling cost</h2>", *[img_tag(p, p.stem) for p in figures], table]
     parts += ["<h2>Cost of every run</h2>", cost_table(stages)]
     (out / "summary.md").write_text(f"## {exp.name}\n\n" + markdown_table(claims_cells(results["claims"])) + "\n"
-                                    + markdown_table(metrics_cells(rows)) + "\n" + markdown_table(task_cells(rows)),
+                                    + markdown_table(metrics_cells(rows)) + "\n" + markdown_table(task_cells(rows))
+                                    + "".join("\n" + markdown_table(table) for table in convergence),
                                     encoding="utf-8")
     page = out / REPORT
     page.write_text("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"

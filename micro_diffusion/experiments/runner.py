@@ -4,6 +4,8 @@
     DIR/runs/<variant>_s<seed>/stage<k>/   one Composer run folder a stage (ledger, metrics, checkpoints)
     DIR/runs/<variant>_s<seed>/eval/       the run's evaluation: metrics.json, and in points/<sampler>_<steps>_g<scale>/
                                            each sampling point's FID and GenEval-style samples and scores
+    DIR/runs/<variant>_s<seed>/eval/curve/stage<k>_ba<step>/   with eval.geneval_points: the GenEval-style samples
+                                           of that checkpoint and their score.json
 
 Every step leaves its result on disk and is skipped when found: a finished run is reused, a killed stage resumes
 from its last checkpoint (Composer's autoresume), so running the same command again finishes a killed experiment.
@@ -11,6 +13,7 @@ from its last checkpoint (Composer's autoresume), so running the same command ag
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,16 +26,17 @@ from data_prep.precompute import precompute
 from ..cost.ledger import read_records
 from ..cost.report import load_run, spend_at
 from ..data.compose import write_folder, write_geneval
+from ..data.geneval import read_prompts_file
 from ..diffusion.sampling import SamplingSettings
 from ..encoders import load_vae
-from ..eval.compose import write_scores
-from ..eval.generate import TextToImage
+from ..eval.compose import score_folder, write_scores
+from ..eval.generate import TextToImage, sample_geneval
 from ..eval.sweep import compose_heldout, model_sweep
 from ..recipe import RecipeError
 from ..training import train
 from ..training.export import export_run
 from ..utils.atomic import write_text_atomic
-from ..utils.run_folder import EVAL_METRICS, METRICS, STAGE_DONE, STEP, VAL_LOSS, latest_checkpoint
+from ..utils.run_folder import EVAL_METRICS, METRICS, STAGE_DONE, STEP, VAL_LOSS, checkpoint_dir, latest_checkpoint
 from .plan import RunPlan, stage_dirs
 from .spec import Experiment
 
@@ -76,9 +80,56 @@ def stage_overrides(exp: Experiment, run: RunPlan, k: int, root: Path, latents: 
            "eval.sigmas": e["val_sigmas"], "eval.batch_size": batch, "eval.batches": e["val_samples"] // batch,
            "samples.interval": None, "checkpoint.save_interval": f"{max(1, stage.steps // 4)}ba",
            "checkpoint.keep": 1, "train.progress_bar": False}
+    points = point_steps(run, e["geneval_points"])[k]
+    if len(points) > 1:  # the checkpoints the GenEval-style curve scores are kept (and the last one resumes)
+        out.update({"checkpoint.save_interval": f"{points[0]}ba", "checkpoint.keep": -1})
     if k:  # a later stage starts from the weights the one before ended with
         out.update({"init_from": None, "init_checkpoint": str(latest_checkpoint(dirs[k - 1]))})
     return out
+
+
+def point_steps(run: RunPlan, points: int) -> list[list[int]]:
+    """Steps of each stage whose checkpoint the GenEval-style curve scores, `points` in all, the last at the run's end:
+    the first stage holds all but one a later stage (evenly spaced, ending at its end), a later stage its end."""
+    first = max(1, points - (len(run.stages) - 1))
+    every = max(1, run.stages[0].steps // first)
+    steps = [[every * i for i in range(1, first)] + [run.stages[0].steps]]
+    return steps + [[stage.steps] for stage in run.stages[1:]]
+
+
+def point_checkpoint(folder: Path, step: int) -> Path:
+    """The checkpoint a stage saved after `step` batches (Composer's ep<E>-ba<B>-rank0.pt)."""
+    found = sorted(checkpoint_dir(folder).glob(f"ep*-ba{step}-rank0.pt"))
+    if not found:
+        raise RecipeError(f"{checkpoint_dir(folder)} has no checkpoint of step {step}, which the GenEval-style curve "
+                          "scores: delete that run folder and run the experiment again")
+    return found[-1]
+
+
+def geneval_curve(exp: Experiment, run: RunPlan, dirs: list[Path], root: Path) -> list[dict[str, float]]:
+    """The GenEval-style overall at eval.geneval_points checkpoints along the run, against cumulative training FLOPs
+    (one image of each of the first point_prompts held-out prompts at the fixed sampling point; cached on disk)."""
+    e = exp.eval
+    if e["geneval_points"] < 2:
+        return []
+    prompts = read_prompts_file(root / "data" / "prompts" / "evaluation_metadata.jsonl")[:e["point_prompts"]]
+    out, curve, flops0, steps0 = dirs[-1].parent / "eval" / "curve", [], 0, 0
+    for k, (stage, folder) in enumerate(zip(run.stages, dirs, strict=True)):
+        for step in point_steps(run, e["geneval_points"])[k]:
+            point, saved = out / f"stage{k}_ba{step}", out / f"stage{k}_ba{step}" / "score.json"
+            if not saved.is_file():
+                model = export_run(point_checkpoint(folder, step), point / "model")
+                render = TextToImage(model, fixed_point(exp, run.variant), int(exp.data["seed"]))
+                sample_geneval(render, prompts, point / "geneval", 1, batch_size=64, progress=False)
+                record = {"stage": k, "step": step, "steps": steps0 + step,
+                          "flops": flops0 + step * run.batch * stage.flops_per_sample,
+                          "geneval": score_folder(point / "geneval", trust=False)["overall"]}
+                write_text_atomic(saved, json.dumps(record) + "\n")
+                shutil.rmtree(point / "model")  # the score and samples stay; the checkpoint can export it again
+            curve.append(json.loads(saved.read_text()))
+        flops0 += stage.steps * run.batch * stage.flops_per_sample
+        steps0 += stage.steps
+    return curve
 
 
 def train_run(exp: Experiment, run: RunPlan, root: Path, latents: Path) -> list[Path]:
@@ -170,5 +221,6 @@ def run_experiment(exp: Experiment, plans: list[RunPlan], root: Path) -> list[di
         metrics = {"val_loss": curve["val_loss"][-1], **evaluate_run(exp, run, dirs, root)}
         rows.append({"name": run.variant, "seed": run.seed, "run_dir": str(dirs[-1].parent),
                      "steps": sum(s.steps for s in run.stages), "flops": run.flops,
-                     "usd": curve["usd"][-1], "parameters": run.parameters, "metrics": metrics, "curve": curve})
+                     "usd": curve["usd"][-1], "parameters": run.parameters, "metrics": metrics, "curve": curve,
+                     "geneval_curve": geneval_curve(exp, run, dirs, root)})
     return rows

@@ -13,6 +13,8 @@
                                                # sampling: this variant's fixed sampling point (its family's sampler)
     claims:
       - {name: ..., kind: beats | within, a: VARIANT, b: VARIANT, metric: val_loss | fid | geneval}
+      - {name: ..., kind: speedup, a: VARIANT, b: VARIANT, metric: val_loss | geneval, factor: 2.0}
+                                               # a reaches b's final value with at most 1/factor of b's FLOPs
       - {..., metric: fid | geneval, budget: lowest | highest, sampler: NAME | each}
                                                # on the sweep: each run's best-guidance curve at the lowest or highest
                                                # sampling budget all runs cover (one claim a sampler for `each`)
@@ -23,7 +25,7 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +50,12 @@ EVAL = {
     "geneval_prompts": 96,
     "images_per_prompt": 2,
     "sweep": None,  # {samplers, steps, guidances}: every run also sampled on that grid (SWEEP_KEYS)
+    "geneval_points": 1,  # GenEval-style scores along training, the last at the end (1: at the end only)
+    "point_prompts": None,  # held-out prompts (one image each) scored at every point (None: all geneval_prompts)
 }
 SWEEP_KEYS = {"samplers", "steps", "guidances"}
 CLAIM_AT = {"budget": ("lowest", "highest"), "sampler": None}  # optional claim keys: judged on the sweep
+CLAIM_KINDS = ("beats", "within", "speedup")
 KEYS = {"base_recipe", "data", "budget", "seeds", "eval", "variants", "claims", "quick"}
 VARIANT_KEYS = {"name", "overrides", "narrow_to", "then", "sampling"}
 SAMPLING_KEYS = {"sampler", "steps", "guidance", "temperature", "head_steps"}
@@ -155,19 +160,33 @@ def _check_sweep(sweep: Any, sampling: dict[str, Any], where: str) -> dict[str, 
             "guidances": [float(g) for g in sweep["guidances"]]}
 
 
-def _check_claims(claims: list, names: set[str], sweep: dict | None, where: str) -> list[dict[str, str]]:
-    out = []
+def _check_speedup(c: dict, evaluation: dict, at: str) -> None:
+    """A speed-up claim: a factor above 0, on a metric measured along training (GenEval-style needs its points)."""
+    factor = c.get("factor")
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor <= 0:
+        raise RecipeError(f"{at}.factor: a speedup claim needs a positive factor, got {factor!r}")
+    if c["metric"] == "fid" or (c["metric"] == "geneval" and evaluation["geneval_points"] < 2):
+        raise RecipeError(f"{at}: a speedup claim needs its metric along training: val_loss, or geneval with "
+                          f"eval.geneval_points >= 2; got {c['metric']!r} with geneval_points "
+                          f"{evaluation['geneval_points']}")
+
+
+def _check_claims(claims: list, names: set[str], evaluation: dict, where: str) -> list[dict[str, str]]:
+    out, sweep = [], evaluation["sweep"]
     for i, c in enumerate(claims):
         at = f"{where}.claims[{i}]"
-        if not {"name", "kind", "a", "b", "metric"} <= set(c) <= {"name", "kind", "a", "b", "metric", *CLAIM_AT}:
-            raise RecipeError(f"{at}: needs name, kind, a, b, metric (and, on the sweep, budget and sampler); "
-                              f"got {sorted(c)}")
-        if c["kind"] not in ("beats", "within") or c["metric"] not in LOWER_IS_BETTER:
-            raise RecipeError(f"{at}: kind must be beats or within, metric one of "
+        extra = {"factor"} if isinstance(c, dict) and c.get("kind") == "speedup" else set(CLAIM_AT)
+        if not {"name", "kind", "a", "b", "metric"} <= set(c) <= {"name", "kind", "a", "b", "metric", *extra}:
+            raise RecipeError(f"{at}: needs name, kind, a, b, metric (on the sweep also budget and sampler; a "
+                              f"speedup claim also factor); got {sorted(c)}")
+        if c["kind"] not in CLAIM_KINDS or c["metric"] not in LOWER_IS_BETTER:
+            raise RecipeError(f"{at}: kind must be one of {', '.join(CLAIM_KINDS)}, metric one of "
                               f"{sorted(LOWER_IS_BETTER)}; got {c['kind']!r}, {c['metric']!r}")
         for side in ("a", "b"):
             if c[side] not in names:
                 raise RecipeError(f"{at}.{side}: no variant {c[side]!r} (variants: {sorted(names)})")
+        if c["kind"] == "speedup":
+            _check_speedup(c, evaluation, at)
         if set(c) & set(CLAIM_AT):
             if set(CLAIM_AT) - set(c) or sweep is None or c["metric"] == "val_loss":
                 raise RecipeError(f"{at}: a claim at a sampling budget needs budget and sampler, an eval.sweep and "
@@ -177,6 +196,16 @@ def _check_claims(claims: list, names: set[str], sweep: dict | None, where: str)
                                   f"{sweep['samplers']} or each; got {c['budget']!r}, {c['sampler']!r}")
         out.append(dict(c))
     return out
+
+
+def _check_points(evaluation: dict, where: str) -> None:
+    """geneval_points a positive integer; point_prompts none, or between 1 and geneval_prompts."""
+    n, k = evaluation["geneval_points"], evaluation["point_prompts"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise RecipeError(f"{where}.geneval_points: a positive integer, got {n!r}")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= evaluation["geneval_prompts"]):
+        raise RecipeError(f"{where}.point_prompts: null or an integer from 1 to geneval_prompts "
+                          f"({evaluation['geneval_prompts']}), got {k!r}")
 
 
 def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
@@ -227,6 +256,7 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
             raise RecipeError(f"{where}: variant {v.name} narrows to unknown variant {v.narrow_to!r}")
     evaluation = _section(raw.get("eval", {}), EVAL, f"{where}.eval")
     _check_sampling(evaluation["sampling"], f"{where}.eval.sampling")
+    _check_points(evaluation, f"{where}.eval")
     evaluation["sweep"] = _check_sweep(evaluation["sweep"], evaluation["sampling"], f"{where}.eval.sweep")
     own = [v.name for v in variants if v.sampling is not None]
     if own and evaluation["sweep"] is not None:
@@ -236,4 +266,18 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
                       data=_section(raw.get("data", {}), DATA, f"{where}.data"),
                       budget={k: float(v) for k, v in budget.items()}, seeds=[int(s) for s in raw.get("seeds", [0])],
                       eval=evaluation, variants=variants,
-                      claims=_check_claims(claims, names, evaluation["sweep"], where))
+                      claims=_check_claims(claims, names, evaluation, where))
+
+
+def only_variants(exp: Experiment, names: list[str]) -> Experiment:
+    """The experiment cut to some variants (and the claims between them); an unknown name is an error naming it."""
+    known = [v.name for v in exp.variants]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise RecipeError(f"{exp.path}: no variant {unknown[0]!r} (variants: {', '.join(known)})")
+    kept = [v for v in exp.variants if v.name in names]
+    missing = {v.narrow_to for v in kept if v.narrow_to} - set(names)
+    if missing:
+        raise RecipeError(f"{exp.path}: a kept variant narrows to {sorted(missing)[0]!r}: keep it too")
+    claims = [c for c in exp.claims if c["a"] in names and c["b"] in names]
+    return replace(exp, variants=kept, claims=claims)
