@@ -128,3 +128,14 @@ def test_quick_routing_scores_points_along_training_and_judges_the_speedup(tmp_p
     summary = (root / "summary.md").read_text()
     assert "| variant | metric | target (paper final) |" in summary and "| tread | geneval |" in summary
     assert (root / "geneval_flops.png").stat().st_size > 1000
+
+
+def test_only_variants_keeps_their_claims_and_names_an_unknown_one():
+    from micro_diffusion.experiments.spec import only_variants
+
+    exp = only_variants(load_experiment(ROUTING), ["paper", "tread"])
+    assert [v.name for v in exp.variants] == ["paper", "tread"]
+    assert exp.claims and all({c["a"], c["b"]} <= {"paper", "tread"} for c in exp.claims)
+    assert {p.variant for p in plan_runs(exp, [0])} == {"paper", "tread"}
+    with pytest.raises(RecipeError, match="no variant 'treadd'"):
+        only_variants(load_experiment(ROUTING), ["treadd"])
