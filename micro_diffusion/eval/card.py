@@ -157,6 +157,13 @@ def _eval_section(evaluations: list[dict]) -> list[str]:
     return rows
 
 
+def _provenance(config: dict) -> str:
+    """Where the weights came from: recipe stage, checkpoint, git revision, as config.json records them."""
+    known = [f"{what} `{config[key]}`" for key, what in (("recipe", "recipe stage"), ("git_revision", "git revision"))
+             if config.get(key)]
+    return (f"Trained as {', '.join(known)}; c" if known else "C") + f"ard written by micro_diffusion {__version__}."
+
+
 def card_text(config: dict, model_dir: str | Path, repo_id: str | None = None) -> str:
     """The whole README.md of an export (config: its config.json); repo_id names it in the usage lines."""
     model_dir = Path(model_dir)
@@ -170,7 +177,7 @@ def card_text(config: dict, model_dir: str | Path, repo_id: str | None = None) -
     body = [
         f"# {name}", "",
         f"A {fam.title} text-to-image model ({config['preset']}){student}, trained with "
-        f"micro_diffusion {config.get('micro_diffusion_version', '')} (library `{LIBRARY}`)."
+        f"micro_diffusion {config.get('micro_diffusion_version') or ''}".rstrip() + "."
         f" It draws {side}x{side} px images from captions encoded by `{enc['text_encoder']}` "
         f"({enc.get('caption_len')} tokens), decoded by the VAE `{enc['vae']}`.", "",
         "## Use", "", *["    " + line for line in _call_lines(config, f"hf://{repo_id}" if repo_id else str(model_dir))
@@ -182,8 +189,7 @@ def card_text(config: dict, model_dir: str | Path, repo_id: str | None = None) -
         "## Files", "",
         "`model.safetensors` (raw weights), `ema.safetensors` (EMA weights, when training kept them), `config.json` "
         "(the network, encoders, sampling settings, provenance, and each file's size and xxh64, checked on load) and "
-        f"`null_caption.npy` (the unconditional caption embedding). Recipe stage `{config.get('recipe')}`, git "
-        f"revision `{config.get('git_revision')}`; card written by micro_diffusion {__version__}.",
+        "`null_caption.npy` (the unconditional caption embedding). " + _provenance(config),
     ]
     data = card_data(config, name, evaluations)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n").content

@@ -24,8 +24,6 @@ from ..utils.run_folder import EXPORT_CONFIG, MODEL_WEIGHTS
 from .card import write_card
 
 HF_PREFIX = "hf://"
-# What push leaves out of an export folder: lock files and leftovers of an interrupted atomic write
-IGNORED = [".*", "*.old-*", "*.tmp*"]
 
 
 def split_hub_id(spec: str) -> tuple[str, str | None]:
@@ -70,10 +68,10 @@ def push(export: str | Path, repo_id: str, private: bool = False, refresh_card: 
     if len(repo_id.split("/")) != 2 or not all(repo_id.split("/")):
         raise UsageError(f"REPO_ID {repo_id!r} is not ORG/NAME")
     if refresh_card:
-        write_card(export)
+        write_card(export, repo_id)
     try:
         create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        info = upload_folder(repo_id=repo_id, folder_path=export, repo_type="model", ignore_patterns=IGNORED,
+        info = upload_folder(repo_id=repo_id, folder_path=export, repo_type="model",
                              commit_message=f"Upload {export.name} (micro-diffusion push)")
     except (HfHubHTTPError, RequestsConnectionError, OfflineModeIsEnabled) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
