@@ -118,6 +118,28 @@ def test_encoders_that_are_hub_models_are_base_models():
     assert _hub_ids({"vae": "/weights/vae", "text_encoder": "open_clip:ViT-B-32:laion2b_s34b_b79k"}) == []
 
 
+def test_push_refuses_before_uploading(vae, tmp_path, monkeypatch):
+    """No token, an id that is not ORG/NAME, a folder that is not an export, offline: usage errors naming them."""
+    from huggingface_hub import constants
+
+    from micro_diffusion.errors import UsageError
+    from micro_diffusion.eval.hub import push
+
+    model = tiny_export(tmp_path / "model", vae)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(UsageError, match="HF_TOKEN"):
+        push(model, "org/tiny")
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    with pytest.raises(UsageError, match="REPO_ID 'tiny' is not ORG/NAME"):
+        push(model, "tiny")
+    with pytest.raises(UsageError, match="is not an exported model folder"):
+        push(tmp_path, "org/tiny")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE=1 forbids uploads"):
+        push(model, "org/tiny")
+
+
 class StubHub(BaseHTTPRequestHandler):
     """Just enough of the Hub's API for create_repo and upload_folder: repos/create, validate-yaml, preupload (every
     file 'regular', so no LFS transfer) and commit (NDJSON with base64 contents)."""

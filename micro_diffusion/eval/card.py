@@ -6,7 +6,8 @@ The metadata (YAML, written with huggingface_hub's ModelCardData) holds the lice
 evaluation results in the model-index format (EvalResult). The training cost comes from config.json's "training_cost",
 which `micro-diffusion export` reads from the cost ledgers of the run and the stages it carried over. Evaluations come
 from the files the eval commands write beside the export (`eval coco`'s metrics.json, `eval compose`'s scores.json
-beside its sampling.json): one belongs to this export when it records the xxh64 of this export's weights.
+beside its sampling.json, the demo's eval/metrics.json): one belongs to this export when it records the xxh64 of this
+export's weights.
 
 The card is not among the files config.json hashes: loading never reads it, and a card edited by hand or on the Hub
 must not make the weights unloadable.
@@ -31,6 +32,9 @@ LICENSE = "apache-2.0"  # the project's licence (pyproject.toml), which its expo
 LIBRARY = "micro-diffusion"
 SEARCH_DEPTH = 3  # evaluation files are looked for this many folders below the export's parent
 EXAMPLE_PROMPT = "a red circle at the top left"
+# metrics.json keys the card reports: eval coco's, and the demo's GenEval-style score and caption match
+METRICS = (("fid", "FID"), ("clip_score", "CLIP score"), ("geneval", "GenEval-style overall"),
+           ("caption_match", "caption match"))
 
 
 def _weights_hashes(config: dict) -> set[str]:
@@ -57,16 +61,18 @@ def _read(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _coco(path: Path, data: dict) -> dict | None:
-    """An `eval coco` metrics.json as an evaluation entry; None for another metrics.json."""
+def _metrics(path: Path, data: dict) -> dict | None:
+    """A metrics.json with an FID (`eval coco`'s; the demo's, which names its own data set) as an evaluation entry;
+    None for another tool's metrics.json."""
     settings = data.get("settings") or {}
-    if "fid" not in data or "clip_score" not in settings and "clip_score" not in data:
+    if not isinstance(data.get("fid"), (int, float)):
         return None
     n = settings.get("num_captions")
-    return {"file": path, "weights_xxh64": settings.get("weights_xxh64"), "dataset_type": "coco",
-            "dataset_name": f"COCO 2014 val captions ({n} drawn)" if n else "COCO 2014 val captions",
-            "split": "validation", "sampling": settings.get("sampling"),
-            "metrics": [("fid", "FID", data["fid"]), ("clip_score", "CLIP score", data["clip_score"])]}
+    coco = f"COCO 2014 val captions ({n} drawn)" if n else "COCO 2014 val captions"
+    return {"file": path, "weights_xxh64": settings.get("weights_xxh64"),
+            "dataset_type": settings.get("dataset_type", "coco"), "dataset_name": settings.get("dataset_name", coco),
+            "split": settings.get("dataset_split", "validation"), "sampling": settings.get("sampling"),
+            "metrics": [(k, name, data[k]) for k, name in METRICS if isinstance(data.get(k), (int, float))]}
 
 
 def _geneval(path: Path, data: dict) -> dict | None:
@@ -90,7 +96,7 @@ def find_evaluations(model_dir: str | Path, config: dict | None = None) -> list[
     found = []
     for path in _candidates(model_dir.absolute().parent):
         data = _read(path)
-        entry = data and (_coco(path, data) if path.name == EVAL_METRICS else _geneval(path, data))
+        entry = data and (_metrics(path, data) if path.name == EVAL_METRICS else _geneval(path, data))
         if entry and entry["weights_xxh64"] in hashes:
             found.append(entry)
     return found

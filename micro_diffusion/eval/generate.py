@@ -26,7 +26,6 @@ from ..utils.images import grid, save_atomic, to_pil
 from ..utils.run_folder import EMA_WEIGHTS as EMA_FILE
 from ..utils.run_folder import PROMPTS_RECORD, SAMPLING_RECORD
 from ..utils.sizes import as_hw
-from .hub import resolve_model
 
 Sampling = SamplingSettings | Mapping[str, Any] | None  # all settings; the ones to set (the rest: the export's); None
 Prompt = str | Mapping[str, Any]  # a caption, or a GenEval metadata line ({"prompt", "tag", "include", ...})
@@ -282,6 +281,8 @@ def sample(model: str | Path, prompts: Sequence[Prompt], out: str | Path, settin
     k = 4 if images_per_prompt is None else images_per_prompt
     check_counts(images_per_prompt=k, batch_size=batch_size)
     check_out_folder(out)
+    from .hub import resolve_model  # huggingface_hub's client (0.2 s at start-up): only sampling needs it
+
     source, model = str(model), resolve_model(model)  # hf://org/name: its snapshot in the Hub cache
     render = TextToImage(model, check_request(model, settings, use_ema)[1], seed, use_ema, device)
     out = Path(out)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from huggingface_hub import create_repo, snapshot_download, upload_folder
+from huggingface_hub import create_repo, get_token, snapshot_download, upload_folder
 from huggingface_hub.errors import (
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -67,13 +67,17 @@ def push(export: str | Path, repo_id: str, private: bool = False, refresh_card: 
         repo_id = split_hub_id(repo_id)[0]
     if len(repo_id.split("/")) != 2 or not all(repo_id.split("/")):
         raise UsageError(f"REPO_ID {repo_id!r} is not ORG/NAME")
+    if get_token() is None:
+        raise UsageError("push needs a Hub token with write access: set HF_TOKEN or run `hf auth login`")
     if refresh_card:
         write_card(export, repo_id)
     try:
         create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = upload_folder(repo_id=repo_id, folder_path=export, repo_type="model",
                              commit_message=f"Upload {export.name} (micro-diffusion push)")
-    except (HfHubHTTPError, RequestsConnectionError, OfflineModeIsEnabled) as err:
+    except OfflineModeIsEnabled as err:
+        raise UsageError(f"push {export} -> {repo_id}: HF_HUB_OFFLINE=1 forbids uploads; unset it to push") from err
+    except (HfHubHTTPError, RequestsConnectionError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise MicroDiffusionError(f"push {export} -> {repo_id}: {first}") from err
     return str(info.commit_url)
