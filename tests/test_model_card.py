@@ -177,7 +177,8 @@ class StubHub(BaseHTTPRequestHandler):
             got["files"] = {item["value"]["path"]: base64.b64decode(item["value"]["content"])
                             for item in lines if item["key"] == "file"}
             got["lfs"] = [item for item in lines if item["key"] == "lfsFile"]
-            return self._answer(200, {"commitUrl": f"{endpoint}/org/tiny/commit/abc", "commitOid": "abc"})
+            repo = self.path.split("/api/models/")[1].split("/commit/")[0]
+            return self._answer(200, {"commitUrl": f"{endpoint}/{repo}/commit/abc", "commitOid": "abc"})
         return self._answer(404, {"error": f"stub: no {self.path}"})
 
 
@@ -208,4 +209,4 @@ def test_push_uploads_the_export_and_its_card_to_a_stub_hub(vae, tmp_path):
     assert card.data.library_name == "micro-diffusion" and card.data.datasets == ["shapes"]
     assert 'Pipeline.from_pretrained("hf://org/tiny")' in card.text  # written again for the repository it went to
     assert metadata_load(tmp_path / "received.md")["pipeline_tag"] == "text-to-image"
-    assert "pushed" in proc.stdout and "org/tiny" in proc.stdout
+    assert proc.stdout.strip().endswith("-> org/tiny: " + env["HF_ENDPOINT"] + "/org/tiny/commit/abc")
