@@ -91,6 +91,8 @@ def test_bad_pipeline_input_is_a_usage_error_naming_it(vae, tmp_path):
         Pipeline.from_pretrained(model)
     with pytest.raises(UsageError, match="hf://nope is not a Hub model id"):
         Pipeline.from_pretrained("hf://nope")
+    with pytest.raises(UsageError, match="hf://org/bad name: Repo id must use"):
+        Pipeline.from_pretrained("hf://org/bad name")
 
 
 def _fill_hub_cache(cache: Path, repo: str, export: Path, rev: str = "0" * 40) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from huggingface_hub import create_repo, get_token, snapshot_download, upload_folder
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -50,6 +51,8 @@ def resolve_model(model: str | Path) -> Path:
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise UsageError(f"{spec}: no such model repository or revision on the Hub (or it is private: set HF_TOKEN)"
                          ) from err
+    except HFValidationError as err:  # a name the Hub does not allow
+        raise UsageError(f"{spec}: {str(err).splitlines()[0]}") from err
     except (HfHubHTTPError, RequestsConnectionError) as err:
         raise MicroDiffusionError(f"{spec}: the Hub answered {err}".splitlines()[0]) from err
 
@@ -77,6 +80,8 @@ def push(export: str | Path, repo_id: str, private: bool = False, refresh_card: 
                              commit_message=f"Upload {export.name} (micro-diffusion push)")
     except OfflineModeIsEnabled as err:
         raise UsageError(f"push {export} -> {repo_id}: HF_HUB_OFFLINE=1 forbids uploads; unset it to push") from err
+    except HFValidationError as err:  # a name the Hub does not allow
+        raise UsageError(f"REPO_ID {repo_id!r}: {str(err).splitlines()[0]}") from err
     except (HfHubHTTPError, RequestsConnectionError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise MicroDiffusionError(f"push {export} -> {repo_id}: {first}") from err
