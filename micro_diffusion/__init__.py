@@ -8,7 +8,7 @@ from .version import __version__
 if TYPE_CHECKING:
     from pathlib import Path
 
-__all__ = ["__version__", "load_exported"]
+__all__ = ["Pipeline", "__version__", "load_exported"]
 
 
 def load_exported(model_dir: str | Path, use_ema: bool | None = None, device: Any = "cpu") -> tuple[Any, dict, Any]:
@@ -19,3 +19,12 @@ def load_exported(model_dir: str | Path, use_ema: bool | None = None, device: An
     from .exported import load_exported as load
 
     return load(model_dir, use_ema, device)
+
+
+def __getattr__(name: str) -> Any:
+    """`from micro_diffusion import Pipeline` imports the pipeline (torch, the encoders) on first use only."""
+    if name == "Pipeline":
+        from .eval.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

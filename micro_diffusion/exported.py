@@ -1,8 +1,8 @@
 """The exported-model folder: safetensors weights, config.json and the null caption, written and read without pickles.
 
 A folder holds `model.safetensors` (raw weights), `ema.safetensors` (when EMA ran), `config.json` (model family,
-preset name, resolved network config, sigma_data, encoders.json content, provenance) and `null_caption.npy`
-(docs/interfaces.md).
+preset name, resolved network config, sigma_data, encoders.json content, provenance), `null_caption.npy`
+(docs/interfaces.md) and, written by `micro-diffusion export`, the model card `README.md` (eval/card.py).
 Training writes it (micro_diffusion.training.export); sampling, evaluation and the demo read it. It imports nothing
 from training, so every layer above the network can load a model.
 
@@ -15,6 +15,7 @@ loading refuses a folder whose files do not belong together (ExportMismatchError
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from .families import check_preset, family_of
 from .utils.atomic import atomic_folder, parked
 from .utils.run_folder import EMA_WEIGHTS as EMA_FILE
 from .utils.run_folder import EXPORT_CONFIG as CONFIG_FILE
+from .utils.run_folder import MODEL_CARD as CARD_FILE
 from .utils.run_folder import MODEL_WEIGHTS as MODEL_FILE
 from .utils.run_folder import NULL_CAPTION as NULL_FILE
 
@@ -61,8 +63,12 @@ def check_target(out_dir: str | Path) -> Path:
 
 
 def export_model(net_state: dict[str, torch.Tensor], ema_state: dict[str, torch.Tensor] | None, config: dict,
-                 null_caption: np.ndarray, out_dir: str | Path) -> Path:
-    """Write the exported-model folder atomically, replacing an export there whole; config needs the REQUIRED_KEYS."""
+                 null_caption: np.ndarray, out_dir: str | Path, card: Callable[[dict], str] | None = None) -> Path:
+    """Write the exported-model folder atomically, replacing an export there whole; config needs the REQUIRED_KEYS.
+
+    card: the model card's text (README.md) from the config.json record, written in the same atomic step; it is not
+    among the hashed files (loading never reads it, and an edited card must not make the weights unloadable).
+    """
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise KeyError(f"export config lacks key(s) {missing}; it needs {list(REQUIRED_KEYS)}")
@@ -82,6 +88,8 @@ def export_model(net_state: dict[str, torch.Tensor], ema_state: dict[str, torch.
                  for f in (tmp / MODEL_FILE, tmp / EMA_FILE, tmp / NULL_FILE) if f.is_file()}
         record = {**config, "network_format": NETWORK_FORMAT, "has_ema": ema_state is not None, FILES: files}
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card(record), encoding="utf-8")
     return out
 
 

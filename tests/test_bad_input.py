@@ -3,7 +3,9 @@ on disk (docs/reliability.md). Each case runs as a real subprocess in a folder o
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +21,8 @@ CLI = ("-m", "micro_diffusion.cli")
 USAGE, DAMAGED = 2, 4  # docs/exit-codes.md
 
 # (id, argv after python, expected exit code, substrings the one stderr line must hold). Paths are relative to the
-# fixture folder: `export` (a tiny diffusion model without EMA), `empty` (an empty folder), `images` (two PNGs),
-# `taken` (a folder with a file), `afile.txt` (a file).
+# fixture folder: `export` (a tiny diffusion model without EMA), `export-no-vae` (the same, its VAE folder gone),
+# `empty` (an empty folder), `images` (two PNGs), `taken` (a folder with a file), `afile.txt` (a file).
 CASES: list[tuple[str, tuple[str, ...], int, tuple[str, ...]]] = [
     ("sample-missing-model", (*CLI, "sample", "nope", "--prompt", "a", "--out", "out"), USAGE, ("nope",)),
     ("sample-empty-model", (*CLI, "sample", "empty", "--prompt", "a", "--out", "out"), USAGE, ("empty",)),
@@ -38,6 +40,12 @@ CASES: list[tuple[str, tuple[str, ...], int, tuple[str, ...]]] = [
     ("sample-prompts-missing", (*CLI, "sample", "export", "--prompts", "nope.txt", "--out", "out"), USAGE,
      ("nope.txt",)),
     ("sample-out-file", (*CLI, "sample", "export", "--prompt", "a", "--out", "afile.txt"), USAGE, ("afile.txt",)),
+    ("sample-missing-encoder", (*CLI, "sample", "export-no-vae", "--prompt", "a", "--out", "out"), USAGE,
+     ("export-no-vae", "VAE", "gone")),
+    ("sample-hf-not-cached", (*CLI, "sample", "hf://org/absent", "--prompt", "a", "--out", "out"), USAGE,
+     ("hf://org/absent", "HF_HUB_OFFLINE")),
+    ("push-not-export", (*CLI, "push", "empty", "org/name"), USAGE, ("empty",)),
+    ("push-bad-repo-id", (*CLI, "push", "export", "noslash"), USAGE, ("noslash",)),
     ("cost-misspelt-section", (*CLI, "cost", "estimate", str(RECIPES / "smoke_1gpu.yaml"), "optimiser.lr=1"), USAGE,
      ("optimiser",)),
     ("cost-duration-abc", (*CLI, "cost", "estimate", str(RECIPES / "smoke_1gpu.yaml"), "train.max_duration=abc"),
@@ -101,6 +109,10 @@ def fixtures(tmp_path_factory) -> Path:
     """The folder every case runs in."""
     root = tmp_path_factory.mktemp("bad_input")
     _tiny_export(root / "export")
+    shutil.copytree(root / "export", root / "export-no-vae")
+    config = json.loads((root / "export-no-vae" / "config.json").read_text())
+    config["encoders"]["vae"] = str(root / "gone")
+    (root / "export-no-vae" / "config.json").write_text(json.dumps(config))
     (root / "empty").mkdir()
     (root / "images").mkdir()
     for i in range(2):
@@ -118,6 +130,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 def _run(root: Path, argv: tuple[str, ...]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HUB_CACHE": str(root.parent / "hub-cache"),
            "TRANSFORMERS_OFFLINE": "1", "MPLCONFIGDIR": os.environ.get("MPLCONFIGDIR", "/tmp/md-mplconfig")}
     return subprocess.run([sys.executable, *argv], cwd=root, env=env, capture_output=True, text=True, timeout=300)
 

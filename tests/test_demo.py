@@ -118,6 +118,22 @@ def test_files_it_names_exist(demo):
 
 
 @pytest.mark.slow
+def test_the_demo_exports_card_holds_its_cost_and_scores(demo):
+    """runs/demo/model/README.md: the two teacher stages' ledgers and the demo's scores of these very weights."""
+    from huggingface_hub import ModelCard
+
+    cfg, summary = demo
+    card = ModelCard.load(Path(summary["model"]) / "README.md")
+    assert card.data.library_name == "micro-diffusion" and card.data.pipeline_tag == "text-to-image"
+    scores = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert scores["fid"] == round(summary["eval"]["fid"]["value"], 4)
+    assert scores["geneval"] == round(summary["eval"]["geneval"]["overall"], 4)
+    usd = sum(s["usd"] for s in summary["stages"][:2])  # demo_masked and demo_finetune: the teacher's chain
+    assert f"${usd:.4g} and" in card.text and "| demo_masked |" in card.text and "demo_distill" not in card.text
+    assert f'Pipeline.from_pretrained("{summary["model"]}")' in card.text
+
+
+@pytest.mark.slow
 def test_second_run_reuses_every_step(demo):
     cfg, first = demo
     again = run_demo(cfg)

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                         "micro_diffusion.families",
                         "micro_diffusion.recipe_checks", "micro_diffusion.exported", "micro_diffusion.reference",
                         "data_prep")),
+    # eval.pipeline (the Python Pipeline), eval.card (model cards) and eval.hub (hf:// and push) are eval modules
     ("training, eval, cost", ("micro_diffusion.training", "micro_diffusion.eval", "micro_diffusion.cost")),
     ("experiments", ("micro_diffusion.experiments",)),
     ("demo", ("micro_diffusion.demo",)),
@@ -130,6 +131,14 @@ def test_the_checker_sees_cycles_and_late_imports():
                                                        mods["micro_diffusion.training.model"], mods)
     assert "micro_diffusion.training.export" in imports_of("micro_diffusion.eval.cli",
                                                            mods["micro_diffusion.eval.cli"], mods)  # in a function
+
+
+def test_the_pipeline_sits_in_eval_and_loads_on_first_use():
+    assert LAYERS[layer_of("micro_diffusion.eval.pipeline")][0] == "training, eval, cost"
+    code = ("import sys, micro_diffusion; heavy = 'torch' in sys.modules; from micro_diffusion import Pipeline; "
+            "print(heavy, Pipeline.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False micro_diffusion.eval.pipeline"
 
 
 def test_load_exported_imports_nothing_heavy_until_called():

@@ -5,9 +5,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ..utils.jsonl import read_jsonl
 from ..utils.run_folder import COST as COST_FILE
-from ..utils.run_folder import cost_file
+from ..utils.run_folder import config_file, cost_file
 
 
 @dataclass
@@ -69,3 +71,35 @@ def load_carry_over(carry_over: str | Path | dict[str, Any] | None) -> Totals:
     if not records:
         raise FileNotFoundError(f"carry_over: no {COST_FILE} records in {carry_over}")
     return Totals.from_dict(records[-1]["total"], f"{cost_file(carry_over)} (last record, 'total')")
+
+
+def _previous_stage(run_dir: Path) -> Path | None:
+    """The run folder a stage's ledger carried over from: its recipe's runs_root/init_from (see the cost callback)."""
+    config = config_file(run_dir)
+    if not config.is_file():
+        return None
+    recipe = (yaml.safe_load(config.read_text()) or {}).get("recipe") or {}
+    if not recipe.get("init_from") or recipe.get("init_checkpoint"):
+        return None
+    # runs_root is relative to where training ran; a sibling folder is the same stage read from elsewhere
+    named = Path(recipe.get("runs_root", "runs")) / recipe["init_from"]
+    return named if named.is_dir() else run_dir.parent / recipe["init_from"]
+
+
+def chain_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """The spend of a run and the stages its ledger carried over: each stage's last record (stage, devices,
+    device-hours, dollars, FLOPs, samples) in training order, and the chained total; None without a ledger."""
+    stages, here, seen = [], Path(run_dir), set()
+    while here is not None and here.resolve() not in seen and read_records(here):
+        seen.add(here.resolve())
+        last = read_records(here)[-1]
+        stage = Totals.from_dict(last["stage_totals"], f"{cost_file(here)} (last record)")
+        stages.insert(0, {"stage": last["stage"], "devices": last.get("devices"),
+                          "device_type": last.get("device_type"), "device_hours": stage.device_hours,
+                          "usd": stage.usd, "flops": stage.flops, "samples": stage.samples})
+        here = _previous_stage(here)
+    if not stages:
+        return None
+    total = last_totals(run_dir)[1]  # the chained total: stages whose folders are gone still count
+    return {"stages": stages, "total": {"device_hours": total.device_hours, "usd": total.usd, "flops": total.flops,
+                                        "samples": total.samples, "wall_seconds": total.wall_seconds}}

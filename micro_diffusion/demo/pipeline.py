@@ -28,6 +28,7 @@ from micro_diffusion.cost.report import write_report
 from micro_diffusion.data.shapes import HELDOUT_SEED, IMAGE_SIZE, TRAIN_SEED, parse_caption, write_folder
 from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.errors import UsageError
+from micro_diffusion.eval.card import write_card
 from micro_diffusion.eval.coco import generate_missing, image_name
 from micro_diffusion.eval.compose import geneval_score
 from micro_diffusion.eval.fid import fid_kid
@@ -37,7 +38,15 @@ from micro_diffusion.training import Run, train
 from micro_diffusion.training.export import export_run
 from micro_diffusion.utils.atomic import write_text_atomic
 from micro_diffusion.utils.images import grid
-from micro_diffusion.utils.run_folder import EVAL, REPORT, SAMPLES, TRAIN_LOSS, metric_series, metrics_file
+from micro_diffusion.utils.run_folder import (
+    EVAL,
+    EVAL_METRICS,
+    REPORT,
+    SAMPLES,
+    TRAIN_LOSS,
+    metric_series,
+    metrics_file,
+)
 
 from . import DEFAULT_ROOT, demo_vae_path, step_marker
 from .distilled import score_student
@@ -149,7 +158,20 @@ def generate(cfg: DemoConfig, model_dir: Path) -> dict:
     samples.mkdir(parents=True, exist_ok=True)
     grid(tiles, cols=8).save(samples / "grid.png")
     (samples / "grid_captions.txt").write_text("\n".join(captions[: len(tiles)]) + "\n", encoding="utf-8")
-    return {"generated": str(out), "grid": f"{SAMPLES}/grid.png", "settings": {**settings.to_dict(), "seed": cfg.seed}}
+    return {"generated": str(out), "grid": f"{SAMPLES}/grid.png", "settings": {**settings.to_dict(), "seed": cfg.seed},
+            "record": render.record()}
+
+
+def write_eval_record(cfg: DemoConfig, model_dir: Path, metrics: dict, record: dict | None) -> Path:
+    """The teacher's scores as a metrics.json beside its export, tied to its weights by their xxh64, then the export's
+    model card written again with them (eval.card). A generate step of an older demo run kept no record: no scores."""
+    if record is not None:
+        dataset = {"dataset_type": "micro-diffusion-demo-shapes", "dataset_split": "heldout",
+                   "dataset_name": f"demo held-out scenes ({metrics['fid']['images']} captions, 32 px)"}
+        scores = {"fid": metrics["fid"]["value"], "geneval": metrics["geneval"]["overall"],
+                  "caption_match": metrics["caption_match"]["value"], "settings": {**dataset, **record}}
+        write_text_atomic(cfg.root / "eval" / EVAL_METRICS, json.dumps(scores, indent=2) + "\n")
+    return write_card(model_dir)
 
 
 def evaluate(cfg: DemoConfig, generated: Path) -> dict:
@@ -222,6 +244,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     metrics = step("evaluate", lambda: evaluate(cfg, Path(samples["generated"])))
     write_text_atomic(Path(stages[-1]["run_dir"]) / EVAL, json.dumps(
         {"fid": metrics["fid"]["value"], "caption_match": metrics["caption_match"]["value"]}) + "\n")
+    write_eval_record(cfg, Path(model["model"]), metrics, samples.get("record"))
     # the student learns the teacher as the demo samples it: guided at the demo's scale
     stages.append(step("train_distill", lambda: train_stage(cfg, cfg.distill_recipe,
                                                             {"distill.guidance": cfg.guidance})))

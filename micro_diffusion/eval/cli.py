@@ -1,8 +1,9 @@
-"""Subcommands `export`, `sample` and `eval {fid, coco, sweep, compose}` of the micro-diffusion console script.
+"""Subcommands `export`, `sample`, `push` and `eval {fid, coco, sweep, compose}` of the micro-diffusion console script.
 
 Each handler parses nothing itself: it calls one step function (training.export.export_run, eval.generate.sample,
-eval.fid.fid, eval.coco.coco, eval.sweep.run_sweep, eval.compose.compose_scores) with typed arguments and prints what it
-returned. A project error becomes one line and its exit code through the console script (docs/exit-codes.md).
+eval.hub.push, eval.fid.fid, eval.coco.coco, eval.sweep.run_sweep, eval.compose.compose_scores) with typed arguments
+and prints what it returned. A project error becomes one line and its exit code through the console script
+(docs/exit-codes.md).
 """
 from __future__ import annotations
 
@@ -93,6 +94,14 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push  # huggingface_hub's upload machinery: only this command needs it
+
+    url = push(args.export, args.repo_id, args.private, refresh_card=not args.keep_card)
+    print(f"pushed {args.export} -> {args.repo_id}: {url}")
+    return 0
+
+
 def _eval_fid(args: argparse.Namespace) -> int:
     from .fid import fid  # torch-fidelity: only this command needs it
 
@@ -143,7 +152,7 @@ def _eval_sweep(args: argparse.Namespace) -> int:
 
 def _register_sample(subparsers: argparse._SubParsersAction) -> None:
     p = subparser(subparsers, "sample", help="generate images from an exported model")
-    p.add_argument("model", help="folder written by micro-diffusion export (or import-reference)")
+    p.add_argument("model", help="folder written by micro-diffusion export (or import-reference), or hf://ORG/NAME")
     renamed(p, "--model", "the positional MODEL (sample MODEL --out DIR)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -217,7 +226,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add export, sample and eval to the top-level parser."""
+    """Add export, sample, push and eval to the top-level parser."""
     p = subparser(subparsers, "export", help="write a run's network as safetensors + config.json")
     p.add_argument("run", help="runs/<stage> folder or a Composer checkpoint file")
     p.add_argument("--out", required=True, help="export folder to write")
@@ -225,4 +234,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "beside the checkpoint")
     p.set_defaults(func=_export)
     _register_sample(subparsers)
+    p = subparser(subparsers, "push", help="upload an export (weights, config.json, model card) to the "
+                  "Hugging Face Hub")
+    p.add_argument("export", help="folder written by micro-diffusion export")
+    p.add_argument("repo_id", help="ORG/NAME of the Hub model repository (created when absent)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--keep-card", action="store_true", help="upload README.md as it is (default: write the model "
+                   "card again first, with the evaluations of these weights found beside the export)")
+    p.set_defaults(func=_push)
     _register_eval(subparsers)

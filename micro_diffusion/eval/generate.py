@@ -1,8 +1,9 @@
 """Text-to-image from an exported model: captions -> embeddings -> latents (the one sampling path) -> PIL images."""
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal
@@ -14,9 +15,9 @@ from tqdm import tqdm
 
 from ..data.geneval import check_line, read_prompts_file, sample_path, write_prompt, write_sample
 from ..diffusion.sampling import FLUID_FIELDS, SamplingSettings, diffusion_samplers, image_seeds, sampler_spec
-from ..encoders import load_text_encoder, load_vae
+from ..encoders import FrozenTextEncoder, FrozenVAE, load_text_encoder, load_vae
 from ..errors import MicroDiffusionError, UsageError, check_counts
-from ..exported import CONFIG_FILE, load_exported, read_config
+from ..exported import CONFIG_FILE, FILES, HASH, load_exported, read_config
 from ..families import family, family_of
 from ..models.sprint import sprint_on
 from ..utils.atomic import write_text_atomic
@@ -119,6 +120,26 @@ def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None
                          "--guidance-mode path_drop skips SPRINT's sparse middle; use --guidance-mode cfg")
 
 
+def load_encoders(enc: Mapping[str, Any], where: str, device: torch.device, dtype: torch.dtype
+                  ) -> tuple[FrozenTextEncoder, FrozenVAE]:
+    """(text encoder, VAE) an export's config.json records; one that cannot be loaded is a usage error naming it."""
+    text = _encoder(where, "text encoder", enc["text_encoder"],
+                    lambda: load_text_encoder(enc["text_encoder"], device=device, dtype=dtype,
+                                              caption_len=enc["caption_len"]))
+    return text, _encoder(where, "VAE", enc["vae"], lambda: load_vae(enc["vae"], device=device, dtype=dtype))
+
+
+def _encoder(where: str, what: str, name: str, load: Callable[[], Any]) -> Any:
+    """load(), its failure (a moved local folder, a hub id neither cached nor reachable, a package not installed) a
+    UsageError naming the encoder and the export."""
+    try:
+        return load()
+    except (OSError, ValueError, ModuleNotFoundError) as err:  # FileNotFoundError and the hub's errors are OSErrors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UsageError(f"{where}: the {what} {name!r} that its {CONFIG_FILE} records cannot be loaded ({first}): "
+                         "install or download it, or export the model again with encoders this machine has") from err
+
+
 class TextToImage:
     """An exported network with the VAE and text encoder its config names, rendering captions from per-image seeds.
 
@@ -127,16 +148,16 @@ class TextToImage:
     """
 
     def __init__(self, model_dir: str | Path, settings: SamplingSettings, seed: int = 0, use_ema: bool | None = None,
-                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32):
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+                 compute: torch.dtype | None = None):
         self.settings, self.seed, self.device = settings, seed, torch_device(str(device) if device else None)
+        self.compute = compute or compute_dtype(self.device)  # None: what the device runs fastest (bf16 or fp32)
         self.where = str(model_dir)
         self.net, self.config, null = load_exported(model_dir, use_ema, self.device)
         check_sampling(self.config, settings, self.where)
         self.family = family_of(self.config)
+        self.text, self.vae = load_encoders(self.config["encoders"], self.where, self.device, dtype)
         enc = self.config["encoders"]
-        self.text = load_text_encoder(enc["text_encoder"], device=self.device, dtype=dtype,
-                                      caption_len=enc["caption_len"])
-        self.vae = load_vae(enc["vae"], device=self.device, dtype=dtype)
         self.null = torch.as_tensor(null.astype(np.float32), device=self.device)  # (L, D)
         if self.null.shape != (self.text.caption_len, self.text.dim):
             raise ValueError(f"null caption {tuple(self.null.shape)} does not match text encoder "
@@ -149,9 +170,19 @@ class TextToImage:
         return self.latent_hw[0] * int(self.config["encoders"]["downsample"])
 
     def record(self) -> dict:
-        """What decides the images besides their captions: weights, sampling settings, seed and compute dtype."""
-        return {"weights": self.config["weights_file"], "sampling": self.settings.to_dict(), "seed": self.seed,
-                "dtype": dtype_name(compute_dtype(self.device))}
+        """What decides the images besides their captions: weights (and their xxh64, which ties an evaluation to the
+        export's model card), sampling settings, seed and compute dtype."""
+        weights = self.config["weights_file"]
+        return {"weights": weights, "weights_xxh64": self.config.get(FILES, {}).get(weights, {}).get(HASH),
+                "sampling": self.settings.to_dict(), "seed": self.seed, "dtype": dtype_name(self.compute)}
+
+    def with_settings(self, settings: SamplingSettings, seed: int) -> TextToImage:
+        """The same loaded network and encoders sampling with other settings and seed (checked against the model)."""
+        check_counts(steps=settings.steps)
+        check_sampling(self.config, settings, self.where)
+        other = copy.copy(self)
+        other.settings, other.seed = settings, seed
+        return other
 
     def latents(self, captions: list[str], indices: list[int]) -> torch.Tensor:
         """Sampled latents (N, C, h, w) for captions, image k seeded by (seed, indices[k])."""
@@ -160,7 +191,7 @@ class TextToImage:
     def sample(self, emb: torch.Tensor, indices: list[int]) -> torch.Tensor:
         """Sampled latents (N, C, h, w) for caption embeddings (N, L, D): the network's part of rendering."""
         shape = (self.net.in_channels, *self.latent_hw)
-        with autocast(self.device, compute_dtype(self.device)):  # bf16 where the device runs it fast, else fp32
+        with autocast(self.device, self.compute):  # by default bf16 where the device runs it fast, else fp32
             return self.family.generate(self.net, emb, self.null, self.settings, image_seeds(self.seed, indices),
                                         shape, self.config["sigma_data"])
 
@@ -200,19 +231,28 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _write_flat(render: TextToImage, captions: list[str], out: Path, batch_size: int, save_latents: bool) -> int:
-    """OUT/<00000>.png for each caption (image k seeded by (seed, k)), grid.png and, asked, latents.npy."""
+@torch.no_grad()
+def render_captions(render: TextToImage, captions: Sequence[str], batch_size: int, progress: bool = True
+                    ) -> tuple[list[Image.Image], torch.Tensor]:
+    """(PIL images, float32 latents (N, C, h, w)) of captions, image k seeded by (seed, k): the one flat sampling step
+    of `micro-diffusion sample` and the Python Pipeline."""
     images, latents = [], []
-    for i in tqdm(range(0, len(captions), batch_size), desc="sample"):
+    for i in tqdm(range(0, len(captions), batch_size), desc="sample", disable=not progress):
         idx = list(range(i, min(i + batch_size, len(captions))))
         z = render.latents([captions[j] for j in idx], idx)  # (B, C, h, w)
         latents.append(z.float().cpu())
         images += to_pil(render.vae.decode(z))
+    return images, torch.cat(latents)
+
+
+def _write_flat(render: TextToImage, captions: list[str], out: Path, batch_size: int, save_latents: bool) -> int:
+    """OUT/<00000>.png for each caption (image k seeded by (seed, k)), grid.png and, asked, latents.npy."""
+    images, latents = render_captions(render, captions, batch_size)
     for j, im in enumerate(images):
         save_atomic(im, out / f"{j:05d}.png")
     grid(images).save(out / "grid.png")
     if save_latents:
-        np.save(out / "latents.npy", torch.cat(latents).numpy())
+        np.save(out / "latents.npy", latents.numpy())
     return len(images)
 
 
@@ -225,7 +265,8 @@ def sample(model: str | Path, prompts: Sequence[Prompt], out: str | Path, settin
     layout "flat": OUT/<00000>.png per prompt, grid.png, prompts.json (and latents.npy with save_latents).
     layout "geneval": GenEval metadata lines only, `images_per_prompt` (default 4) each in GenEval's layout
     OUT/<00000>/samples/<0000>.png and sampling.json; images on disk are kept (a rerun resumes).
-    settings: see `settings_for` (None: the export's recorded settings). use_ema=None takes EMA weights when present.
+    model: an export folder or hf://org/name[@revision]. settings: see `settings_for` (None: the export's recorded
+    settings). use_ema=None takes EMA weights when present.
     """
     if not prompts:
         raise UsageError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE (one per line, or a GenEval "
@@ -240,10 +281,13 @@ def sample(model: str | Path, prompts: Sequence[Prompt], out: str | Path, settin
     k = 4 if images_per_prompt is None else images_per_prompt
     check_counts(images_per_prompt=k, batch_size=batch_size)
     check_out_folder(out)
+    from .hub import resolve_model  # huggingface_hub's client (0.2 s at start-up): only sampling needs it
+
+    source, model = str(model), resolve_model(model)  # hf://org/name: its snapshot in the Hub cache
     render = TextToImage(model, check_request(model, settings, use_ema)[1], seed, use_ema, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)  # only once the arguments passed and the model loaded
-    record: dict[str, Any] = {"model": str(model), **render.record()}
+    record: dict[str, Any] = {"model": source, **render.record()}
     if layout == "geneval":
         lines = [check_line(dict(p), f"prompt {i}") for i, p in enumerate(prompts)]
         written = sample_geneval(render, lines, out, k, batch_size)

@@ -8,9 +8,11 @@ from typing import Any
 import torch
 import yaml
 
+from micro_diffusion.cost.ledger import chain_summary
 from micro_diffusion.data.schema import ENCODERS_FILE, NULL_CAPTION_FILE
 from micro_diffusion.diffusion.sampling import FLUID_FIELDS, sampler_spec
 from micro_diffusion.errors import UsageError
+from micro_diffusion.eval.card import card_text
 from micro_diffusion.exported import check_target, export_model
 from micro_diffusion.families import family_of
 from micro_diffusion.recipe import build_network, resolve_streams
@@ -95,6 +97,11 @@ def _find_run(run_or_checkpoint: Path, config_path: Path | None) -> tuple[Path, 
     return ckpt, config
 
 
+def _run_dir(run_or_checkpoint: Path, ckpt: Path) -> Path:
+    """The run folder whose cost ledger paid for a checkpoint: the folder given, or the one holding checkpoints/."""
+    return run_or_checkpoint if run_or_checkpoint.is_dir() else ckpt.resolve().parent.parent
+
+
 def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: str | Path | None = None) -> Path:
     """Export a training run's (or one checkpoint's) network with its resolved config, encoders and null caption.
 
@@ -122,11 +129,14 @@ def export_run(run_or_checkpoint: str | Path, out_dir: str | Path, config_path: 
                   "encoders": json.loads((shards / ENCODERS_FILE).read_text()), "recipe": cfg.get("stage"),
                   "sigma_data": cfg["diffusion"]["sigma_data"], "source_checkpoint": str(ckpt),
                   "git_revision": info.get("git_revision"), "micro_diffusion_version": __version__,
-                  "null_caption": cfg["data"]["null_caption"], "sampling": sampling_settings(cfg)}
+                  "null_caption": cfg["data"]["null_caption"], "sampling": sampling_settings(cfg),
+                  "datasets": [Path(s["local"] or s.get("remote") or "").name for s in cfg["data"]["streams"]],
+                  "training_cost": chain_summary(_run_dir(Path(run_or_checkpoint), ckpt))}
     if cfg.get("distill"):  # a consistency student: sampled in 1-4 steps, its teacher's guidance baked in
         export_cfg["distilled"] = {"guidance": cfg["distill"]["guidance"], "sigma_max": cfg["distill"]["sigma_max"],
                                    "teacher": cfg.get("init_from") or cfg.get("init_checkpoint")}
     with hold(out_dir, "export", beside=True):  # beside the folder: the export replaces it whole
-        return export_model(raw, ema, export_cfg, null_caption(cfg, shards), out_dir)
+        return export_model(raw, ema, export_cfg, null_caption(cfg, shards), out_dir,
+                            card=lambda record: card_text(record, out_dir))
 
 

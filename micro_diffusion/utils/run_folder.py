@@ -14,8 +14,9 @@ A run folder (runs/<stage>/, written by `micro-diffusion train`):
     stage_done.json             an experiment's marker: the stage finished with these settings
     .micro_diffusion.lock       while a job writes the folder: its host, pid and command (utils.folder_lock)
 
-An exported model (micro-diffusion export): model.safetensors, ema.safetensors (when EMA ran), config.json and
-null_caption.npy. Writers and readers take the names from here; docs/interfaces.md describes the contents.
+An exported model (micro-diffusion export): model.safetensors, ema.safetensors (when EMA ran), config.json,
+null_caption.npy and README.md (its model card). Writers and readers take the names from here; docs/interfaces.md
+describes the contents.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 EXPORT_CONFIG = "config.json"
 NULL_CAPTION = "null_caption.npy"
+MODEL_CARD = "README.md"  # the Hub model card: documentation, not among the files config.json hashes
 
 # what sampling and evaluation write beside their images (sample folders, eval folders, experiment folders)
 SAMPLING_RECORD = "sampling.json"  # a GenEval-layout sample folder: model, settings, dtype, VAE
