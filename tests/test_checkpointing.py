@@ -281,3 +281,26 @@ def test_a_cpu_run_with_the_key_trains_with_recomputed_blocks(tmp_path):
     trainer.fit()
     trainer.close()
     assert runs.per_step == [2 * len(blocks)] * 2
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fsdp_on_one_gpu_recomputes_through_composers_checkpoint_wrapper(tmp_path):
+    from tiny_runs import REPO, tiny_overrides, write_shards
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from micro_diffusion.recipe import load_recipe
+    from micro_diffusion.training.builder import build_trainer
+    from micro_diffusion.training.run import plan_run
+
+    write_shards(tmp_path / "data" / "latents", 16)
+    cfg = load_recipe(REPO / "recipes" / "demo_masked.yaml", [
+        *tiny_overrides(tmp_path / "data", tmp_path / "runs", steps=2), "train.device=gpu", "train.parallelism=fsdp",
+        "train.activation_checkpointing=true"])
+    trainer = build_trainer(cfg, plan_run(cfg))
+    modules = list(trainer.state.model.net.modules())
+    blocks = [m for m in modules if isinstance(m, FAMILIES["dit"].block_types)]
+    wrapped = [m for m in modules if isinstance(m, CheckpointWrapper)]
+    assert blocks and len(wrapped) == len(blocks) and not any(is_checkpointed(b) for b in blocks)
+    trainer.fit()
+    trainer.close()

@@ -172,6 +172,12 @@ def activation_bytes_per_sample(net: nn.Module, latent: int, caption: tuple[int,
     what is kept outside them and their inputs, plus the block whose internals grow most per sample.
     """
     one, two = (saved_parts(net, n, latent, caption, mask_ratio, fused, family) for n in (1, 2))
+    return per_sample(one, two, checkpointing)
+
+
+def per_sample(one: SavedBytes, two: SavedBytes, checkpointing: bool = False) -> float:
+    """Bytes per sample from the probes of one and two samples, kept whole or with the blocks recomputed (then the
+    block whose internals grow most per sample)."""
     if not checkpointing:
         return float(two.total - one.total)
     largest = max((b - a for a, b in zip(one.blocks, two.blocks, strict=True)), default=0)
@@ -207,9 +213,9 @@ def predict_stage(cfg: dict, devices: int, device_type: str, mfu: float, paralle
     net = build_network(cfg)
     latent, mask = latent_size(cfg), cfg["diffusion"]["mask_ratio"]
     recompute = t["activation_checkpointing"]
-    per_sample = activation_bytes_per_sample(net, latent, (m["caption_len"], m["caption_dim"]), mask, fused=True,
-                                             family=m["family"], checkpointing=recompute)
-    est = estimate_memory(net, devices, parallelism, int(t["device_microbatch"]), per_sample)
+    sample_bytes = activation_bytes_per_sample(net, latent, (m["caption_len"], m["caption_dim"]), mask, fused=True,
+                                               family=m["family"], checkpointing=recompute)
+    est = estimate_memory(net, devices, parallelism, int(t["device_microbatch"]), sample_bytes)
     steps = steps_of(t["max_duration"], t["global_batch"], "train.max_duration")
     flops = stage_flops(cfg, steps, t["global_batch"])[1]
     cost = cost_of(flops, devices, device_type, mfu)
@@ -218,10 +224,12 @@ def predict_stage(cfg: dict, devices: int, device_type: str, mfu: float, paralle
     lines = [f"# predicted on {devices} x {device_type} ({parallelism}, microbatch {est.microbatch}, mask {masks}, "
              f"{latent}x{latent} latents): peak {est.total / GIB:.2f} GiB per device = weights "
              f"{est.weights / GIB:.2f} + gradients {est.gradients / GIB:.2f} + optimizer {est.optimizer / GIB:.2f} + "
-             f"activations {est.activations / GIB:.2f} ({per_sample / 2**20:.2f} MiB per sample, probed"
+             f"activations {est.activations / GIB:.2f} ({sample_bytes / 2**20:.2f} MiB per sample, probed"
              f"{', blocks recomputed in the backward' if recompute else ''})",
              f"# predicted step {step_s:.3g} s, stage {steps} steps: {steps * step_s / 3600:.3g} h wall-clock "
-             f"at {mfu:.0%} of the dense bf16 peak"]
+             f"at {mfu:.0%} of the dense bf16 peak"
+             + (" (model FLOPs: the blocks' recomputed forward, about a third more work, is not in it)"
+                if recompute else "")]
     limit = DEVICE_MEMORY_GIB.get(device_type)
     if limit is not None and est.total > limit * GIB:
         lines.append(f"# WARNING: microbatch {est.microbatch} needs {est.total / GIB:.1f} GiB of {device_type}'s "
