@@ -9,9 +9,8 @@ Activations: the bytes autograd saves for backward per sample, probed by two for
 microbatch; on GPUs with torch's fused attention (no score matrices), on a CPU with the plain path it takes there.
 With activation checkpointing (train.activation_checkpointing) the same forwards are split by transformer block: what
 is saved outside the blocks, each block's input, and the internals of the largest block, which exist only while the
-backward recomputes it. A
-CPU prediction adds the process's resident memory before the network exists (the runtime); the CUDA allocator's peak
-has no such term.
+backward recomputes it. A CPU prediction adds the process's resident memory before the network exists (the runtime);
+the CUDA allocator's peak has no such term.
 """
 from __future__ import annotations
 
@@ -156,11 +155,9 @@ def saved_parts(net: nn.Module, batch: int, latent: int, caption: tuple[int, int
 
 
 def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask_ratio: float | None,
-                fused: bool, family: str = "dit", checkpointing: bool = False) -> int:
-    """Bytes one forward of the training loss keeps for backward at `batch` samples (saved_parts), with the blocks
-    recomputed in the backward when `checkpointing`."""
-    parts = saved_parts(net, batch, latent, caption, mask_ratio, fused, family)
-    return parts.checkpointed if checkpointing else parts.total
+                fused: bool, family: str = "dit") -> int:
+    """Bytes one forward of the training loss keeps for backward at `batch` samples (saved_parts' total)."""
+    return saved_parts(net, batch, latent, caption, mask_ratio, fused, family).total
 
 
 def activation_bytes_per_sample(net: nn.Module, latent: int, caption: tuple[int, int], mask_ratio: float | None,
