@@ -6,7 +6,7 @@ in the device's compute dtype as bench_train runs it; each configuration in a fr
 set is its own. The prediction is the memory model's (cost/memory.py) for one CPU process without optimizer state:
 the process's memory before the network, fp32 weights and gradients, autocast's bf16 copies and the probed
 activations, with the blocks recomputed when they are; it should lie within 15% of the measured peak.
-    python -m benchmarks.bench_checkpointing             # about 2 minutes on 2 CPU cores
+    python -m benchmarks.bench_checkpointing             # a few minutes on 2 idle CPU cores
     python -m benchmarks.bench_checkpointing --quick     # tiny sizes, seconds: checks the harness runs
 """
 from __future__ import annotations

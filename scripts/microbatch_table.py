@@ -1,7 +1,7 @@
 """The README's table: the largest per-device microbatch of each of the paper's four stages on cards of 24, 40, 48
 and 80 GB, with and without activation checkpointing, as the dry run's memory model (cost/memory.py) predicts it.
 
-    .venv/bin/python scripts/microbatch_table.py [--devices 8] [--cards 24 40 48 80]     (about 2 minutes on 2 cores)
+    .venv/bin/python scripts/microbatch_table.py [--devices 8] [--cards 24 40 48 80]     (two XL forwards per stage)
 
 A card of C GB holds C x 10^9 bytes here (80 GB: 74.5 GiB), leaving the rest to the CUDA context and allocator slack
 that the model does not count; weights, gradients and AdamW state are FSDP SHARD_GRAD_OP's share over --devices
