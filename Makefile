@@ -94,6 +94,7 @@ bench: install
 	$(PY) -m benchmarks.bench_data --out $(BENCH_OUT) $(if $(QUICK),--quick --samples 64 --images 8 --workers 0)
 	$(PY) -m benchmarks.bench_convert --out $(BENCH_OUT) $(if $(QUICK),--quick --images 8)
 	$(PY) -m benchmarks.bench_compose --out $(BENCH_OUT) $(if $(QUICK),--quick --scenes 16)
+	$(PY) -m benchmarks.bench_checkpointing --out $(BENCH_OUT) $(if $(QUICK),--quick)
 	$(if $(QUICK),,$(PY) -m benchmarks.report --out $(BENCH_OUT))
 
 # Qualify a rented GPU box before installing anything: the system python with torch, numpy and PyYAML (no Composer,

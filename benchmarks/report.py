@@ -52,6 +52,19 @@ def train_table(t: dict) -> list[str]:
     return lines
 
 
+def checkpointing_table(c: dict) -> list[str]:
+    """Step time and peak memory with and without activation checkpointing, and the memory model's prediction."""
+    lines = [f"### Activation checkpointing ({c['device']}, {c['dtype']}, {c['runs'][0]['preset']}, batch "
+             f"{c['runs'][0]['batch']}, latents {c['latent']}x{c['latent']})", "",
+             "| mask | blocks | s / step | peak MB | predicted MB | prediction / peak |", "| --- " * 6 + "|"]
+    lines += [f"| {r['mask_ratio']:.2f} | {'recomputed' if r['checkpointing'] else 'kept'} | {r['seconds']:.2f} | "
+              f"{r['peak_memory_mb']:.0f} | {r['predicted_memory_mb']:.0f} | "
+              f"{r['predicted_memory_mb'] / r['peak_memory_mb'] - 1:+.0%} |" for r in c["runs"]]
+    lines += [""] + [f"- mask {x['mask_ratio']:.2f}: recomputing takes {x['time_ratio']:.2f}x the step time and saves "
+                     f"{x['peak_saved_mb']:.0f} MB of peak resident memory." for x in c["comparison"]] + [""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write summary.md from whichever result files exist."""
     p = parser("python -m benchmarks.report", __doc__)
@@ -75,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                   "| size | scenes | scenes/s drawn | reader images/s |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['size']} px | {r['scenes']} | {r['scenes_per_s']:.0f} | {r['reader_images_per_s']:.0f} |"
                   for r in g["runs"]] + [""]
+    if (k := _load(folder, "checkpointing")) is not None:
+        lines += checkpointing_table(k)
     (folder / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

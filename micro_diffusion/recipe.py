@@ -59,8 +59,8 @@ SCHEMA: dict[str, Any] = {
     "scheduler": {"name": "cosine_warmup", "warmup": "2500ba", "alpha_f": 0.33},  # options: SCHEDULERS[name]
     "algorithms": {"gradient_clipping": {"type": "norm", "threshold": 0.25}},  # name -> options, or null: off
     "train": {"global_batch": 2048, "device_microbatch": 256, "max_duration": "250000ba", "device": "auto",
-              "precision": "auto", "parallelism": "auto", "compile": False, "seed": 18, "log_interval": "100ba",
-              "progress_bar": True},
+              "precision": "auto", "parallelism": "auto", "compile": False, "activation_checkpointing": False,
+              "seed": 18, "log_interval": "100ba", "progress_bar": True},
     "checkpoint": {"save_folder": None, "save_interval": "2000ba", "keep": 3},
     "eval": {"interval": "5000ba", "batches": 8, "batch_size": 32, "seed": 0, "sigmas": None},
     "samples": {"interval": "10000ba", "prompts": [

@@ -290,6 +290,9 @@ def check_links(cfg: dict) -> None:
         if routes:
             raise RecipeError(f"distill with model.overrides.routes {routes!r}: the student's JVP and its forward "
                               "would draw routes separately; distill an unrouted network (routes: [])")
+        if cfg["train"]["activation_checkpointing"]:
+            raise RecipeError("train.activation_checkpointing with distill: the student's JVP (forward-mode AD) does "
+                              "not run through recomputed blocks; set train.activation_checkpointing=false")
 
 
 def check_values(cfg: dict) -> None:

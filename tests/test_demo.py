@@ -222,9 +222,16 @@ def test_make_bench_quick_writes_consistent_results_into_its_folder(tmp_path):
     for r in compose["runs"]:
         assert r["scenes_per_s"] == pytest.approx(r["scenes"] / r["draw_seconds"], rel=0.05)
         assert r["objects"] >= r["scenes"]  # every scene holds at least one object, and the reader finds it
-    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["compose_quick.json", "convert_quick.json",
-                                                               "data_quick.json", "sample_quick.json",
-                                                               "train_quick.json"]
+    ckpt = json.loads((tmp_path / "checkpointing_quick.json").read_text())
+    assert [(r["mask_ratio"], r["checkpointing"]) for r in ckpt["runs"]] == [(0.75, False), (0.75, True),
+                                                                             (0.0, False), (0.0, True)]
+    for c in ckpt["comparison"]:  # the harness's arithmetic; at this size the figures are noise
+        kept, recomputed = (r for r in ckpt["runs"] if r["mask_ratio"] == c["mask_ratio"])
+        assert c["time_ratio"] == pytest.approx(recomputed["seconds"] / kept["seconds"])
+        assert recomputed["activations_mb"] < kept["activations_mb"]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["checkpointing_quick.json", "compose_quick.json",
+                                                               "convert_quick.json", "data_quick.json",
+                                                               "sample_quick.json", "train_quick.json"]
 
 
 @pytest.mark.slow

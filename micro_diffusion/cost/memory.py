@@ -6,9 +6,11 @@ gradients 2 P (bf16, whole during backward) + 4 P / n (the fp32 shard after the 
 Without FSDP (DDP, one device): weights 4 P + the bf16 copies autocast makes each step 2 P, gradients 4 P, AdamW 8 P.
 Activations: the bytes autograd saves for backward per sample, probed by two forwards on the CPU in training mode
 (TREAD routes applied; one and two samples, so what does not grow with the batch cancels) and scaled by the
-microbatch; on GPUs with torch's fused attention (no score matrices), on a CPU with the plain path it takes there. A
-CPU prediction adds the process's resident memory before the network exists (the runtime); the CUDA allocator's peak
-has no such term.
+microbatch; on GPUs with torch's fused attention (no score matrices), on a CPU with the plain path it takes there.
+With activation checkpointing (train.activation_checkpointing) the same forwards are split by transformer block: what
+is saved outside the blocks, each block's input, and the internals of the largest block, which exist only while the
+backward recomputes it. A CPU prediction adds the process's resident memory before the network exists (the runtime);
+the CUDA allocator's peak has no such term.
 """
 from __future__ import annotations
 
@@ -75,42 +77,108 @@ def state_bytes(params: int, devices: int, parallelism: str) -> tuple[float, flo
     raise ValueError(f"unknown parallelism {parallelism!r}; known: fsdp, ddp, none")
 
 
-def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask_ratio: float | None,
-                fused: bool, family: str = "dit") -> int:
-    """Bytes autograd saves in one forward of the family's training loss (bf16 autocast, CPU) at `batch` samples.
+@dataclass(frozen=True)
+class SavedBytes:
+    """What one forward of the training loss keeps for backward, by where autograd saved it."""
+
+    total: int  # every saved storage once: what a run without activation checkpointing keeps
+    outside: int  # saved outside the transformer blocks (embeddings, patch draw, final layer, loss)
+    block_inputs: int  # the blocks' inputs not already saved outside: what checkpointing keeps of the blocks
+    blocks: tuple[int, ...]  # per block, in call order: what it saves beyond the two above
+
+    @property
+    def checkpointed(self) -> int:
+        """What a run with the blocks recomputed keeps at its peak: outside plus the blocks' inputs, and the
+        internals of the largest block while the backward recomputes it."""
+        return self.outside + self.block_inputs + max(self.blocks, default=0)
+
+
+class _Recorder:
+    """Saved-tensor and block hooks of a probe: each saved storage (by address) to the block that saved it, or -1
+    outside every block, and the storages each block takes as input."""
+
+    def __init__(self) -> None:
+        self.saved: dict[int, tuple[int, int]] = {}  # address -> (nbytes, block index or -1)
+        self.inputs: dict[int, int] = {}  # address -> nbytes of block inputs
+        self.current, self.count = -1, 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        self.saved.setdefault(storage.data_ptr(), (storage.nbytes(), self.current))  # the first saver owns it
+        return t
+
+    def enter(self, _module: nn.Module, args: tuple) -> None:
+        self.current, self.count = self.count, self.count + 1
+        for t in args:
+            if isinstance(t, torch.Tensor):
+                self.inputs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    def leave(self, *_: Any) -> None:
+        self.current = -1
+
+    def result(self) -> SavedBytes:
+        owner = {ptr: who for ptr, (_, who) in self.saved.items()}
+        outside = sum(n for n, who in self.saved.values() if who < 0)
+        kept = sum(n for ptr, n in self.inputs.items() if owner.get(ptr, 0) >= 0)  # inputs not already outside
+        blocks = [0] * self.count
+        for ptr, (n, who) in self.saved.items():
+            if who >= 0 and ptr not in self.inputs:
+                blocks[who] += n
+        return SavedBytes(sum(n for n, _ in self.saved.values()), outside, kept, tuple(blocks))
+
+
+def saved_parts(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask_ratio: float | None,
+                fused: bool, family: str = "dit") -> SavedBytes:
+    """Bytes autograd saves in one forward of the family's training loss (bf16 autocast, CPU) at `batch` samples,
+    split by the family's blocks (families.Family.block_types, the units activation checkpointing recomputes).
 
     The global RNG is seeded first, so the one and two-sample probes draw the same masks (Fluid: the same ratio).
     The network runs in training mode whatever mode it was handed in (then restored), so TREAD routes apply as they
     do in training.
     """
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
+    rec = _Recorder()
+    blocks = [m for m in net.modules() if isinstance(m, FAMILIES[family].block_types)]
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(rec.enter), b.register_forward_hook(rec.leave))]
     torch.manual_seed(0)
     x0 = torch.randn(batch, net.in_channels, latent, latent)
     y = torch.randn(batch, *caption)
     # sigma_data scales values, never a saved tensor's size
     d = {"mask_ratio": mask_ratio, "p_mean": 0.0, "p_std": 1.0, "sigma_data": 1.0}
-    loss = FAMILIES[family].loss
-    with module_mode(net, training=True), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16), fused_attention() if fused else nullcontext():
-        loss(net, x0, y, d, (None, None))
-    return sum(storages.values())
+    try:
+        with module_mode(net, training=True), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16), fused_attention() if fused else nullcontext():
+            FAMILIES[family].loss(net, x0, y, d, (None, None))
+    finally:
+        for h in hooks:
+            h.remove()
+    return rec.result()
+
+
+def saved_bytes(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask_ratio: float | None,
+                fused: bool, family: str = "dit") -> int:
+    """Bytes one forward of the training loss keeps for backward at `batch` samples (saved_parts' total)."""
+    return saved_parts(net, batch, latent, caption, mask_ratio, fused, family).total
 
 
 def activation_bytes_per_sample(net: nn.Module, latent: int, caption: tuple[int, int], mask_ratio: float | None,
-                                fused: bool = True, family: str = "dit") -> float:
+                                fused: bool = True, family: str = "dit", checkpointing: bool = False) -> float:
     """Saved-for-backward bytes per sample: two samples' minus one's (the per-step weight casts cancel).
 
     fused=True counts torch's fused attention (what CUDA runs keep: no score matrices); False, the plain path a CPU
-    run takes at few tokens.
+    run takes at few tokens. checkpointing: the blocks recomputed in the backward (train.activation_checkpointing):
+    what is kept outside them and their inputs, plus the block whose internals grow most per sample.
     """
-    one, two = (saved_bytes(net, n, latent, caption, mask_ratio, fused, family) for n in (1, 2))
-    return float(two - one)
+    one, two = (saved_parts(net, n, latent, caption, mask_ratio, fused, family) for n in (1, 2))
+    return per_sample(one, two, checkpointing)
+
+
+def per_sample(one: SavedBytes, two: SavedBytes, checkpointing: bool = False) -> float:
+    """Bytes per sample from the probes of one and two samples, kept whole or with the blocks recomputed (then the
+    block whose internals grow most per sample)."""
+    if not checkpointing:
+        return float(two.total - one.total)
+    largest = max((b - a for a, b in zip(one.blocks, two.blocks, strict=True)), default=0)
+    return float(two.outside + two.block_inputs - one.outside - one.block_inputs + largest)
 
 
 def estimate_memory(net: nn.Module, devices: int, parallelism: str, microbatch: int,
@@ -141,9 +209,10 @@ def predict_stage(cfg: dict, devices: int, device_type: str, mfu: float, paralle
     torch.manual_seed(0)
     net = build_network(cfg)
     latent, mask = latent_size(cfg), cfg["diffusion"]["mask_ratio"]
-    per_sample = activation_bytes_per_sample(net, latent, (m["caption_len"], m["caption_dim"]), mask, fused=True,
-                                             family=m["family"])
-    est = estimate_memory(net, devices, parallelism, int(t["device_microbatch"]), per_sample)
+    recompute = t["activation_checkpointing"]
+    sample_bytes = activation_bytes_per_sample(net, latent, (m["caption_len"], m["caption_dim"]), mask, fused=True,
+                                               family=m["family"], checkpointing=recompute)
+    est = estimate_memory(net, devices, parallelism, int(t["device_microbatch"]), sample_bytes)
     steps = steps_of(t["max_duration"], t["global_batch"], "train.max_duration")
     flops = stage_flops(cfg, steps, t["global_batch"])[1]
     cost = cost_of(flops, devices, device_type, mfu)
@@ -152,9 +221,12 @@ def predict_stage(cfg: dict, devices: int, device_type: str, mfu: float, paralle
     lines = [f"# predicted on {devices} x {device_type} ({parallelism}, microbatch {est.microbatch}, mask {masks}, "
              f"{latent}x{latent} latents): peak {est.total / GIB:.2f} GiB per device = weights "
              f"{est.weights / GIB:.2f} + gradients {est.gradients / GIB:.2f} + optimizer {est.optimizer / GIB:.2f} + "
-             f"activations {est.activations / GIB:.2f} ({per_sample / 2**20:.2f} MiB per sample, probed)",
+             f"activations {est.activations / GIB:.2f} ({sample_bytes / 2**20:.2f} MiB per sample, probed"
+             f"{', blocks recomputed in the backward' if recompute else ''})",
              f"# predicted step {step_s:.3g} s, stage {steps} steps: {steps * step_s / 3600:.3g} h wall-clock "
-             f"at {mfu:.0%} of the dense bf16 peak"]
+             f"at {mfu:.0%} of the dense bf16 peak"
+             + (" (model FLOPs: the blocks' recomputed forward, about a third more work, is not in it)"
+                if recompute else "")]
     limit = DEVICE_MEMORY_GIB.get(device_type)
     if limit is not None and est.total > limit * GIB:
         lines.append(f"# WARNING: microbatch {est.microbatch} needs {est.total / GIB:.1f} GiB of {device_type}'s "

@@ -25,6 +25,7 @@ from micro_diffusion.families import family_of
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 from micro_diffusion.recipe import RecipeError, build_network, latent_size, resolve_streams
 from micro_diffusion.training.callbacks import BadSamples, JSONLLogger, NaNGuard, Preemption, StepSeed
+from micro_diffusion.training.checkpointing import checkpoint_blocks
 from micro_diffusion.training.distill import DistillModel, TangentWarmup, teacher_state
 from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
@@ -133,12 +134,22 @@ def build_loader(cfg: dict, plan: RunPlan, key: str = "streams", batch_size: int
                             num_workers=d["num_workers"], verify=d["verify"], skip_bad_samples=d["skip_bad_samples"])
 
 
-def parallelism_config(plan: RunPlan) -> dict | None:
-    """FSDP with SHARD_GRAD_OP (gradients and optimizer state sharded, weights kept whole between steps)."""
+def parallelism_config(plan: RunPlan, activation_checkpointing: bool = False) -> dict | None:
+    """FSDP with SHARD_GRAD_OP (gradients and optimizer state sharded, weights kept whole between steps); with
+    activation_checkpointing, Composer's non-reentrant checkpoint wrapper around the blocks the network marks."""
     if plan.parallelism != "fsdp":
         return None  # Composer wraps the model in DDP by itself when the world size is above one
-    return {"fsdp": {"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "DEFAULT", "state_dict_type": "full",
-                     "use_orig_params": True}}
+    fsdp = {"sharding_strategy": "SHARD_GRAD_OP", "mixed_precision": "DEFAULT", "state_dict_type": "full",
+            "use_orig_params": True}
+    if activation_checkpointing:
+        fsdp |= {"activation_checkpointing": True, "activation_checkpointing_reentrant": False}
+    return {"fsdp": fsdp}
+
+
+def checkpoint_activations(model: DiffusionModel, plan: RunPlan) -> None:
+    """Without FSDP (which wraps the blocks itself), recompute each of the family's blocks in the backward."""
+    if plan.parallelism != "fsdp":
+        checkpoint_blocks(model.net, model.family.block_types)
 
 
 def _shard_dir(cfg: dict) -> Path:
@@ -211,6 +222,8 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
     t, ck = cfg["train"], cfg["checkpoint"]
     reproducibility.seed_all(t["seed"])  # the same initial weights on every rank and in every rerun
     model = build_model(cfg, plan)
+    if t["activation_checkpointing"]:
+        checkpoint_activations(model, plan)
     optimizer = build_optimizer(model, cfg["optimizer"], plan.device)
     return Trainer(
         model=model,
@@ -237,7 +250,7 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         autoresume=True,
         device=plan.device,
         precision=plan.precision,
-        parallelism_config=parallelism_config(plan),
+        parallelism_config=parallelism_config(plan, t["activation_checkpointing"]),
         device_train_microbatch_size=plan.device_microbatch,
         seed=t["seed"],
         compile_config={} if t["compile"] else None,

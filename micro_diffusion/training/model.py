@@ -36,9 +36,11 @@ class DiffusionModel(ComposerModel):
                  sigma_data: float, family: str = DEFAULT_FAMILY):
         super().__init__()
         self.net, self.family = net, FAMILIES[family]
-        # FSDP reads this from the wrapped child: one FSDP unit per transformer block.
+        # FSDP reads these from the wrapped child: one FSDP unit per transformer block, and (with the fsdp config's
+        # activation_checkpointing) the same blocks recomputed in the backward.
         blocks = self.family.block_types
         net.fsdp_wrap_fn = lambda module: isinstance(module, blocks)
+        net.activation_checkpointing_fn = lambda module: isinstance(module, blocks)
         self.mask_ratio, self.p_mean, self.p_std, self.sigma_data = mask_ratio, p_mean, p_std, sigma_data
         self.ema: Any = None  # composer.algorithms.EMA once attach_ema is called
         self._batch_seed: int | None = None
