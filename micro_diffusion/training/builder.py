@@ -29,6 +29,7 @@ from micro_diffusion.training.distill import DistillModel, TangentWarmup, teache
 from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
 from micro_diffusion.training.run import RunPlan, null_caption
+from micro_diffusion.training.trackers import build_trackers, flatten
 from micro_diffusion.utils.devices import torch_device
 from micro_diffusion.utils.run_folder import metrics_file, samples_dir
 from micro_diffusion.utils.sizes import as_hw
@@ -206,13 +207,15 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         cfg: a recipe from load_recipe (validated, defaults filled).
         plan: plan_run's resolution of folders, devices, precision, parallelism and batch split.
         callbacks: extra callbacks (tests add probes here), run after the recipe's own.
-        loggers: extra logger destinations; the run folder's metrics.jsonl logger is always added.
+        loggers: extra logger destinations; the run folder's metrics.jsonl logger is always added, and the trackers
+            of the recipe's `loggers:` block (each gets the resolved recipe as hyperparameters).
     """
     t, ck = cfg["train"], cfg["checkpoint"]
     reproducibility.seed_all(t["seed"])  # the same initial weights on every rank and in every rerun
     model = build_model(cfg, plan)
     optimizer = build_optimizer(model, cfg["optimizer"], plan.device)
-    return Trainer(
+    trackers = build_trackers(cfg["loggers"], plan.run_dir)
+    trainer = Trainer(
         model=model,
         train_dataloader=build_loader(cfg, plan),
         max_duration=t["max_duration"],
@@ -221,7 +224,7 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         step_schedulers_every_batch=True,
         algorithms=build_algorithms(cfg["algorithms"], model),
         callbacks=[*build_callbacks(cfg, plan, model), *(callbacks or [])],
-        loggers=[JSONLLogger(metrics_file(plan.run_dir)), *(loggers or [])],
+        loggers=[JSONLLogger(metrics_file(plan.run_dir)), *trackers, *(loggers or [])],
         run_name=cfg["stage"],
         progress_bar=t["progress_bar"],
         log_to_console=not t["progress_bar"],
@@ -242,3 +245,5 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         seed=t["seed"],
         compile_config={} if t["compile"] else None,
     )
+    trainer.logger.log_hyperparameters(flatten(cfg))  # after Event.INIT: the trackers have opened their runs
+    return trainer
