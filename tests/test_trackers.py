@@ -22,6 +22,7 @@ loggers:
   wandb: {project: micro-diffusion, entity: null, name: null, tags: []}
 """
 LOSS, COST, VAL = "loss/train/total", "cost/usd", "val/loss"
+LR, SPEED = "lr-AdamW/group0", "throughput/samples_per_sec"  # Composer's LRMonitor and SpeedMonitor
 
 
 def write_recipe(folder: Path, body: str) -> Path:
@@ -172,14 +173,17 @@ def test_a_run_reaches_mlflow_tensorboard_and_wandb(sample_root, tmp_path, monke
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "0")
     recipe = write_recipe(tmp_path, BLOCK)
-    given = tiny_overrides(sample_root, tmp_path / "runs", steps=4) + [
+    # the demo's warmup schedule: the learning rate changes every step (MLflow's logger skips repeated values)
+    given = tiny_overrides(sample_root, tmp_path / "runs", steps=4, scheduler=None) + [
         f"model.caption_dim={MINILM_DIM}", "stage=tracked", "stages=[]", "data.val_streams=[{local: latents}]",
         "eval.interval=2ba", "eval.batches=1", "eval.batch_size=4", "samples.interval=4ba", "samples.steps=2",
-        "samples.prompts=[a red square, a blue circle]", "loggers.mlflow.log_system_metrics=false"]
+        "samples.prompts=[a red square, a blue circle]", "loggers.mlflow.log_system_metrics=false",
+        "train.log_interval=2ba"]  # throughput over 2 batches: logged at batches 3 and 4
     run = train(recipe, parse_overrides(given))
     rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = {key: [(row["step"], row[key]) for row in rows if key in row] for key in (LOSS, COST, VAL)}
-    assert len(logged[LOSS]) == 4 and len(logged[VAL]) == 2 and logged[COST][-1][1] > 0  # what the trackers must hold
+    logged = {key: [(row["step"], row[key]) for row in rows if key in row] for key in (LOSS, COST, VAL, LR, SPEED)}
+    assert len(logged[LOSS]) == len(logged[LR]) == 4 and len(logged[VAL]) == len(logged[SPEED]) == 2
+    assert logged[COST][-1][1] > 0 and logged[SPEED][-1][1] > 0  # what every tracker must hold
 
     client = MlflowClient((run.run_dir / "mlruns").resolve().as_uri())
     (found,) = client.search_runs([client.get_experiment_by_name("micro-diffusion").experiment_id])

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from composer import Trainer
 from composer.algorithms import EMA, GradientClipping, LowPrecisionLayerNorm
+from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 from composer.optim import ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler
@@ -24,6 +25,7 @@ from micro_diffusion.exported import is_export, load_weights
 from micro_diffusion.families import family_of
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 from micro_diffusion.recipe import RecipeError, build_network, latent_size, resolve_streams
+from micro_diffusion.recipe_checks import parse_time
 from micro_diffusion.training.callbacks import BadSamples, JSONLLogger, NaNGuard, Preemption, StepSeed
 from micro_diffusion.training.distill import DistillModel, TangentWarmup, teacher_state
 from micro_diffusion.training.model import DiffusionModel
@@ -168,9 +170,18 @@ def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
                       s["interval"], shape, settings, s["seed"])
 
 
+def throughput_window(log_interval: str) -> int:
+    """Batches Composer's SpeedMonitor averages throughput over: train.log_interval's when it counts batches, else
+    Composer's default 100."""
+    parsed = parse_time(log_interval)
+    return int(parsed[0]) if parsed is not None and parsed[1] == "ba" else 100
+
+
 def build_callbacks(cfg: dict, plan: RunPlan, model: DiffusionModel) -> list[Callback]:
-    """Step seeds, NaN guard, preemption, validation loss and sample grids as the recipe asks, and the cost ledger."""
-    callbacks: list[Callback] = [StepSeed(cfg["train"]["seed"]), NaNGuard(plan.save_folder), Preemption()]
+    """Step seeds, NaN guard, preemption, learning rate and throughput, validation loss and sample grids as the
+    recipe asks, and the cost ledger."""
+    callbacks: list[Callback] = [StepSeed(cfg["train"]["seed"]), NaNGuard(plan.save_folder), Preemption(),
+                                 LRMonitor(), SpeedMonitor(window_size=throughput_window(cfg["train"]["log_interval"]))]
     if cfg["data"]["skip_bad_samples"]:
         callbacks.append(BadSamples(plan.run_dir))
     if cfg["distill"]:
