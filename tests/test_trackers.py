@@ -12,6 +12,7 @@ from tiny_runs import REPO, tiny_overrides, write_shards  # noqa: I001
 
 from micro_diffusion.cli import main as cli
 from micro_diffusion.recipe import LOGGERS, RecipeError, load_recipe, parse_overrides
+from micro_diffusion.utils.run_folder import METRICS, MLRUNS, TENSORBOARD, WANDB
 
 MINILM_DIM = 384  # the packaged MiniLM's token width
 # the block as a user writes it (docs/trackers.md)
@@ -120,7 +121,7 @@ def read_wandb(run_dir: Path) -> tuple[list[dict], dict, list[Path]]:
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal.datastore import DataStore
 
-    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    (offline,) = (run_dir / WANDB).glob("offline-run-*")
     (log,) = offline.glob("run-*.wandb")
     store = DataStore()
     store.open_for_scan(str(log))
@@ -180,12 +181,12 @@ def test_a_run_reaches_mlflow_tensorboard_and_wandb(sample_root, tmp_path, monke
         "samples.prompts=[a red square, a blue circle]", "loggers.mlflow.log_system_metrics=false",
         "train.log_interval=2ba"]  # throughput over 2 batches: logged at batches 3 and 4
     run = train(recipe, parse_overrides(given))
-    rows = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run.run_dir / METRICS).read_text().splitlines()]
     logged = {key: [(row["step"], row[key]) for row in rows if key in row] for key in (LOSS, COST, VAL, LR, SPEED)}
     assert len(logged[LOSS]) == len(logged[LR]) == 4 and len(logged[VAL]) == len(logged[SPEED]) == 2
     assert logged[COST][-1][1] > 0 and logged[SPEED][-1][1] > 0  # what every tracker must hold
 
-    client = MlflowClient((run.run_dir / "mlruns").resolve().as_uri())
+    client = MlflowClient((run.run_dir / MLRUNS).resolve().as_uri())
     (found,) = client.search_runs([client.get_experiment_by_name("micro-diffusion").experiment_id])
     for key, pairs in logged.items():
         history = client.get_metric_history(found.info.run_id, key)
@@ -194,13 +195,13 @@ def test_a_run_reaches_mlflow_tensorboard_and_wandb(sample_root, tmp_path, monke
     images = [a.path for a in client.list_artifacts(found.info.run_id, "images")]
     assert any("samples" in p and p.endswith(".png") for p in images), images
 
-    events = EventAccumulator(str(run.run_dir / "tensorboard" / "tracked"), size_guidance={SCALARS: 0, IMAGES: 0})
+    events = EventAccumulator(str(run.run_dir / TENSORBOARD / "tracked"), size_guidance={SCALARS: 0, IMAGES: 0})
     events.Reload()
     for key, pairs in logged.items():
         assert_series([(e.step, e.value) for e in events.Scalars(key)], pairs, key)
     (grid,) = events.Images("samples/raw")
     assert grid.step == 4 and (grid.width, grid.height) == (32, 16)  # two 16 px images side by side
-    hparams = tensorboard_hparams(run.run_dir / "tensorboard" / "tracked" / "tracked")
+    hparams = tensorboard_hparams(run.run_dir / TENSORBOARD / "tracked" / "tracked")
     assert hparams["model.caption_dim"].number_value == MINILM_DIM and hparams["optimizer.lr"].number_value == 1e-3
 
     history, config, pngs = read_wandb(run.run_dir)

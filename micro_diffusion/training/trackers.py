@@ -18,8 +18,7 @@ from composer.loggers.logger import format_log_data_value
 from composer.utils import dist
 
 from micro_diffusion.recipe import RecipeError
-
-MLRUNS, TENSORBOARD, WANDB = "mlruns", "tensorboard", "wandb"  # the trackers' folders in a run folder
+from micro_diffusion.utils.run_folder import MLRUNS, TENSORBOARD
 
 
 def mlflow_logger(options: dict[str, Any], run_dir: Path) -> MLFlowLogger:
@@ -49,7 +48,7 @@ class TensorboardTracker(TensorboardLogger):
 def tensorboard_logger(options: dict[str, Any], run_dir: Path) -> TensorboardLogger:
     """TensorBoard event files under log_dir/<stage>/ (log_dir null: the run folder's tensorboard/)."""
     return TensorboardTracker(log_dir=options["log_dir"] or str(run_dir / TENSORBOARD),
-                             flush_interval=options["flush_interval"])
+                              flush_interval=options["flush_interval"])
 
 
 class WandBTracker(WandBLogger):
@@ -63,15 +62,15 @@ class WandBTracker(WandBLogger):
 
 
 def wandb_logger(options: dict[str, Any], run_dir: Path) -> WandBLogger:
-    """Weights & Biases; its local files (the offline run with WANDB_MODE=offline) go to the run folder's wandb/."""
+    """Weights & Biases; its local files (the offline run with WANDB_MODE=offline) go to the run folder's wandb/
+    (W&B names that folder itself)."""
     run_dir.mkdir(parents=True, exist_ok=True)  # wandb.init needs its folder to exist
     return WandBTracker(project=options["project"], entity=options["entity"], name=options["name"],
-                       group=options["group"], tags=list(options["tags"]), init_kwargs={"dir": str(run_dir)})
+                        group=options["group"], tags=list(options["tags"]), init_kwargs={"dir": str(run_dir)})
 
 
 BUILDERS: dict[str, Callable[[dict[str, Any], Path], LoggerDestination]] = {
-    "mlflow": mlflow_logger, "tensorboard": tensorboard_logger, "wandb": wandb_logger}
-PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboard", "wandb": "wandb"}  # what each needs installed
+    "mlflow": mlflow_logger, "tensorboard": tensorboard_logger, "wandb": wandb_logger}  # each needs its package
 
 
 def build_trackers(loggers: Mapping[str, dict[str, Any]], run_dir: str | Path) -> list[LoggerDestination]:
@@ -81,7 +80,7 @@ def build_trackers(loggers: Mapping[str, dict[str, Any]], run_dir: str | Path) -
         try:
             out.append(BUILDERS[name](options, Path(run_dir)))
         except ImportError as err:  # Composer's MissingConditionalImportError is one
-            raise RecipeError(f"loggers.{name}: the {PACKAGES[name]} package is not installed ({err}); install "
+            raise RecipeError(f"loggers.{name}: the {name} package is not installed ({err}); install "
                               "requirements.lock (make install) or `pip install -e .[trackers]`") from err
     return out
 
