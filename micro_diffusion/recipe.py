@@ -37,6 +37,15 @@ SCHEDULERS: dict[str, dict[str, Any]] = {
     "constant_warmup": {"warmup": "0ba"},
     "constant": {},
 }
+# Experiment trackers: a block per Composer logger (composer.loggers MLFlowLogger, TensorboardLogger, WandBLogger),
+# its keys passed to that logger's constructor. None of a folder or URI means the run folder's own (the builder fills
+# it); docs/trackers.md. tests/test_trackers.py checks every key is a parameter of Composer's class.
+LOGGERS: dict[str, dict[str, Any]] = {
+    "mlflow": {"tracking_uri": None, "experiment_name": "micro-diffusion", "run_name": None, "tags": None,
+               "log_system_metrics": True},  # tracking_uri None: file:<run folder>/mlruns
+    "tensorboard": {"log_dir": None, "flush_interval": 100},  # log_dir None: <run folder>/tensorboard
+    "wandb": {"project": "micro-diffusion", "entity": None, "name": None, "group": None, "tags": []},
+}
 
 # Every key a recipe may set, with its default: the paper's stage 1. Any recipe is merged over this table first, as
 # over a base file, so a recipe without `base:` is stage 1 too. recipes/base.yaml states the same values for
@@ -76,6 +85,7 @@ SCHEMA: dict[str, Any] = {
                 "temperature": None, "head_steps": None, "seed": 0},
     "cost": {"usd_per_device_hour": None, "max_usd": None, "max_device_hours": None, "device_type": None},
     "distill": None,  # a section (DISTILL's options) makes the stage a consistency distillation of its init weights
+    "loggers": {},  # experiment trackers: name (LOGGERS) -> options, or null: off; none by default
 }
 # Continuous-time consistency distillation (sCD) of the stage's starting weights, the teacher.
 DISTILL: dict[str, Any] = {
@@ -89,7 +99,8 @@ NULLABLE = ("diffusion.mask_ratio", "diffusion.p_mean", "diffusion.p_std")
 OPEN_SECTIONS = ("model.overrides",)  # any keys (the model's own config checks them)
 STREAM_LISTS = ("data.streams", "data.val_streams")  # lists of {"local", "remote", "proportion"}
 NAMED_SECTIONS = ("scheduler",)  # a `name:` picks a registry entry; a section naming one replaces the old whole
-REGISTRY_SECTIONS = {"scheduler": SCHEDULERS, "algorithms": ALGORITHMS}  # options checked against the registry
+# options checked against the registry (validate)
+REGISTRY_SECTIONS = {"scheduler": SCHEDULERS, "algorithms": ALGORITHMS, "loggers": LOGGERS}
 
 
 def find_recipe(path: str | os.PathLike) -> Path:
@@ -244,6 +255,25 @@ def _check_named(section: dict | None, registry: dict, kind: str, where: str) ->
     return {"name": name, **_fill(options, registry[name], where)}
 
 
+def check_loggers(block: Any, where: str = "loggers") -> dict[str, dict[str, Any]]:
+    """A `loggers:` block with each tracker's options filled with defaults; a tracker set to null is off. An unknown
+    tracker or option is an error naming it and the allowed ones."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise RecipeError(f"{where}: expected a mapping of trackers ({', '.join(LOGGERS)}), got {block!r}")
+    out = {}
+    for name, options in block.items():
+        if name not in LOGGERS:
+            raise RecipeError(f"{where}.{name}: unknown logger {name!r} (allowed: {', '.join(LOGGERS)})")
+        if options is not None:
+            if not isinstance(options, dict):
+                raise RecipeError(f"{where}.{name}: expected a mapping of options (allowed: "
+                                  f"{', '.join(LOGGERS[name])}), got {options!r}")
+            out[name] = _fill(options, LOGGERS[name], f"{where}.{name}")
+    return out
+
+
 def validate(cfg: dict) -> dict:
     """Merge the recipe over SCHEMA's defaults, check every key against it and the registries and every value
     (recipe_checks.check_values: durations, presets, samplers, batches, ranges); return the result."""
@@ -258,6 +288,7 @@ def validate(cfg: dict) -> dict:
         if options is not None:  # null switches off an algorithm a base file enabled
             algos[name] = _fill(options or {}, ALGORITHMS[name], f"algorithms.{name}")
     out["algorithms"] = algos
+    out["loggers"] = check_loggers(given["loggers"])
     if given["distill"] is not None:
         out["distill"] = _fill(given["distill"] or {}, DISTILL, "distill")
     if not out["stage"]:

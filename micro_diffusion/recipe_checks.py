@@ -62,8 +62,10 @@ MINIMUM: dict[str, int] = {
     "train.global_batch": 1, "train.device_microbatch": 1, "samples.steps": 1, "eval.batches": 1,
     "eval.batch_size": 1, "data.resolution": 1, "data.vae_downsample": 1, "data.num_workers": 0,
     "model.latent_channels": 1, "model.caption_len": 1, "model.caption_dim": 1, "distill.tangent_warmup": 0,
-    "train.seed": 0, "data.seed": 0,
+    "train.seed": 0, "data.seed": 0, "loggers.tensorboard.flush_interval": 1,
 }
+# tracker options of no fixed default type: text (or null), and the tag collections each tracker takes
+TRACKER_TEXT = ("tracking_uri", "experiment_name", "run_name", "log_dir", "project", "entity", "name", "group")
 MODEL_SET_BY_RECIPE = {"latent_size": "data.resolution / data.vae_downsample", "in_channels": "model.latent_channels",
                        "caption_dim": "model.caption_dim"}
 
@@ -295,6 +297,20 @@ def check_links(cfg: dict) -> None:
                               "not run through recomputed blocks; set train.activation_checkpointing=false")
 
 
+def check_trackers(cfg: dict) -> None:
+    """Tracker names and folders are text (or null); MLflow's tags a mapping, W&B's a list, of text."""
+    for tracker, options in cfg["loggers"].items():
+        for key, value in options.items():
+            where = f"loggers.{tracker}.{key}"
+            if key in TRACKER_TEXT and value is not None and not isinstance(value, str):
+                raise RecipeError(f"{where}: expected text or null, got {value!r}")
+            if key == "tags" and tracker == "mlflow" and value is not None and not (
+                    isinstance(value, dict) and all(isinstance(k, str) for k in value)):
+                raise RecipeError(f"{where}: expected a mapping of tag names to values, or null, got {value!r}")
+            if key == "tags" and tracker == "wandb" and not all(isinstance(t, str) for t in value):
+                raise RecipeError(f"{where}: expected a list of text tags, got {value!r}")
+
+
 def check_values(cfg: dict) -> None:
     """Every value of a filled-in recipe that a run would use; the first bad one raises, naming its key."""
     check_family(cfg)
@@ -305,4 +321,5 @@ def check_values(cfg: dict) -> None:
     check_samples(cfg)
     check_streams(cfg)
     check_links(cfg)
+    check_trackers(cfg)
     check_model(cfg, cfg["data"]["resolution"] // cfg["data"]["vae_downsample"])

@@ -85,6 +85,21 @@ def stage_overrides(exp: Experiment, run: RunPlan, k: int, root: Path, latents: 
         out.update({"checkpoint.save_interval": f"{points[0]}ba", "checkpoint.keep": -1})
     if k:  # a later stage starts from the weights the one before ended with
         out.update({"init_from": None, "init_checkpoint": str(latest_checkpoint(dirs[k - 1]))})
+    if exp.loggers:
+        out["loggers"] = run_trackers(exp, run, k, root)
+    return out
+
+
+def run_trackers(exp: Experiment, run: RunPlan, k: int, root: Path) -> dict[str, dict[str, Any]]:
+    """The experiment's trackers for stage k of a run: named after the run and stage, grouped by the experiment, and
+    one MLflow store for all runs (DIR/mlruns) unless the file names one."""
+    name = f"{run.name}-stage{k}"
+    out = {tracker: dict(options) for tracker, options in exp.loggers.items()}
+    if "mlflow" in out:
+        m = out["mlflow"]
+        m.update(run_name=m["run_name"] or name, tracking_uri=m["tracking_uri"] or (root / "mlruns").resolve().as_uri())
+    if "wandb" in out:
+        out["wandb"].update(name=out["wandb"]["name"] or name, group=out["wandb"]["group"] or exp.name)
     return out
 
 

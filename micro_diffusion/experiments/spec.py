@@ -18,6 +18,7 @@
       - {..., metric: fid | geneval, budget: lowest | highest, sampler: NAME | each}
                                                # on the sweep: each run's best-guidance curve at the lowest or highest
                                                # sampling budget all runs cover (one claim a sampler for `each`)
+    loggers: {wandb: {project: ...}}           # experiment trackers for every run, as a recipe's loggers: block
     quick: {data: {...}, budget: {...}, eval: {...}, seeds: [...], overrides: {...}, variants: [NAME, ...],
             sampling: {VARIANT: {...}}}        # what --quick changes; variants keeps a subset (and their claims);
                                                # sampling replaces variants' own sampling points
@@ -34,7 +35,7 @@ import yaml
 from ..diffusion.sampling import SamplingSettings, diffusion_samplers
 from ..errors import UsageError
 from ..families import FAMILIES
-from ..recipe import RecipeError, find_recipe
+from ..recipe import RecipeError, check_loggers, find_recipe
 from .verdict import LOWER_IS_BETTER
 
 # the demo's encoders: its small VAE (shipped with the package) and the packaged MiniLM, 16 caption tokens
@@ -56,7 +57,7 @@ EVAL = {
 SWEEP_KEYS = {"samplers", "steps", "guidances"}
 CLAIM_AT = {"budget": ("lowest", "highest"), "sampler": None}  # optional claim keys: judged on the sweep
 CLAIM_KINDS = ("beats", "within", "speedup")
-KEYS = {"base_recipe", "data", "budget", "seeds", "eval", "variants", "claims", "quick"}
+KEYS = {"base_recipe", "data", "budget", "seeds", "eval", "variants", "claims", "quick", "loggers"}
 VARIANT_KEYS = {"name", "overrides", "narrow_to", "then", "sampling"}
 SAMPLING_KEYS = {"sampler", "steps", "guidance", "temperature", "head_steps"}
 
@@ -85,6 +86,7 @@ class Experiment:
     eval: dict[str, Any]
     variants: list[Variant]
     claims: list[dict[str, str]]
+    loggers: dict[str, dict[str, Any]] = field(default_factory=dict)  # trackers of every run (recipe.LOGGERS)
 
     def variant(self, name: str) -> Variant:
         """The variant of that name."""
@@ -266,7 +268,8 @@ def load_experiment(path: str | Path, quick: bool = False) -> Experiment:
                       data=_section(raw.get("data", {}), DATA, f"{where}.data"),
                       budget={k: float(v) for k, v in budget.items()}, seeds=[int(s) for s in raw.get("seeds", [0])],
                       eval=evaluation, variants=variants,
-                      claims=_check_claims(claims, names, evaluation, where))
+                      claims=_check_claims(claims, names, evaluation, where),
+                      loggers=check_loggers(raw.get("loggers"), f"{where}.loggers"))
 
 
 def only_variants(exp: Experiment, names: list[str]) -> Experiment:

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 from composer import Trainer
 from composer.algorithms import EMA, GradientClipping, LowPrecisionLayerNorm
+from composer.callbacks import LRMonitor, SpeedMonitor
 from composer.core import Algorithm, Callback
 from composer.loggers import LoggerDestination
 from composer.optim import ConstantScheduler, ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler
@@ -24,12 +25,14 @@ from micro_diffusion.exported import is_export, load_weights
 from micro_diffusion.families import family_of
 from micro_diffusion.models.ffn import ExpertChoiceMoE
 from micro_diffusion.recipe import RecipeError, build_network, latent_size, resolve_streams
+from micro_diffusion.recipe_checks import parse_time
 from micro_diffusion.training.callbacks import BadSamples, JSONLLogger, NaNGuard, Preemption, StepSeed
 from micro_diffusion.training.checkpointing import checkpoint_blocks
 from micro_diffusion.training.distill import DistillModel, TangentWarmup, teacher_state
 from micro_diffusion.training.model import DiffusionModel
 from micro_diffusion.training.monitor import SampleGrid, ValidationLoss
 from micro_diffusion.training.run import RunPlan, null_caption
+from micro_diffusion.training.trackers import build_trackers, flatten
 from micro_diffusion.utils.devices import torch_device
 from micro_diffusion.utils.run_folder import metrics_file, samples_dir
 from micro_diffusion.utils.sizes import as_hw
@@ -178,9 +181,18 @@ def sample_grid(cfg: dict, plan: RunPlan, device: torch.device) -> SampleGrid:
                       s["interval"], shape, settings, s["seed"])
 
 
+def throughput_window(log_interval: str) -> int:
+    """Batches Composer's SpeedMonitor averages throughput over: train.log_interval's when it counts batches, else
+    Composer's default 100."""
+    parsed = parse_time(log_interval)
+    return int(parsed[0]) if parsed is not None and parsed[1] == "ba" else 100
+
+
 def build_callbacks(cfg: dict, plan: RunPlan, model: DiffusionModel) -> list[Callback]:
-    """Step seeds, NaN guard, preemption, validation loss and sample grids as the recipe asks, and the cost ledger."""
-    callbacks: list[Callback] = [StepSeed(cfg["train"]["seed"]), NaNGuard(plan.save_folder), Preemption()]
+    """Step seeds, NaN guard, preemption, learning rate and throughput, validation loss and sample grids as the
+    recipe asks, and the cost ledger."""
+    callbacks: list[Callback] = [StepSeed(cfg["train"]["seed"]), NaNGuard(plan.save_folder), Preemption(),
+                                 LRMonitor(), SpeedMonitor(window_size=throughput_window(cfg["train"]["log_interval"]))]
     if cfg["data"]["skip_bad_samples"]:
         callbacks.append(BadSamples(plan.run_dir))
     if cfg["distill"]:
@@ -217,7 +229,8 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         cfg: a recipe from load_recipe (validated, defaults filled).
         plan: plan_run's resolution of folders, devices, precision, parallelism and batch split.
         callbacks: extra callbacks (tests add probes here), run after the recipe's own.
-        loggers: extra logger destinations; the run folder's metrics.jsonl logger is always added.
+        loggers: extra logger destinations; the run folder's metrics.jsonl logger is always added, and the trackers
+            of the recipe's `loggers:` block (each gets the resolved recipe as hyperparameters).
     """
     t, ck = cfg["train"], cfg["checkpoint"]
     reproducibility.seed_all(t["seed"])  # the same initial weights on every rank and in every rerun
@@ -225,7 +238,8 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
     if t["activation_checkpointing"]:
         checkpoint_activations(model, plan)
     optimizer = build_optimizer(model, cfg["optimizer"], plan.device)
-    return Trainer(
+    trackers = build_trackers(cfg["loggers"], plan.run_dir)
+    trainer = Trainer(
         model=model,
         train_dataloader=build_loader(cfg, plan),
         max_duration=t["max_duration"],
@@ -234,7 +248,7 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         step_schedulers_every_batch=True,
         algorithms=build_algorithms(cfg["algorithms"], model),
         callbacks=[*build_callbacks(cfg, plan, model), *(callbacks or [])],
-        loggers=[JSONLLogger(metrics_file(plan.run_dir)), *(loggers or [])],
+        loggers=[JSONLLogger(metrics_file(plan.run_dir)), *trackers, *(loggers or [])],
         run_name=cfg["stage"],
         progress_bar=t["progress_bar"],
         log_to_console=not t["progress_bar"],
@@ -255,3 +269,5 @@ def build_trainer(cfg: dict, plan: RunPlan, callbacks: list[Callback] | None = N
         seed=t["seed"],
         compile_config={} if t["compile"] else None,
     )
+    trainer.logger.log_hyperparameters(flatten(cfg))  # after Event.INIT: the trackers have opened their runs
+    return trainer

@@ -191,7 +191,10 @@ class JSONLLogger(LoggerDestination):
         self._step, self._pending = resume, {**carried, **self._pending}
 
     def batch_end(self, state: State, logger: Logger) -> None:
-        self.flush()
+        # Composer logs a batch's loss at its index n, and what callbacks log at its end (learning rate, throughput,
+        # validation loss) at the count n + 1: that row stays open for batch n + 1's loss, so each step is one line.
+        if self._step is None or self._step < int(state.timestamp.batch):
+            self.flush()
 
     def fit_end(self, state: State, logger: Logger) -> None:
         self.flush()

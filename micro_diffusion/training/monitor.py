@@ -135,4 +135,5 @@ class SampleGrid(Callback):
         path = self.out_dir / f"{name}.png"
         Image.fromarray(pixels).save(path)
         self.written.append(path)
-        logger.log_images(pixels, name=f"samples/{'ema' if use_ema else 'raw'}", channels_last=True)
+        logger.log_images(pixels, name=f"samples/{'ema' if use_ema else 'raw'}", channels_last=True,
+                          step=batch, use_table=False)  # W&B: an image panel, not a table

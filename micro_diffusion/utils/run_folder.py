@@ -38,6 +38,9 @@ EVAL = "eval.json"
 REPORT = "report.html"
 STAGE_DONE = "stage_done.json"
 LOCK = ".micro_diffusion.lock"  # one writer per folder (utils.folder_lock): inside it, or beside it for an export
+MLRUNS = "mlruns"  # the trackers' folders (a recipe's loggers:): MLflow's file store, TensorBoard's event files, and
+TENSORBOARD = "tensorboard"  # the folder W&B itself names for its local run (WANDB_MODE=offline: offline-run-*)
+WANDB = "wandb"
 
 # exported model
 MODEL_WEIGHTS = "model.safetensors"
