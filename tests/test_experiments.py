@@ -170,7 +170,7 @@ def test_a_run_trained_with_other_settings_is_an_error_not_reused(quick_runs, tm
     marker = out / "runs" / "no_masking_s0" / "stage0" / "stage_done.json"
     saved = json.loads(marker.read_text())
     marker.write_text(json.dumps({**saved, "overrides": {**saved["overrides"], "optimizer.lr": 0.5}}))
-    args = argparse.Namespace(file=str(MASKING), quick=True, seeds=None, out=str(out), dry_run=False)
+    args = argparse.Namespace(file=str(MASKING), quick=True, seeds=None, variants=None, out=str(out), dry_run=False)
     assert exit_with("micro-diffusion experiment", lambda: run(args)) == 2
     assert json.loads(marker.read_text())["overrides"]["optimizer.lr"] == 0.5  # nothing rewritten
 
