@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import CAP_D, CAP_L, REPO, tiny_overrides, write_shards  # noqa: I001
+from tiny_runs import CAP_D, CAP_L, MINILM_DIM, REPO, tiny_overrides, write_sampling_shards, write_shards  # noqa: I001
 
 from micro_diffusion.cli import main as cli
 from micro_diffusion.diffusion.sampling import SamplingSettings
 from micro_diffusion.families import FAMILIES, check_preset, family_of
 from micro_diffusion.recipe import RecipeError, build_network, load_recipe, parse_overrides
-
-MINILM_DIM = 384  # the packaged MiniLM's token width
 
 # What turns the MicroDiT test recipe into a Fluid one: the family, a tiny preset, no EDM keys, its sampler.
 FLUID = ["model.family=fluid", "model.preset=Fluid_Micro", "model.overrides={}", "diffusion.mask_ratio=null",
@@ -33,15 +31,7 @@ def recipe_for(family: str, data_root: Path, runs: Path, *extra: str, **kw) -> d
 @pytest.fixture(scope="module")
 def sample_root(tmp_path_factory) -> Path:
     """Shards whose encoders can sample: a tiny local VAE (16 px images) and the packaged MiniLM's caption width."""
-    from diffusers import AutoencoderKL
-
-    root = tmp_path_factory.mktemp("sample")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  layers_per_block=1, norm_num_groups=4, sample_size=16).save_pretrained(root / "vae")
-    write_shards(root / "latents", 32, seed=0, cap_d=MINILM_DIM, vae=str(root / "vae"), text_encoder="minilm")
-    return root
+    return write_sampling_shards(tmp_path_factory.mktemp("sample"))
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from tiny_runs import REPO, tiny_overrides, write_shards  # noqa: I001
+from tiny_runs import MINILM_DIM, REPO, tiny_overrides, write_sampling_shards  # noqa: I001
 
 from micro_diffusion.cli import main as cli
 from micro_diffusion.recipe import LOGGERS, RecipeError, load_recipe, parse_overrides
 from micro_diffusion.utils.run_folder import METRICS, MLRUNS, TENSORBOARD, WANDB
 
-MINILM_DIM = 384  # the packaged MiniLM's token width
 # the block as a user writes it (docs/trackers.md)
 BLOCK = """
 loggers:
@@ -104,15 +102,7 @@ def test_an_experiment_names_trackers_for_every_run(tmp_path):
 @pytest.fixture(scope="module")
 def sample_root(tmp_path_factory) -> Path:
     """Shards whose encoders can sample: a tiny local VAE (16 px images) and the packaged MiniLM's caption width."""
-    from diffusers import AutoencoderKL
-
-    root = tmp_path_factory.mktemp("sample")
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  layers_per_block=1, norm_num_groups=4, sample_size=16).save_pretrained(root / "vae")
-    write_shards(root / "latents", 32, seed=0, cap_d=MINILM_DIM, vae=str(root / "vae"), text_encoder="minilm")
-    return root
+    return write_sampling_shards(tmp_path_factory.mktemp("sample"))
 
 
 def read_wandb(run_dir: Path) -> tuple[list[dict], dict, list[Path]]:

@@ -54,3 +54,20 @@ def tiny_overrides(data_root: str | os.PathLike, runs_root: str | os.PathLike, s
         "checkpoint.save_interval=2ba", "checkpoint.keep=-1", "data.streams=[{local: latents}]",
         "data.val_streams=[]", "eval.interval=null", "samples.interval=null", "train.device=cpu",
     ] + ([f"scheduler={scheduler}"] if scheduler else [])
+
+
+MINILM_DIM = 384  # the packaged MiniLM's token width
+
+
+def write_sampling_shards(root: Path) -> Path:
+    """Shards whose encoders can sample: a tiny local VAE (16 px images) in root/vae and the packaged MiniLM's caption
+    width, in root/latents; returns root."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  layers_per_block=1, norm_num_groups=4, sample_size=16).save_pretrained(root / "vae")
+    write_shards(root / "latents", 32, seed=0, cap_d=MINILM_DIM, vae=str(root / "vae"), text_encoder="minilm")
+    return root
