@@ -17,7 +17,7 @@ from ..utils.atomic import write_text_atomic  # noqa: E402
 from ..utils.run_folder import REPORT, RESULTS, SCORES  # noqa: E402
 from .spec import Experiment  # noqa: E402
 from .sweeps import budget_values, crossovers, expand_claims, grid_samplers, sweep_section, swept  # noqa: E402
-from .verdict import LOWER_IS_BETTER, mean_and_var, reach_flops, speedup_verdict, verdict  # noqa: E402
+from .verdict import mean_and_var, speedup_verdict, verdict  # noqa: E402
 
 
 def claim_value(metrics: dict[str, Any], metric: str) -> float:
@@ -156,10 +156,8 @@ def convergence_cells(rows: list[dict[str, Any]], reference: str) -> Table:
     for metric in metrics:
         for name in dict.fromkeys(r["name"] for r in rows):
             found = speedup(rows, name, reference, metric)
-            reach = [reach_flops(*training_curve(r, metric), found["target"], LOWER_IS_BETTER[metric])
-                     for r in rows if r["name"] == name]
             body.append([name, metric, f"{found['target']:.4g}",
-                         ", ".join("never" if f is None else f"{f:.3g}" for f in reach),
+                         ", ".join("never" if f is None else f"{f:.3g}" for f in found["reached"]),
                          ", ".join("-" if x is None else f"{x:.2f}x" for x in found["speedups"]),
                          "-" if None in found["speedups"] else f"{found['a_mean']:.2f}x"])
     return cols, body

@@ -129,8 +129,9 @@ def geneval_curve(exp: Experiment, run: RunPlan, dirs: list[Path], root: Path) -
         return []
     prompts = read_prompts_file(root / "data" / "prompts" / "evaluation_metadata.jsonl")[:e["point_prompts"]]
     out, curve, flops0, steps0 = dirs[-1].parent / "eval" / "curve", [], 0, 0
-    for k, (stage, folder) in enumerate(zip(run.stages, dirs, strict=True)):
-        for step in point_steps(run, e["geneval_points"])[k]:
+    stages = zip(run.stages, dirs, point_steps(run, e["geneval_points"]), strict=True)
+    for k, (stage, folder, steps) in enumerate(stages):
+        for step in steps:
             point, saved = out / f"stage{k}_ba{step}", out / f"stage{k}_ba{step}" / "score.json"
             if not saved.is_file():
                 model = export_run(point_checkpoint(folder, step), point / "model")

@@ -69,7 +69,8 @@ def reach_flops(flops: Sequence[float], values: Sequence[float], target: float, 
 def speedup_verdict(metric: str, curves: Sequence[tuple[Sequence[float], Sequence[float]]], b_finals: Sequence[float],
                     b_flops: float, factor: float) -> dict:
     """The speed-up claim's geometric-mean speed-up (a_mean), required factor (b_mean), gap in log speed-up, its
-    standard error, each seed's speed-up (None: never reached) and verdict; curves are a's (flops, values) a seed."""
+    standard error, each seed's FLOPs to reach the target and speed-up (None: never reached) and verdict; curves are
+    a's (flops, values) a seed."""
     target = sum(b_finals) / len(b_finals)
     reached = [reach_flops(f, v, target, LOWER_IS_BETTER[metric]) for f, v in curves]
     speedups = [None if r is None else b_flops / r for r in reached]
@@ -84,4 +85,4 @@ def speedup_verdict(metric: str, curves: Sequence[tuple[Sequence[float], Sequenc
                   else "not reproduced" if gap < -2 * se else "inconclusive")
     return {"a_mean": math.exp(m) if not math.isnan(m) else math.nan, "b_mean": float(factor),
             "gap": m - math.log(factor) if not math.isnan(m) else math.nan, "se": se, "verdict": result,
-            "target": target, "speedups": speedups}
+            "target": target, "reached": reached, "speedups": speedups}
