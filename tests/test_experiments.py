@@ -81,10 +81,15 @@ def test_higher_is_better_for_geneval_and_one_seed_is_inconclusive():
     (SIZES, lambda d: d["claims"][0].update(budget="middle"), "budget is lowest or highest"),
 ])
 def test_experiment_file_errors_name_the_key(tmp_path, source, edit, match):
+    assert_file_error(tmp_path, source, "demo_masked.yaml", edit, match)
+
+
+def assert_file_error(tmp_path: Path, source: Path, base_recipe: str, edit, match: str) -> None:
+    """The experiment file `source`, its base recipe from recipes/ and edited by `edit`, is refused naming `match`."""
     import yaml
 
     raw = yaml.safe_load(source.read_text())
-    raw["base_recipe"] = str(REPO / "recipes" / "demo_masked.yaml")
+    raw["base_recipe"] = str(REPO / "recipes" / base_recipe)
     edit(raw)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from test_demo import make
+from test_experiments import assert_file_error
 
 from micro_diffusion.cost.flops import forward_flops_breakdown
 from micro_diffusion.experiments.plan import plan_runs
@@ -98,13 +98,7 @@ def test_points_cover_the_run_and_end_at_each_stage():
     (lambda d: d["claims"][0].update(kind="faster"), "kind must be one of beats, within, speedup"),
 ])
 def test_speedup_and_point_errors_name_the_key(tmp_path, edit, match):
-    raw = yaml.safe_load(ROUTING.read_text())
-    raw["base_recipe"] = str(REPO / "recipes" / "demo_routing.yaml")
-    edit(raw)
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(RecipeError, match=match):
-        load_experiment(path)
+    assert_file_error(tmp_path, ROUTING, "demo_routing.yaml", edit, match)
 
 
 @pytest.mark.slow
