@@ -7,11 +7,13 @@ os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.environ.get("TMPDIR", "/tm
 
 import atexit  # noqa: E402
 import gc  # noqa: E402
+import json  # noqa: E402
 import tempfile  # noqa: E402
 import weakref  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from tiny_runs import make  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +26,16 @@ def private_tmp(tmp_path_factory, monkeypatch):
     if _MEMORIES:  # only a test that opened Streaming datasets pays for a collection (about 0.3 s)
         gc.collect()  # drop finished datasets before their shared memory is closed
         release_streaming_memory()
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The demo pipeline at QUICK size (`make demo QUICK=1`), run once for the demo and serve tests."""
+    from micro_diffusion.demo.pipeline import DemoConfig
+
+    root = tmp_path_factory.mktemp("demo")
+    make("demo", "QUICK=1", f"DEMO_ROOT={root}")
+    return DemoConfig.quick(root), json.loads((root / "summary.json").read_text())
 
 
 _MEMORIES: weakref.WeakSet = weakref.WeakSet()  # every Streaming SharedMemory this process opened and has not closed

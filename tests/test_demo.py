@@ -1,15 +1,14 @@
 """The demo pipeline end to end at a much smaller size through `make demo QUICK=1`, then the other make targets
 that need a finished run (report) or nothing (bench, lint, eval-coco as a dry run)."""
 import json
-import os
 import re
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_runs import make
 
 from benchmarks.common import QUICK
 from micro_diffusion.cost.flops import sample_flops_per_image, train_flops_per_sample
@@ -24,21 +23,6 @@ from micro_diffusion.models import create_dit
 from micro_diffusion.utils.jsonl import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make(*args: str) -> subprocess.CompletedProcess:
-    """Run a make target of the repository as a user would; fail the test with its output if it fails."""
-    out = subprocess.run(["make", "-C", str(REPO), "--no-print-directory", *args], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert out.returncode == 0, f"make {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make("demo", "QUICK=1", f"DEMO_ROOT={root}")
-    return DemoConfig.quick(root), json.loads((root / "summary.json").read_text())
 
 
 @pytest.mark.slow

@@ -307,6 +307,8 @@ def test_a_short_distillation_brings_the_student_towards_the_guided_teachers_ode
     assert re.search("distilled student .* --sampler consistency", capsys.readouterr().err)
     assert cli(args + ["--sampler", "consistency", "--steps", "2", "--guidance", "3"]) == 2
     assert "drop --guidance 3" in capsys.readouterr().err
+    assert cli(args + ["--sampler", "consistency", "--steps", "3"]) == 2  # no default intermediate times for 3
+    assert "consistency sampling takes --steps 1, 2, 4, not 3" in capsys.readouterr().err
     assert cli(["sample", str(teacher), "--prompt", "pattern 0", "--sampler", "consistency", "--out",
                 str(tmp_path / "t")]) == 2
     assert "is a diffusion model" in capsys.readouterr().err

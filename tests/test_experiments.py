@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from test_cost import render
-from test_demo import make
+from tiny_runs import make
 
 from micro_diffusion.experiments.plan import plan_runs, stage_dirs
 from micro_diffusion.experiments.spec import load_experiment

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_demo import make
 from test_experiments import assert_file_error
+from tiny_runs import make
 
 from micro_diffusion.cost.flops import forward_flops_breakdown
 from micro_diffusion.experiments.plan import plan_runs

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,11 @@ def write_sampling_shards(root: Path) -> Path:
                   layers_per_block=1, norm_num_groups=4, sample_size=16).save_pretrained(root / "vae")
     write_shards(root / "latents", 32, seed=0, cap_d=MINILM_DIM, vae=str(root / "vae"), text_encoder="minilm")
     return root
+
+
+def make(*args: str) -> subprocess.CompletedProcess:
+    """Run a make target of the repository as a user would; fail the test with its output if it fails."""
+    out = subprocess.run(["make", "-C", str(REPO), "--no-print-directory", *args], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, f"make {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out

@@ -32,6 +32,7 @@ LICENSE = "apache-2.0"  # the project's licence (pyproject.toml), which its expo
 LIBRARY = "micro-diffusion"
 SEARCH_DEPTH = 3  # evaluation files are looked for this many folders below the export's parent
 EXAMPLE_PROMPT = "a red circle at the top left"
+NO_COST = "No cost ledger was found for this model (an imported or hand-made export)"
 # metrics.json keys the card reports: eval coco's, and the demo's GenEval-style score and caption match
 METRICS = (("fid", "FID"), ("clip_score", "CLIP score"), ("geneval", "GenEval-style overall"),
            ("caption_match", "caption match"))
@@ -136,9 +137,19 @@ def _call_lines(config: dict, where: str) -> list[str]:
             f'images = pipe(["{EXAMPLE_PROMPT}"], steps={steps}, guidance={guidance}, seed=0).images']
 
 
+def cost_line(cost: dict | None) -> str:
+    """The card's training cost in one sentence without its full stop (config.json's "training_cost"); `micro-diffusion
+    serve` shows it too."""
+    if not cost:
+        return NO_COST
+    t = cost["total"]
+    return (f"Training took {t['device_hours']:.4g} device-hours, ${t['usd']:.4g} and {t['flops']:.3g} FLOPs over "
+            f"{len(cost['stages'])} stage(s)")
+
+
 def _cost_section(cost: dict | None) -> list[str]:
     if not cost:
-        return ["No cost ledger was found for this model (an imported or hand-made export)."]
+        return [NO_COST + "."]
     rows = ["| stage | devices | device-hours | dollars | FLOPs | samples |", "| --- | --- | --- | --- | --- | --- |"]
     for s in cost["stages"]:
         devices = f"{s['devices']} x {s['device_type']}" if s.get("devices") else ""
@@ -147,8 +158,7 @@ def _cost_section(cost: dict | None) -> list[str]:
     t = cost["total"]
     rows.append(f"| **total** | | **{t['device_hours']:.4g}** | **${t['usd']:.4g}** | **{t['flops']:.3g}** | "
                 f"**{t['samples']:,}** |")
-    return [f"Training took {t['device_hours']:.4g} device-hours, ${t['usd']:.4g} and {t['flops']:.3g} FLOPs over "
-            f"{len(cost['stages'])} stage(s), from the cost ledgers (`cost.jsonl`) of the runs:", "", *rows]
+    return [f"{cost_line(cost)}, from the cost ledgers (`cost.jsonl`) of the runs:", "", *rows]
 
 
 def _eval_section(evaluations: list[dict]) -> list[str]:

@@ -1,9 +1,10 @@
-"""Subcommands `export`, `sample`, `push` and `eval {fid, coco, sweep, compose}` of the micro-diffusion console script.
+"""Subcommands `export`, `sample`, `push`, `serve` and `eval {fid, coco, sweep, compose}` of the micro-diffusion
+console script.
 
 Each handler parses nothing itself: it calls one step function (training.export.export_run, eval.generate.sample,
-eval.hub.push, eval.fid.fid, eval.coco.coco, eval.sweep.run_sweep, eval.compose.compose_scores) with typed arguments
-and prints what it returned. A project error becomes one line and its exit code through the console script
-(docs/exit-codes.md).
+eval.hub.push, eval.serve.serve, eval.fid.fid, eval.coco.coco, eval.sweep.run_sweep, eval.compose.compose_scores)
+with typed arguments and prints what it returned. A project error becomes one line and its exit code through the
+console script (docs/exit-codes.md).
 """
 from __future__ import annotations
 
@@ -99,6 +100,13 @@ def _push(args: argparse.Namespace) -> int:
 
     url = push(args.export, args.repo_id, args.private, refresh_card=not args.keep_card)
     print(f"pushed {args.export} -> {args.repo_id}: {url}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve  # imports Gradio (seconds): only this command needs it
+
+    serve(args.export, args.host, args.port, args.device, args.dtype, _use_ema(args))
     return 0
 
 
@@ -226,7 +234,7 @@ def _register_eval(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add export, sample, push and eval to the top-level parser."""
+    """Add export, sample, push, serve and eval to the top-level parser."""
     p = subparser(subparsers, "export", help="write a run's network as safetensors + config.json")
     p.add_argument("run", help="runs/<stage> folder or a Composer checkpoint file")
     p.add_argument("--out", required=True, help="export folder to write")
@@ -242,4 +250,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-card", action="store_true", help="upload README.md as it is (default: write the model "
                    "card again first, with the evaluations of these weights found beside the export)")
     p.set_defaults(func=_push)
+    p = subparser(subparsers, "serve", help="a local web page (Gradio) to try an export: prompt, steps, guidance, "
+                  "seed, sampler")
+    p.add_argument("export", help="folder written by micro-diffusion export, or hf://ORG/NAME")
+    p.add_argument("--port", type=int, default=7860, help="TCP port to listen on")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--device", default=None, help="None picks cuda when available, else cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="compute dtype of sampling (None: bf16 where the device runs it fast, else fp32)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--raw", action="store_true", help="the raw weights, even when the export has EMA weights")
+    weights.add_argument("--ema", action="store_true", help="the EMA weights (an error when the export has none)")
+    p.set_defaults(func=_serve)
     _register_eval(subparsers)

@@ -14,7 +14,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..data.geneval import check_line, read_prompts_file, sample_path, write_prompt, write_sample
-from ..diffusion.sampling import FLUID_FIELDS, SamplingSettings, diffusion_samplers, image_seeds, sampler_spec
+from ..diffusion.sampling import (
+    CONSISTENCY_MID_TIMES,
+    FLUID_FIELDS,
+    SamplingSettings,
+    diffusion_samplers,
+    image_seeds,
+    sampler_spec,
+)
 from ..encoders import FrozenTextEncoder, FrozenVAE, load_text_encoder, load_vae
 from ..errors import MicroDiffusionError, UsageError, check_counts
 from ..exported import CONFIG_FILE, FILES, HASH, load_exported, read_config
@@ -110,6 +117,9 @@ def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None
     if student and settings.guidance != 1.0:
         raise UsageError(f"{where} is a distilled student with its teacher's guidance {student['guidance']} baked "
                          f"in: drop --guidance {settings.guidance:g}")
+    if for_students and settings.steps not in CONSISTENCY_MID_TIMES:
+        raise UsageError(f"{where}: consistency sampling takes --steps "
+                         f"{', '.join(map(str, sorted(CONSISTENCY_MID_TIMES)))}, not {settings.steps}")
     if not student and for_students:
         raise UsageError(f"{where} is a diffusion model: {settings.sampler} sampling needs a student made by "
                          f"`micro-diffusion distill`; use {', '.join(diffusion_samplers(fam.name))}")
