@@ -3,6 +3,7 @@ headless Chromium (Debian's, through its ChromeDriver and selenium); its bad inp
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -138,11 +139,12 @@ def server(demo, tmp_path_factory):
         except OSError:
             time.sleep(0.5)
     yield model, url
-    proc.send_signal(2)  # SIGINT, as Ctrl-C
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the server closes and the command exits 0
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 @pytest.fixture(scope="module")
