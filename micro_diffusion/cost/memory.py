@@ -13,12 +13,12 @@ backward recomputes it. A CPU prediction adds the process's resident memory befo
 the CUDA allocator's peak has no such term.
 
 What is counted is allocated bytes, the quantity CUDA's max_memory_allocated reports (an OOM comes only when those do
-not fit: the caching allocator frees its cached blocks and retries first). The backward of a recomputed block needs
-no term of its own: measured per sample on each of Tiny's blocks, its peak (recomputed internals plus gradients in
-flight) stays within the internals counted here. A CPU process's resident peak can exceed the prediction with checkpointing: glibc's heap,
-never trimmed there (training/cpu_malloc.py), keeps the holes of each recomputed block's freed tensors, which the next
-blocks' tensors, of other widths under layer-wise scaling, fill only in part; those holes are not allocated bytes
-(docs/training.md, "Activation checkpointing").
+not fit: the caching allocator frees its cached blocks and retries first). Measured on the benchmark's Tiny
+(benchmarks/bench_checkpointing.py, plain attention), each recomputed block's backward peaks per sample within the
+internals counted here, and the step's live tensors stay below the prediction. A CPU process's resident peak can
+exceed it with checkpointing: glibc's heap, never trimmed there (training/cpu_malloc.py), keeps the holes of each
+recomputed block's freed tensors, which the next blocks' tensors, of other widths under layer-wise scaling, fill
+only in part; those holes are not allocated bytes (docs/training.md, "Activation checkpointing").
 """
 from __future__ import annotations
 
