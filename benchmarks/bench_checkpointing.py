@@ -5,7 +5,10 @@ MicroDiT_Tiny_2 at batch 8, 32x32 latents, 77x1024 caption tokens, mask ratios 0
 in the device's compute dtype as bench_train runs it; each configuration in a fresh process, so its peak resident
 set is its own. The prediction is the memory model's (cost/memory.py) for one CPU process without optimizer state:
 the process's memory before the network, fp32 weights and gradients, autocast's bf16 copies and the probed
-activations, with the blocks recomputed when they are; it should lie within 15% of the measured peak.
+activations, with the blocks recomputed when they are; it should lie within 15% of the measured peak. One more
+(untimed) step counts the live tensor bytes (common.LiveTensorPeak): the peak of what is allocated, as CUDA's
+max_memory_allocated reports it, without the holes glibc's never-trimmed heap keeps (cpu_malloc), which the resident
+peak includes.
     python -m benchmarks.bench_checkpointing             # a few minutes on 2 idle CPU cores
     python -m benchmarks.bench_checkpointing --quick     # tiny sizes, seconds: checks the harness runs
 """
@@ -16,7 +19,16 @@ import multiprocessing as mp
 import torch
 
 from benchmarks.bench_train import step_fn
-from benchmarks.common import QUICK, add_out_argument, bench_device, device_name, peak_memory_mb, time_fn, write_result
+from benchmarks.common import (
+    QUICK,
+    LiveTensorPeak,
+    add_out_argument,
+    bench_device,
+    device_name,
+    peak_memory_mb,
+    time_fn,
+    write_result,
+)
 from micro_diffusion.cost.memory import activation_bytes_per_sample, estimate_memory, resident_bytes
 from micro_diffusion.families import FAMILIES
 from micro_diffusion.models import create_dit
@@ -51,17 +63,23 @@ def measure(args: tuple) -> dict:
     net = network()
     if recomputed:
         checkpoint_blocks(net, FAMILIES["dit"].block_types)
-    seconds = time_fn(step_fn(net.to(device), batch, latent, caption, mask, device, dtype), device, repeats=repeats)
+    step = step_fn(net.to(device), batch, latent, caption, mask, device, dtype)
+    seconds = time_fn(step, device, repeats=repeats)
     peak = peak_memory_mb(device)
-    del net
+    with LiveTensorPeak() as tensors:  # after the resident peak is read: its slower step changes no reading
+        step()
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    live = (runtime + weights + tensors.peak) / 2**20  # what existed before the step, plus the step's peak
+    del net, step
     probed = network()
     per_sample = activation_bytes_per_sample(probed, latent, caption, mask, fused=False, checkpointing=recomputed)
     est = estimate_memory(probed, 1, "none", batch, per_sample, runtime)
     predicted = (est.total - est.optimizer) / 2**20
     print(f"{preset} mask {mask:.2f} {'recomputed' if recomputed else 'kept     '}: {seconds:6.2f} s/step, peak "
-          f"{peak:6.0f} MB, predicted {predicted:6.0f} MB ({predicted / peak - 1:+.0%})", flush=True)
+          f"{peak:6.0f} MB, predicted {predicted:6.0f} MB ({predicted / peak - 1:+.0%}); live tensors at most "
+          f"{live:6.0f} MB", flush=True)
     return dict(preset=preset, mask_ratio=mask, checkpointing=recomputed, batch=batch, seconds=seconds,
-                peak_memory_mb=peak, predicted_memory_mb=predicted, runtime_mb=runtime / 2**20,
+                peak_memory_mb=peak, predicted_memory_mb=predicted, live_peak_mb=live, runtime_mb=runtime / 2**20,
                 activations_mb=est.activations / 2**20)
 
 

@@ -6,10 +6,13 @@ import json
 import platform
 import resource
 import time
+import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from micro_diffusion.training.cpu_malloc import keep_freed_memory
 
@@ -57,6 +60,33 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kilobytes
+
+
+class LiveTensorPeak(TorchDispatchMode):
+    """Bytes of the tensor storages the ops create while active that are still alive, and their peak: on CPU the
+    counterpart of CUDA's max_memory_allocated (what the memory model counts), free of the holes a heap keeps.
+
+    Storages that exist before (parameters, inputs) are not counted; each one counts once, whatever views share it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: weakref.WeakSet = weakref.WeakSet()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self._seen:
+                storage = t.untyped_storage()  # one Python object per storage while it lives: its finalizer is the free
+                self._seen.add(storage)
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._freed, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
 
 
 def add_out_argument(parser: argparse.ArgumentParser) -> None:

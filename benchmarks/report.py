@@ -56,10 +56,13 @@ def checkpointing_table(c: dict) -> list[str]:
     """Step time and peak memory with and without activation checkpointing, and the memory model's prediction."""
     lines = [f"### Activation checkpointing ({c['device']}, {c['dtype']}, {c['runs'][0]['preset']}, batch "
              f"{c['runs'][0]['batch']}, latents {c['latent']}x{c['latent']})", "",
-             "| mask | blocks | s / step | peak MB | predicted MB | prediction / peak |", "| --- " * 6 + "|"]
+             "| mask | blocks | s / step | peak MB | predicted MB | prediction / peak | live tensors MB |",
+             "| --- " * 7 + "|"]
     lines += [f"| {r['mask_ratio']:.2f} | {'recomputed' if r['checkpointing'] else 'kept'} | {r['seconds']:.2f} | "
               f"{r['peak_memory_mb']:.0f} | {r['predicted_memory_mb']:.0f} | "
-              f"{r['predicted_memory_mb'] / r['peak_memory_mb'] - 1:+.0%} |" for r in c["runs"]]
+              f"{r['predicted_memory_mb'] / r['peak_memory_mb'] - 1:+.0%} | "
+              + (f"{r['live_peak_mb']:.0f} |" if "live_peak_mb" in r else "- |")  # results written before it: none
+              for r in c["runs"]]
     lines += [""] + [f"- mask {x['mask_ratio']:.2f}: recomputing takes {x['time_ratio']:.2f}x the step time and saves "
                      f"{x['peak_saved_mb']:.0f} MB of peak resident memory." for x in c["comparison"]] + [""]
     return lines

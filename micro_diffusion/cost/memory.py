@@ -11,9 +11,19 @@ With activation checkpointing (train.activation_checkpointing) the same forwards
 is saved outside the blocks, each block's input, and the internals of the largest block, which exist only while the
 backward recomputes it. A CPU prediction adds the process's resident memory before the network exists (the runtime);
 the CUDA allocator's peak has no such term.
+
+What is counted is allocated bytes, the quantity CUDA's max_memory_allocated reports (an OOM comes only when those do
+not fit: the caching allocator frees its cached blocks and retries first). Measured on the benchmark's Tiny
+(benchmarks/bench_checkpointing.py, plain attention), each recomputed block's backward peaks per sample within the
+internals counted here, and the step's live tensors stay below the prediction. A CPU process's resident peak can
+exceed it with checkpointing: glibc's heap, never trimmed there (training/cpu_malloc.py), keeps the holes of each
+recomputed block's freed tensors, which the next blocks' tensors, of other widths under layer-wise scaling, fill
+only in part; those holes are not allocated bytes (docs/training.md, "Activation checkpointing").
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,37 +104,57 @@ class SavedBytes:
 
 
 class _Recorder:
-    """Saved-tensor and block hooks of a probe: each saved storage (by address) to the block that saved it, or -1
-    outside every block, and the storages each block takes as input."""
+    """Saved-tensor and block hooks of a probe: each saved storage to the block that saved it, or -1 outside every
+    block, and the storages each block takes as input.
+
+    Storages are told apart by identity while they live (torch keeps one Python object per storage), not by address:
+    the probe runs no backward, so what autograd saves is dropped at once (packed as its byte count), the probe needs
+    about the memory of a forward without gradients (not of every activation: XL at 512 px ran out of 24 GiB), and a
+    freed address may come back later for another storage.
+    """
 
     def __init__(self) -> None:
-        self.saved: dict[int, tuple[int, int]] = {}  # address -> (nbytes, block index or -1)
-        self.inputs: dict[int, int] = {}  # address -> nbytes of block inputs
+        self.ids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # live storage -> serial number
+        self.serials = itertools.count()
+        self.saved: dict[int, tuple[int, int]] = {}  # serial -> (nbytes, block index or -1)
+        self.inputs: dict[int, int] = {}  # serial -> nbytes of block inputs
         self.current, self.count = -1, 0
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
+    def serial(self, t: torch.Tensor) -> tuple[int, int]:
+        """(serial number, nbytes) of the tensor's storage, numbering it on first sight."""
         storage = t.untyped_storage()
-        self.saved.setdefault(storage.data_ptr(), (storage.nbytes(), self.current))  # the first saver owns it
-        return t
+        if storage not in self.ids:
+            self.ids[storage] = next(self.serials)
+        return self.ids[storage], storage.nbytes()
+
+    def pack(self, t: torch.Tensor) -> int:
+        key, nbytes = self.serial(t)
+        self.saved.setdefault(key, (nbytes, self.current))  # the first saver owns it
+        return nbytes
 
     def enter(self, _module: nn.Module, args: tuple) -> None:
         self.current, self.count = self.count, self.count + 1
         for t in args:
             if isinstance(t, torch.Tensor):
-                self.inputs[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                key, nbytes = self.serial(t)
+                self.inputs[key] = nbytes
 
     def leave(self, *_: Any) -> None:
         self.current = -1
 
     def result(self) -> SavedBytes:
-        owner = {ptr: who for ptr, (_, who) in self.saved.items()}
+        owner = {key: who for key, (_, who) in self.saved.items()}
         outside = sum(n for n, who in self.saved.values() if who < 0)
-        kept = sum(n for ptr, n in self.inputs.items() if owner.get(ptr, 0) >= 0)  # inputs not already outside
+        kept = sum(n for key, n in self.inputs.items() if owner.get(key, 0) >= 0)  # inputs not already outside
         blocks = [0] * self.count
-        for ptr, (n, who) in self.saved.items():
-            if who >= 0 and ptr not in self.inputs:
+        for key, (n, who) in self.saved.items():
+            if who >= 0 and key not in self.inputs:
                 blocks[who] += n
         return SavedBytes(sum(n for n, _ in self.saved.values()), outside, kept, tuple(blocks))
+
+
+def _unpack(_: int) -> torch.Tensor:
+    raise RuntimeError("the memory probe keeps no saved tensor: its forward has no backward")
 
 
 def saved_parts(net: nn.Module, batch: int, latent: int, caption: tuple[int, int], mask_ratio: float | None,
@@ -145,7 +175,7 @@ def saved_parts(net: nn.Module, batch: int, latent: int, caption: tuple[int, int
     # sigma_data scales values, never a saved tensor's size
     d = {"mask_ratio": mask_ratio, "p_mean": 0.0, "p_std": 1.0, "sigma_data": 1.0}
     try:
-        with module_mode(net, training=True), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t), \
+        with module_mode(net, training=True), torch.autograd.graph.saved_tensors_hooks(rec.pack, _unpack), \
                 torch.autocast("cpu", dtype=torch.bfloat16), fused_attention() if fused else nullcontext():
             FAMILIES[family].loss(net, x0, y, d, (None, None))
     finally:
