@@ -103,9 +103,9 @@ def settings_for(config: Mapping[str, Any], settings: Sampling = None) -> Sampli
 
 
 def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None:
-    """A sampler of the export's family (naming both otherwise); a distilled student samples with `consistency` and
-    no guidance (its teacher's is baked in); a diffusion model never with `consistency`. Anything else is an error
-    naming the export and what to ask for instead."""
+    """A sampler of the export's family (naming both otherwise); a distilled student samples with `consistency` at
+    1, 2 or 4 steps and no guidance (its teacher's is baked in); a diffusion model never with `consistency`. Anything
+    else is an error naming the export and what to ask for instead."""
     fam, spec = family_of(config), sampler_spec(settings.sampler)
     if spec.family != fam.name:
         raise UsageError(f"{where} is a {fam.title} model ({fam.name}): the {settings.sampler} sampler samples "
@@ -117,12 +117,12 @@ def check_sampling(config: dict, settings: SamplingSettings, where: str) -> None
     if student and settings.guidance != 1.0:
         raise UsageError(f"{where} is a distilled student with its teacher's guidance {student['guidance']} baked "
                          f"in: drop --guidance {settings.guidance:g}")
-    if for_students and settings.steps not in CONSISTENCY_MID_TIMES:
-        raise UsageError(f"{where}: consistency sampling takes --steps "
-                         f"{', '.join(map(str, sorted(CONSISTENCY_MID_TIMES)))}, not {settings.steps}")
     if not student and for_students:
         raise UsageError(f"{where} is a diffusion model: {settings.sampler} sampling needs a student made by "
                          f"`micro-diffusion distill`; use {', '.join(diffusion_samplers(fam.name))}")
+    if for_students and settings.steps not in CONSISTENCY_MID_TIMES:
+        raise UsageError(f"{where}: consistency sampling takes --steps "
+                         f"{', '.join(map(str, sorted(CONSISTENCY_MID_TIMES)))}, not {settings.steps}")
     net = config.get("network") or {}
     if settings.guidance_mode == "path_drop" and not sprint_on(net.get("sprint_encoder_depth", 0),
                                                                net.get("sprint_decoder_depth", 0)):
