@@ -43,6 +43,11 @@ class Preempted(MicroDiffusionError):
     exit_code = 143  # 128 + SIGTERM
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (its type's name when it has none), for a one-line error."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def check_counts(**counts: int | None) -> None:
     """Each given count (option name: value; None skips it) is at least 1, else a usage error naming the flag."""
     for name, value in counts.items():

@@ -255,23 +255,30 @@ def _check_named(section: dict | None, registry: dict, kind: str, where: str) ->
     return {"name": name, **_fill(options, registry[name], where)}
 
 
-def check_loggers(block: Any, where: str = "loggers") -> dict[str, dict[str, Any]]:
-    """A `loggers:` block with each tracker's options filled with defaults; a tracker set to null is off. An unknown
-    tracker or option is an error naming it and the allowed ones."""
+def check_registry_block(block: Any, registry: dict[str, dict[str, Any]], kind: str, where: str
+                         ) -> dict[str, dict[str, Any]]:
+    """A mapping of registry names to options (`algorithms:`, `loggers:`), each filled with its defaults; a name set
+    to null is off (it switches off what a base file enabled). An unknown name or option is an error naming it and
+    the allowed ones."""
     if block is None:
         return {}
     if not isinstance(block, dict):
-        raise RecipeError(f"{where}: expected a mapping of trackers ({', '.join(LOGGERS)}), got {block!r}")
+        raise RecipeError(f"{where}: expected a mapping of {kind}s ({', '.join(registry)}), got {block!r}")
     out = {}
     for name, options in block.items():
-        if name not in LOGGERS:
-            raise RecipeError(f"{where}.{name}: unknown logger {name!r} (allowed: {', '.join(LOGGERS)})")
+        if name not in registry:
+            raise RecipeError(f"{where}.{name}: unknown {kind} {name!r} (allowed: {', '.join(registry)})")
         if options is not None:
             if not isinstance(options, dict):
                 raise RecipeError(f"{where}.{name}: expected a mapping of options (allowed: "
-                                  f"{', '.join(LOGGERS[name])}), got {options!r}")
-            out[name] = _fill(options, LOGGERS[name], f"{where}.{name}")
+                                  f"{', '.join(registry[name])}), got {options!r}")
+            out[name] = _fill(options, registry[name], f"{where}.{name}")
     return out
+
+
+def check_loggers(block: Any, where: str = "loggers") -> dict[str, dict[str, Any]]:
+    """A `loggers:` block (a recipe's or an experiment's): trackers with their options filled with defaults."""
+    return check_registry_block(block, LOGGERS, "logger", where)
 
 
 def validate(cfg: dict) -> dict:
@@ -281,13 +288,7 @@ def validate(cfg: dict) -> dict:
     out = _fill(given, SCHEMA, "")
     out.pop("base")
     out["scheduler"] = _check_named(given["scheduler"], SCHEDULERS, "scheduler", "scheduler")
-    algos = {}
-    for name, options in (given["algorithms"] or {}).items():
-        if name not in ALGORITHMS:
-            raise RecipeError(f"algorithms.{name}: unknown algorithm {name!r} (known: {', '.join(ALGORITHMS)})")
-        if options is not None:  # null switches off an algorithm a base file enabled
-            algos[name] = _fill(options or {}, ALGORITHMS[name], f"algorithms.{name}")
-    out["algorithms"] = algos
+    out["algorithms"] = check_registry_block(given["algorithms"], ALGORITHMS, "algorithm", "algorithms")
     out["loggers"] = check_loggers(given["loggers"])
     if given["distill"] is not None:
         out["distill"] = _fill(given["distill"] or {}, DISTILL, "distill")

@@ -57,11 +57,16 @@ def _add_run(p: argparse.ArgumentParser, batch_size: int = 16) -> None:
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
                    default=argparse.SUPPRESS, help=f"apply guidance only for sigma in [lo, hi] (default: {EXPORTS})")
     p.add_argument("--seed", type=int, default=0, help="image k uses the seed of (SEED, k), as training grids do")
+    _add_loading(p)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def _add_loading(p: argparse.ArgumentParser) -> None:
+    """--raw / --ema (read by _use_ema) and --device: which weights load, and where."""
     weights = p.add_mutually_exclusive_group()
     weights.add_argument("--raw", action="store_true", help="the raw weights, even when the export has EMA weights")
     weights.add_argument("--ema", action="store_true", help="the EMA weights (an error when the export has none)")
     p.add_argument("--device", default=None, help="None picks cuda when available, else cpu")
-    p.add_argument("--batch-size", type=int, default=batch_size)
 
 
 def _check_export(run: str, out: str, config: str | None) -> None:
@@ -255,11 +260,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("export", help="folder written by micro-diffusion export, or hf://ORG/NAME")
     p.add_argument("--port", type=int, default=7860, help="TCP port to listen on")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--device", default=None, help="None picks cuda when available, else cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="compute dtype of sampling (None: bf16 where the device runs it fast, else fp32)")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--raw", action="store_true", help="the raw weights, even when the export has EMA weights")
-    weights.add_argument("--ema", action="store_true", help="the EMA weights (an error when the export has none)")
+    _add_loading(p)
     p.set_defaults(func=_serve)
     _register_eval(subparsers)

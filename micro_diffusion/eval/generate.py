@@ -23,7 +23,7 @@ from ..diffusion.sampling import (
     sampler_spec,
 )
 from ..encoders import FrozenTextEncoder, FrozenVAE, load_text_encoder, load_vae
-from ..errors import MicroDiffusionError, UsageError, check_counts
+from ..errors import MicroDiffusionError, UsageError, check_counts, first_line
 from ..exported import CONFIG_FILE, FILES, HASH, load_exported, read_config
 from ..families import family, family_of
 from ..models.sprint import sprint_on
@@ -145,9 +145,9 @@ def _encoder(where: str, what: str, name: str, load: Callable[[], Any]) -> Any:
     try:
         return load()
     except (OSError, ValueError, ModuleNotFoundError) as err:  # FileNotFoundError and the hub's errors are OSErrors
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UsageError(f"{where}: the {what} {name!r} that its {CONFIG_FILE} records cannot be loaded ({first}): "
-                         "install or download it, or export the model again with encoders this machine has") from err
+        raise UsageError(f"{where}: the {what} {name!r} that its {CONFIG_FILE} records cannot be loaded "
+                         f"({first_line(err)}): install or download it, or export the model again with encoders "
+                         "this machine has") from err
 
 
 class TextToImage:
@@ -166,8 +166,8 @@ class TextToImage:
         self.net, self.config, null = load_exported(model_dir, use_ema, self.device)
         check_sampling(self.config, settings, self.where)
         self.family = family_of(self.config)
-        self.text, self.vae = load_encoders(self.config["encoders"], self.where, self.device, dtype)
         enc = self.config["encoders"]
+        self.text, self.vae = load_encoders(enc, self.where, self.device, dtype)
         self.null = torch.as_tensor(null.astype(np.float32), device=self.device)  # (L, D)
         if self.null.shape != (self.text.caption_len, self.text.dim):
             raise ValueError(f"null caption {tuple(self.null.shape)} does not match text encoder "

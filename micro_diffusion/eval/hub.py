@@ -19,7 +19,7 @@ from huggingface_hub.errors import (
 )
 from requests.exceptions import ConnectionError as RequestsConnectionError
 
-from ..errors import MicroDiffusionError, UsageError
+from ..errors import MicroDiffusionError, UsageError, first_line
 from ..exported import is_export
 from ..utils.run_folder import EXPORT_CONFIG, MODEL_WEIGHTS
 from .card import write_card
@@ -52,9 +52,9 @@ def resolve_model(model: str | Path) -> Path:
         raise UsageError(f"{spec}: no such model repository or revision on the Hub (or it is private: set HF_TOKEN)"
                          ) from err
     except HFValidationError as err:  # a name the Hub does not allow
-        raise UsageError(f"{spec}: {str(err).splitlines()[0]}") from err
+        raise UsageError(f"{spec}: {first_line(err)}") from err
     except (HfHubHTTPError, RequestsConnectionError) as err:
-        raise MicroDiffusionError(f"{spec}: the Hub answered {err}".splitlines()[0]) from err
+        raise MicroDiffusionError(f"{spec}: the Hub answered {first_line(err)}") from err
 
 
 def push(export: str | Path, repo_id: str, private: bool = False, refresh_card: bool = True) -> str:
@@ -81,8 +81,7 @@ def push(export: str | Path, repo_id: str, private: bool = False, refresh_card: 
     except OfflineModeIsEnabled as err:
         raise UsageError(f"push {export} -> {repo_id}: HF_HUB_OFFLINE=1 forbids uploads; unset it to push") from err
     except HFValidationError as err:  # a name the Hub does not allow
-        raise UsageError(f"REPO_ID {repo_id!r}: {str(err).splitlines()[0]}") from err
+        raise UsageError(f"REPO_ID {repo_id!r}: {first_line(err)}") from err
     except (HfHubHTTPError, RequestsConnectionError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise MicroDiffusionError(f"push {export} -> {repo_id}: {first}") from err
+        raise MicroDiffusionError(f"push {export} -> {repo_id}: {first_line(err)}") from err
     return str(info.commit_url)

@@ -109,7 +109,7 @@ def serve(model: str, host: str = HOST, port: int = PORT, device: str | None = N
           use_ema: bool | None = None, block: bool = True) -> Any:
     """Load the export and serve its page at http://host:port until Ctrl-C (block=False: return the running page)."""
     check_port(host, port)
-    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, use_ema=use_ema, batch_size=1)
+    pipe = Pipeline.from_pretrained(model, device=device, dtype=dtype, use_ema=use_ema)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # Gradio's module-level reports read it at each call
     try:
         import gradio as gr
